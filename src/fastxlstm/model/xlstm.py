@@ -76,6 +76,12 @@ class XLSTMForCausalLM(nn.Module):
         for block in self.backbone.blocks:
             block.mlstm_layer.backend = backend
 
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        """Write the HF layout (see :func:`fastxlstm.checkpoint.save_pretrained`)."""
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, directory, **kwargs)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 

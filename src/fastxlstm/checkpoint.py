@@ -1,0 +1,332 @@
+"""Checkpoint I/O in the HF layout of ``NX-AI/xLSTM-7b``: config.json + (sharded) safetensors.
+
+Loading builds the model on the meta device and assigns memory-mapped tensors, so no random
+weights are materialised first. ``single`` checkpoints load into ``fused`` models (q|k|v|o,
+i|f and gate|up concatenated) and back. Mismatches between a checkpoint and its config are
+reported by tensor name. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import XLSTMConfig
+from .model import XLSTMForCausalLM, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# fused parameter suffix -> the single-mode parameter suffixes concatenated along dim 0.
+_FUSED_PARTS = {
+    "mlstm_layer.qkv_opreact": ("mlstm_layer.q", "mlstm_layer.k", "mlstm_layer.v", "mlstm_layer.ogate_preact"),
+    "mlstm_layer.ifgate_preact": ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact"),
+    "ffn.proj_up_gate_z": ("ffn.proj_up_gate", "ffn.proj_up"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match its config (names the offending tensors)."""
+
+
+# ----------------------------------------------------------------------------- resolve
+def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local directory, or a hub repo id fetched with huggingface_hub (honours HF_HUB_OFFLINE and the cache)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; expected a model directory containing {CONFIG_NAME}")
+    text = str(path_or_repo_id)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"model directory {text!r} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except HFValidationError as e:
+        raise FileNotFoundError(f"{text!r} is neither a local directory nor a valid hub repo id") from e
+    except Exception as e:  # network errors, offline mode without cache, gated repos
+        raise FileNotFoundError(
+            f"could not fetch {text!r} from the hub ({type(e).__name__}: {e}); "
+            "pass a local directory or populate the HF cache"
+        ) from e
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+    elif (model_dir / WEIGHTS_NAME).exists():
+        files = [model_dir / WEIGHTS_NAME]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir} (expected {WEIGHTS_NAME} or {INDEX_NAME})")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{INDEX_NAME} names shard(s) that do not exist: {', '.join(missing)}")
+    return files
+
+
+# ------------------------------------------------------------------------ name mapping
+def _plan(model_shapes: dict[str, torch.Size], ckpt_keys: Iterable[str]) -> dict[str, list[str]]:
+    """For each model parameter, the checkpoint tensors that build it (1 = copy, >1 = concat).
+    A fused checkpoint tensor feeding single-mode params is expressed as ``name#part/of``."""
+    ckpt = set(ckpt_keys)
+    plan: dict[str, list[str]] = {}
+    for name in model_shapes:
+        if name in ckpt:
+            plan[name] = [name]
+            continue
+        base, _, leaf = name.rpartition(".")
+        for fused, parts in _FUSED_PARTS.items():
+            if base.endswith(fused):  # model fused, checkpoint single
+                prefix = base[: -len(fused)]
+                plan[name] = [f"{prefix}{p}.{leaf}" for p in parts]
+                break
+            for idx, part in enumerate(parts):
+                if base.endswith(part) and f"{base[: -len(part)]}{fused}.{leaf}" in ckpt:
+                    plan[name] = [f"{base[: -len(part)]}{fused}.{leaf}#{idx}/{len(parts)}"]
+                    break
+            if name in plan:
+                break
+        plan.setdefault(name, [name])
+    return plan
+
+
+def _split_sizes(parts_model_shapes: list[int], total: int) -> list[int]:
+    if sum(parts_model_shapes) != total:
+        raise CheckpointError(f"cannot split a fused tensor of {total} rows into {parts_model_shapes}")
+    return parts_model_shapes
+
+
+def load_state_dict(
+    model_dir: Path, model_shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device | str,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read and convert the checkpoint tensors the model needs, validating names and shapes."""
+    files = _shard_files(model_dir)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    where: dict[str, int] = {}
+    ckpt_shapes: dict[str, list[int]] = {}
+    for idx, h in enumerate(handles):
+        for key in h.keys():
+            where[key] = idx
+            ckpt_shapes[key] = list(h.get_slice(key).get_shape())
+    plan = _plan(model_shapes, where)
+    # Validate before reading any data.
+    used = {src.split("#")[0] for srcs in plan.values() for src in srcs}
+    missing = sorted({s.split("#")[0] for srcs in plan.values() for s in srcs if s.split("#")[0] not in where})
+    unexpected = sorted(set(where) - used)
+    wrong: list[str] = []
+    for name, srcs in plan.items():
+        if any(s.split("#")[0] not in where for s in srcs):
+            continue
+        want = list(model_shapes[name])
+        if len(srcs) > 1:
+            shapes = [ckpt_shapes[s] for s in srcs]
+            got = [sum(s[0] for s in shapes), *shapes[0][1:]] if all(s[1:] == shapes[0][1:] for s in shapes) else None
+        elif "#" in srcs[0]:
+            got = None  # checked when split, below
+        else:
+            got = ckpt_shapes[srcs[0]]
+        if got is not None and got != want:
+            wrong.append(f"{srcs[0] if len(srcs) == 1 else '+'.join(srcs)}: checkpoint {got} vs model {want}")
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint in {model_dir} does not match its config:"]
+        for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                             ("wrong shapes", wrong)):
+            if items:
+                shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+
+    total = sum(torch.Size(s).numel() for s in ckpt_shapes.values())
+    show = progress if progress is not None else total > 200_000_000
+    out: dict[str, torch.Tensor] = {}
+    fused_cache: dict[str, torch.Tensor] = {}
+    for name, srcs in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
+        if len(srcs) > 1:
+            t = torch.cat([handles[where[s]].get_tensor(s) for s in srcs], dim=0)
+        elif "#" in srcs[0]:
+            key, _, frac = srcs[0].partition("#")
+            part, nparts = (int(x) for x in frac.split("/"))
+            if key not in fused_cache:
+                fused_cache[key] = handles[where[key]].get_tensor(key)
+            full = fused_cache[key]
+            # sizes of all sibling parts, from the model's own shapes
+            base, _, leaf = name.rpartition(".")
+            fused_suffix = next(fz for fz, ps in _FUSED_PARTS.items() if key.rpartition(".")[0].endswith(fz))
+            prefix = key.rpartition(".")[0][: -len(fused_suffix)]
+            sizes = [model_shapes[f"{prefix}{p}.{leaf}"][0] for p in _FUSED_PARTS[fused_suffix]]
+            t = full.split(_split_sizes(sizes, full.shape[0]), dim=0)[part]
+            if list(t.shape) != list(model_shapes[name]):
+                raise CheckpointError(f"{key}: part {part} has shape {list(t.shape)}, model wants "
+                                      f"{list(model_shapes[name])}")
+        else:
+            t = handles[where[srcs[0]]].get_tensor(srcs[0])
+        out[name] = t.to(device=device, dtype=dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------ public
+def load(
+    path_or_repo_id: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    weight_mode: str | None = None, progress: bool | None = None,
+) -> XLSTMForCausalLM:
+    """Load a model from a directory in the HF layout or a hub repo id.
+
+    ``weight_mode`` overrides the config's (``"fused"`` is what inference wants).
+    A spec ``random:<preset>`` builds a randomly initialised preset (for benchmarks).
+    """
+    spec = str(path_or_repo_id)
+    if spec.startswith("random:"):
+        from .config import preset
+
+        cfg = preset(spec.split(":", 1)[1])
+        if weight_mode:
+            cfg = cfg.replace(weight_mode=weight_mode)
+        return build_model(cfg, device=device, dtype=dtype).eval()
+    model_dir = resolve_model_dir(path_or_repo_id)
+    config_path = model_dir / CONFIG_NAME
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: not a model directory")
+    config = XLSTMConfig.from_json(config_path)
+    if weight_mode is not None:
+        config = config.replace(weight_mode=weight_mode)
+    with torch.device("meta"):
+        model = XLSTMForCausalLM(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    state = load_state_dict(model_dir, shapes, dtype, device, progress)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    model.source_dir = model_dir  # type: ignore[attr-defined]
+    return model.eval()
+
+
+def _single_mode_state(model: XLSTMForCausalLM) -> dict[str, torch.Tensor]:
+    """State dict in ``single`` layout (fused matrices split), which every loader reads."""
+    out: dict[str, torch.Tensor] = {}
+    cfg = model.config
+    sizes = {
+        "mlstm_layer.qkv_opreact": [cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim],
+        "mlstm_layer.ifgate_preact": [cfg.num_heads, cfg.num_heads],
+        "ffn.proj_up_gate_z": [cfg.ffn_dim, cfg.ffn_dim],
+    }
+    for name, t in model.state_dict().items():
+        base, _, leaf = name.rpartition(".")
+        fused = next((fz for fz in _FUSED_PARTS if base.endswith(fz)), None)
+        if fused is None:
+            out[name] = t
+            continue
+        prefix = base[: -len(fused)]
+        for part, piece in zip(_FUSED_PARTS[fused], t.split(sizes[fused], dim=0)):
+            out[f"{prefix}{part}.{leaf}"] = piece
+    return out
+
+
+def _atomic_replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def save_pretrained(
+    model: XLSTMForCausalLM, directory: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None,
+) -> Path:
+    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``) in the
+    ``single`` layout that transformers' ``xLSTMForCausalLM`` loads. Written to a temporary
+    directory first and renamed into place, so a crash never leaves a half-written model."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    state = _single_mode_state(model)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    state = {k: (v.to(dtype) if dtype else v).detach().to("cpu").contiguous() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        config = model.config.replace(weight_mode="single")
+        config.to_json(tmp / CONFIG_NAME)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for idx, shard in enumerate(shards, 1):
+                fname = f"model-{idx:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / INDEX_NAME).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+        if tokenizer_dir is not None:
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / fname
+                if src.exists():
+                    shutil.copy2(src, tmp / fname)
+        _atomic_replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model_and_tokenizer(
+    path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    weight_mode: str | None = None,
+):
+    """Model plus its tokenizer (a byte-level one for ``random:<preset>`` specs)."""
+    from .tokenizer import Tokenizer
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    model = load(path_or_repo_id, device=device, dtype=dtype, weight_mode=weight_mode)
+    if str(path_or_repo_id).startswith("random:"):
+        tokenizer = Tokenizer.byte_level()
+    else:
+        tokenizer = Tokenizer.from_dir(model.source_dir)  # type: ignore[attr-defined]
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
+        )
+    return model, tokenizer

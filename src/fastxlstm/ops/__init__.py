@@ -67,7 +67,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State |
     nd = 4 if seq_axis else 3
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.ndim != nd:
-            raise ValueError(f"{name} must have {nd} dims {'[B,NH,S,D]' if seq_axis else '[B,NH,D]'}, got {tuple(t.shape)}")
+            layout = "[B,NH,S,D]" if seq_axis else "[B,NH,D]"
+            raise ValueError(f"{name} must have {nd} dims {layout}, got {tuple(t.shape)}")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:-1] != q.shape[:-1]:

@@ -40,8 +40,9 @@ class XLSTMBackbone(nn.Module):
         super().__init__()
         self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim)
         self.blocks = nn.ModuleList(XLSTMBlock(config) for _ in range(config.num_blocks))
+        # The out norm has no bias even with use_bias (as in the released model and transformers).
         self.out_norm = (
-            RMSNorm(config.embedding_dim, config.norm_eps, config.use_bias, config.norm_reduction_force_float32)
+            RMSNorm(config.embedding_dim, config.norm_eps, False, config.norm_reduction_force_float32)
             if config.add_out_norm else nn.Identity()
         )
 

@@ -59,7 +59,7 @@ def test_sharded_round_trip(tmp_path, ids):
     assert not (tmp_path / "m" / "model.safetensors").exists()
     assert torch.equal(logits_of(load(tmp_path / "m"), ids), logits_of(model, ids))
     fused = load(tmp_path / "m", weight_mode="fused")  # one fused GEMM may round differently
-    torch.testing.assert_close(logits_of(fused, ids), logits_of(model, ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_of(fused, ids), logits_of(model, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_save_is_atomic_and_overwrites(tmp_path):

@@ -13,10 +13,16 @@ from rich.table import Table
 
 app = typer.Typer(help="fastxlstm: fast xLSTM inference, serving and training.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory, hub repo id, or random:<preset>")]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with status 1 (no traceback for user errors)."""
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(1)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -45,7 +51,10 @@ def generate(
     from .generation import generate_stream
 
     t0 = time.perf_counter()
-    net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype))
+    try:
+        net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype))
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+        fail(str(e))
     if model.startswith("random:"):
         console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its text is noise.")
     ids = tok.encode(prompt)

@@ -26,7 +26,7 @@ run: $(STAMP)
 	fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q -m "not gpu" --durations=15

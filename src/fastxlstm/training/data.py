@@ -15,6 +15,7 @@ does not depend on input order or on the number of worker threads. With fewer th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not found:
                 raise FileNotFoundError(f"{path} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             files.extend(found)
@@ -130,8 +132,8 @@ class _ShardWriter:
             self._fh = None
 
 
-def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batched(it: Iterable, n: int) -> Iterator[list]:
+    batch: list = []
     for item in it:
         batch.append(item)
         if len(batch) == n:
@@ -145,11 +147,13 @@ def prepare(
     tokenizer_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
     val_fraction: float = 0.01, text_key: str = "text", shard_tokens: int = 100_000_000,
     batch_docs: int = 256, min_docs_for_doc_split: int = 20, progress: bool = True,
+    val_inputs: Iterable[str | os.PathLike] | None = None,
 ) -> dict:
     """Tokenise ``inputs`` into shards under ``out_dir``; returns the written ``meta.json`` dict.
 
     ``tokenizer_path`` is a ``tokenizer.json`` or a directory holding one. Encoding runs in
-    parallel on all cores (the ``tokenizers`` library's batch encoder).
+    parallel on all cores (the ``tokenizers`` library's batch encoder). With ``val_inputs`` the
+    held-out split is exactly those documents and ``val_fraction`` is ignored.
     """
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -168,23 +172,29 @@ def prepare(
     eos = special["eos_token_id"]
     dtype = token_dtype(vocab_size)
     files = _expand_inputs(inputs)
-    total_bytes = sum(f.stat().st_size for f in files)
+    val_files = _expand_inputs(val_inputs) if val_inputs else []
+    total_bytes = sum(f.stat().st_size for f in files + val_files)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.bin"):
         old.unlink()
-    doc_split = _count_documents(files) >= min_docs_for_doc_split
+    doc_split = bool(val_files) or _count_documents(files) >= min_docs_for_doc_split
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
     counts = {"train": 0, "val": 0}
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising", disable=not progress)
     try:
-        for batch in _batched(iter_documents(files, text_key), batch_docs):
-            encs = tok.encode_batch(batch, add_special_tokens=False)
-            for text, enc in zip(batch, encs):
+        if val_files:
+            stream = itertools.chain(((("train", d) for d in iter_documents(files, text_key))),
+                                     (("val", d) for d in iter_documents(val_files, text_key)))
+        else:
+            stream = ((None, d) for d in iter_documents(files, text_key))
+        for batch in _batched(stream, batch_docs):
+            encs = tok.encode_batch([text for _, text in batch], add_special_tokens=False)
+            for (fixed, text), enc in zip(batch, encs):
                 ids = np.asarray(enc.ids + ([eos] if eos is not None else []), dtype=np.int64)
                 if doc_split:
-                    split = "val" if is_heldout(text, val_fraction) else "train"
+                    split = fixed or ("val" if is_heldout(text, val_fraction) else "train")
                     writers[split].write(ids)
                     counts[split] += 1
                 else:
@@ -209,12 +219,13 @@ def prepare(
         "dtype": dtype.name,
         "vocab_size": vocab_size,
         **special,
-        "split_mode": "documents" if doc_split else "document_tails",
+        "split_mode": "explicit" if val_files else ("documents" if doc_split else "document_tails"),
         "val_fraction": val_fraction,
         "splits": {
             s: {"tokens": w.total, "documents": counts[s], "shards": w.shards} for s, w in writers.items()
         },
         "sources": [str(f) for f in files],
+        "val_sources": [str(f) for f in val_files],
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -1,0 +1,64 @@
+"""Export trained weights: xLSTM models as HF-format directories (``fastxlstm.load`` and transformers
+read them), the Llama baseline as safetensors plus a small ``config.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from ..config import XLSTMConfig
+from .distributed import DistEnv, barrier
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict on rank 0 (empty on other ranks of a sharded model). Collective."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def export(model: nn.Module, env: DistEnv, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None,
+           dtype: str = "float32") -> Path:
+    """Collective: every rank calls it, rank 0 writes ``out_dir``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    state = full_state_dict(model)
+    out = Path(out_dir)
+    if env.is_main:
+        cfg = model.config
+        if isinstance(cfg, XLSTMConfig):
+            save_xlstm(cfg, state, out, tokenizer_dir, DTYPES[dtype])
+        else:
+            save_plain(cfg, state, out, DTYPES[dtype])
+    barrier()
+    return out
+
+
+def save_xlstm(cfg: XLSTMConfig, state: dict[str, torch.Tensor], out: Path,
+               tokenizer_dir: str | os.PathLike | None, dtype: torch.dtype) -> Path:
+    from ..checkpoint import save_pretrained
+    from ..model import XLSTMForCausalLM
+
+    with torch.device("meta"):
+        cpu_model = XLSTMForCausalLM(cfg)
+    cpu_model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        cpu_model.lm_head.weight = cpu_model.backbone.embeddings.weight
+    return save_pretrained(cpu_model, out, tokenizer_dir=tokenizer_dir, dtype=dtype)
+
+
+def save_plain(cfg, state: dict[str, torch.Tensor], out: Path, dtype: torch.dtype) -> Path:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(dtype).contiguous() for k, v in state.items() if not k.endswith("lm_head.weight")
+               or not getattr(cfg, "tie_word_embeddings", False)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return out

@@ -1,0 +1,315 @@
+"""The training loop: pretraining and fine-tuning on one device or many (torchrun + FSDP2)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import XLSTMConfig, preset
+from . import checkpointing
+from .config import TrainConfig
+from .data import TokenShards
+from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, model_blocks, setup, shard
+from .export import export
+from .flops import flops_per_token, peak_flops
+from .llama import LlamaConfig, build_llama
+from .loader import WindowSampler, eval_batches
+from .optim import build_optimizer, lr_at
+
+METRICS_FIELDS = ["step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "mfu", "elapsed_s"]
+EVAL_FIELDS = ["step", "tokens", "val_loss", "val_ppl"]
+
+
+def model_config(cfg: TrainConfig, data: TokenShards) -> tuple[XLSTMConfig, Any]:
+    """The xLSTM config to train (from a preset or a fine-tuning directory) and, for the
+    Llama baseline, the matching Llama config."""
+    mc = cfg.model
+    if mc.init_from:
+        xcfg = XLSTMConfig.from_json(Path(mc.init_from) / "config.json")
+        if mc.overrides:
+            raise ValueError("model.overrides cannot be combined with model.init_from (the architecture is fixed)")
+    else:
+        if not mc.preset:
+            raise ValueError("set model.preset (e.g. xlstm-125m) or model.init_from")
+        overrides = dict(mc.overrides)
+        overrides.setdefault("vocab_size", data.vocab_size)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if data.meta.get(key) is not None:
+                overrides.setdefault(key, data.meta[key])
+        xcfg = preset(mc.preset, **overrides)
+    if data.vocab_size > xcfg.vocab_size:
+        raise ValueError(f"data was tokenised with {data.vocab_size} tokens but the model has vocab_size "
+                         f"{xcfg.vocab_size}")
+    if mc.arch == "xlstm":
+        return xcfg, xcfg
+    if mc.arch == "llama":
+        if mc.init_from:
+            raise ValueError("model.init_from loads xLSTM directories; the llama baseline trains from scratch")
+        return xcfg, LlamaConfig.matching(xcfg)
+    raise ValueError(f"model.arch must be xlstm or llama, got {mc.arch!r}")
+
+
+def build(cfg: TrainConfig, arch_cfg: Any, device: torch.device) -> nn.Module:
+    from ..model import build_model
+
+    seed = cfg.train.seed
+    if isinstance(arch_cfg, LlamaConfig):
+        return build_llama(arch_cfg, device=device, seed=seed)
+    if cfg.model.init_from:
+        from ..checkpoint import load
+
+        model = load(cfg.model.init_from, device=device, dtype=torch.float32)
+        model.train()
+        return model
+    return build_model(arch_cfg, device=device, dtype=torch.float32, seed=seed)
+
+
+class CSVLog:
+    """Append-only CSV that, on resume, drops rows written after the checkpoint it resumes from."""
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int | None):
+        self.path, self.fields = path, fields
+        rows = []
+        if resume_step is not None and path.exists():
+            with path.open() as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, rows: list[dict]) -> None:
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.fields).writerows(rows)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.env: DistEnv = setup(cfg.train.device)
+        env = self.env
+        if not cfg.data.path:
+            raise ValueError("data.path is not set (a directory written by `fastxlstm data prepare`)")
+        self.data = TokenShards(cfg.data.path)
+        self.xcfg, self.arch_cfg = model_config(cfg, self.data)
+        prec = cfg.train.precision
+        if prec not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision must be auto, bf16 or fp32, got {prec!r}")
+        self.bf16 = prec == "bf16" or (prec == "auto" and env.device.type == "cuda")
+        self.out = Path(cfg.out_dir)
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+        barrier()
+
+        model = build(cfg, self.arch_cfg, torch.device("cpu") if env.distributed else env.device)
+        model.set_backend(cfg.model.backend)
+        # Token ids are validated once against the data's vocabulary (model_config); skip the
+        # per-forward check, which would synchronise host and device at every micro-step.
+        if hasattr(model, "check_input_ids"):
+            model.check_input_ids = lambda ids: None  # type: ignore[method-assign]
+        model.gradient_checkpointing = cfg.train.activation_checkpointing
+        self.n_params = model.num_parameters()
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
+        if cfg.train.compile:
+            for block in model_blocks(model):
+                block.compile()
+        if env.distributed:
+            model = shard(model, env, self.bf16)
+        self.model = model
+        self.optimizer = build_optimizer(
+            model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
+            fused=True if (env.device.type == "cuda" and not env.distributed) else None,
+        )
+        self.sampler = WindowSampler(
+            self.data.split(cfg.data.train_split), cfg.data.seq_len, cfg.train.micro_batch_size,
+            cfg.train.grad_accum, env.world_size, env.rank, cfg.train.seed,
+        )
+        self.peak = peak_flops(env.device, cfg.log.peak_tflops)
+        self.tokens_per_step = self.sampler.global_batch_size * cfg.data.seq_len
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self):
+        if self.bf16 and not self.env.distributed:
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits, _ = self.model(x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        cfg, env = self.cfg, self.env
+        self.model.eval()
+        total, n = torch.zeros((), device=env.device, dtype=torch.float64), 0
+        try:
+            for x, y in eval_batches(self.data.split(cfg.data.val_split), cfg.data.seq_len, cfg.eval.batch_size,
+                                     cfg.eval.tokens, env.world_size, env.rank):
+                total += self.micro_loss(x.to(env.device), y.to(env.device)).double()
+                n += 1
+        finally:
+            self.model.train()
+        return float(all_reduce_mean(total / max(n, 1)))
+
+    def _save(self, step: int, tokens: int) -> None:
+        checkpointing.save(self.out / "checkpoints", step, self.model, self.optimizer, self.env,
+                           {"tokens": tokens, "world_size": self.env.world_size}, keep=self.cfg.checkpoint.keep)
+
+    # --------------------------------------------------------------------- loop
+    def train(self) -> dict[str, Any]:
+        cfg, env, model = self.cfg, self.env, self.model
+        oc, tc = cfg.optim, cfg.train
+        start_step, tokens = 0, 0
+        resume_from = checkpointing.find_resume_point(self.out / "checkpoints", env) if cfg.checkpoint.resume else None
+        if resume_from is not None:
+            state = checkpointing.load(resume_from, model, self.optimizer)
+            start_step, tokens = int(state["step"]), int(state["tokens"])
+        metrics = evals = tb = None
+        if env.is_main:
+            resume_step = start_step if resume_from is not None else None
+            metrics = CSVLog(self.out / "metrics.csv", METRICS_FIELDS, resume_step)
+            evals = CSVLog(self.out / "eval.csv", EVAL_FIELDS, resume_step)
+            if cfg.log.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    tb = SummaryWriter(str(self.out / "tensorboard"))
+                except ImportError:
+                    tqdm.write("tensorboard is not installed; logging to CSV only")
+        bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step",
+                   disable=not (env.is_main and cfg.log.progress), dynamic_ncols=True)
+        if env.is_main and resume_from is not None:
+            tqdm.write(f"resumed from {resume_from} (step {start_step})")
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int]] = []
+        rates: list[float] = []
+        t_start = t_flush = time.perf_counter()
+        steps_since_flush = 0
+        last_val: float | None = None
+        model.train()
+
+        def flush() -> None:
+            nonlocal t_flush, steps_since_flush
+            if not pending:
+                return
+            losses = all_reduce_mean(torch.stack([p[1] for p in pending]))
+            norms = torch.stack([p[2] for p in pending])
+            values = torch.stack([losses, norms]).tolist()  # one device sync per flush
+            now = time.perf_counter()
+            rate = steps_since_flush * self.tokens_per_step / max(now - t_flush, 1e-9)
+            rates.append(rate)
+            mfu = rate * self.flops_per_token / (self.peak * env.world_size) if self.peak else None
+            rows = [
+                {"step": s, "loss": f"{lv:.6f}", "grad_norm": f"{gv:.6f}", "lr": f"{lr:.6e}", "tokens": tok,
+                 "tokens_per_s": f"{rate:.1f}", "mfu": "" if mfu is None else f"{mfu:.4f}",
+                 "elapsed_s": f"{now - t_start:.2f}"}
+                for (s, _, _, lr, tok), lv, gv in zip(pending, values[0], values[1])
+            ]
+            if metrics is not None:
+                metrics.write(rows)
+                if tb is not None:
+                    for r in rows:
+                        for key in ("loss", "grad_norm", "lr", "tokens_per_s"):
+                            tb.add_scalar(f"train/{key}", float(r[key]), r["step"])
+                        if r["mfu"]:
+                            tb.add_scalar("train/mfu", float(r["mfu"]), r["step"])
+            last = rows[-1]
+            bar.set_postfix(loss=last["loss"], lr=last["lr"], tok_s=f"{rate:,.0f}",
+                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+            pending.clear()
+            t_flush, steps_since_flush = now, 0
+
+        for step in range(start_step, tc.steps):
+            lr = lr_at(step, lr=oc.lr, total_steps=tc.steps, warmup_steps=oc.warmup_steps, schedule=oc.schedule,
+                       min_lr_ratio=oc.min_lr_ratio, decay_fraction=oc.decay_fraction)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss_acc = torch.zeros((), device=env.device)
+            for micro in range(tc.grad_accum):
+                x, y = self.sampler.batch(step, micro)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                if env.distributed:
+                    model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+                loss = self.micro_loss(x, y) / tc.grad_accum
+                loss.backward()
+                loss_acc += loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip if oc.grad_clip > 0 else math.inf)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            tokens += self.tokens_per_step
+            done = step + 1
+            pending.append((done, loss_acc, norm.detach(), lr, tokens))
+            steps_since_flush += 1
+            bar.update(1)
+            is_last = done == tc.steps
+            if done % max(1, cfg.log.every) == 0 or is_last:
+                flush()
+            if cfg.eval.every > 0 and (done % cfg.eval.every == 0 or is_last):
+                flush()
+                last_val = self.evaluate()
+                if evals is not None:
+                    evals.write([{"step": done, "tokens": tokens, "val_loss": f"{last_val:.6f}",
+                                  "val_ppl": f"{math.exp(min(last_val, 50)):.4f}"}])
+                    if tb is not None:
+                        tb.add_scalar("eval/loss", last_val, done)
+                    tqdm.write(f"step {done}: held-out loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})")
+                t_flush = time.perf_counter()  # evaluation time is not training throughput
+            if cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or is_last):
+                flush()
+                self._save(done, tokens)
+                t_flush = time.perf_counter()
+            if tc.debug_kill_at_step is not None and done == tc.debug_kill_at_step:
+                flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        flush()
+        bar.close()
+        wall = time.perf_counter() - t_start
+        summary: dict[str, Any] = {
+            "arch": cfg.model.arch, "parameters": self.n_params, "steps": tc.steps, "tokens": tokens,
+            "world_size": env.world_size, "device": torch.cuda.get_device_name(env.device)
+            if env.device.type == "cuda" else "cpu",
+            "final_val_loss": last_val, "final_val_ppl": math.exp(last_val) if last_val is not None else None,
+            "tokens_per_s": _steady(rates), "wall_s": wall, "flops_per_token": self.flops_per_token,
+        }
+        if self.peak and summary["tokens_per_s"]:
+            summary["mfu"] = summary["tokens_per_s"] * self.flops_per_token / (self.peak * env.world_size)
+        if cfg.export.enabled:
+            export_dir = Path(cfg.export.dir) if cfg.export.dir else self.out / "final"
+            export(model, env, export_dir, self.data.tokenizer_dir, cfg.export.dtype)
+            summary["export_dir"] = str(export_dir)
+        if env.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if tb is not None:
+                tb.close()
+        return summary
+
+
+def _steady(rates: list[float]) -> float | None:
+    """Median tokens/s over log intervals, the first (warm-up, compilation) left out when possible."""
+    if not rates:
+        return None
+    r = sorted(rates[1:] if len(rates) > 2 else rates)
+    return r[len(r) // 2]
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train with ``cfg`` in this process (one of ``torchrun``'s, or the only one)."""
+    try:
+        return Trainer(cfg).train()
+    finally:
+        cleanup()

@@ -108,6 +108,12 @@ def info(model: ModelOpt) -> None:
     Console().print(table)
 
 
+from .training.cli import data_app, train_cmd  # noqa: E402  (training sub-commands)
+
+app.add_typer(data_app, name="data")
+app.command("train")(train_cmd)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

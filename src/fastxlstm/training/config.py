@@ -14,7 +14,7 @@ import yaml
 @dataclass
 class ModelSection:
     arch: str = "xlstm"  # xlstm | llama (the ablation baseline, sized to match the xLSTM config)
-    preset: str | None = "xlstm-tiny"  # an XLSTMConfig preset name (ignored with init_from)
+    preset: str | None = "xlstm-tiny"  # XLSTMConfig preset; null = XLSTMConfig defaults (+ overrides)
     overrides: dict[str, Any] = field(default_factory=dict)  # XLSTMConfig fields, e.g. vocab_size
     init_from: str | None = None  # HF-layout directory to fine-tune from (e.g. the 7B)
     backend: str = "auto"  # mLSTM ops: auto (Triton on GPU), reference, triton
@@ -59,6 +59,7 @@ class EvalSection:
     every: int = 200
     tokens: int = 65536
     batch_size: int = 8
+    keep_best: bool = False  # also export the weights of the lowest held-out loss to <out_dir>/best
 
 
 @dataclass

@@ -41,14 +41,13 @@ def model_config(cfg: TrainConfig, data: TokenShards) -> tuple[XLSTMConfig, Any]
         if mc.overrides:
             raise ValueError("model.overrides cannot be combined with model.init_from (the architecture is fixed)")
     else:
-        if not mc.preset:
-            raise ValueError("set model.preset (e.g. xlstm-125m) or model.init_from")
         overrides = dict(mc.overrides)
         overrides.setdefault("vocab_size", data.vocab_size)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if data.meta.get(key) is not None:
                 overrides.setdefault(key, data.meta[key])
-        xcfg = preset(mc.preset, **overrides)
+        # A preset plus overrides, or (preset: null) the XLSTMConfig defaults plus overrides.
+        xcfg = preset(mc.preset, **overrides) if mc.preset else XLSTMConfig(**overrides)
     if data.vocab_size > xcfg.vocab_size:
         raise ValueError(f"data was tokenised with {data.vocab_size} tokens but the model has vocab_size "
                          f"{xcfg.vocab_size}")
@@ -199,6 +198,7 @@ class Trainer:
         t_start = t_flush = time.perf_counter()
         steps_since_flush = 0
         last_val: float | None = None
+        best: tuple[float, int] | None = None
         model.train()
 
         def flush() -> None:
@@ -268,6 +268,12 @@ class Trainer:
                     if tb is not None:
                         tb.add_scalar("eval/loss", last_val, done)
                     tqdm.write(f"step {done}: held-out loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})")
+                if cfg.eval.keep_best and (best is None or last_val < best[0]):
+                    best = (last_val, done)
+                    export(model, env, self.out / "best", self.data.tokenizer_dir, cfg.export.dtype)
+                    if env.is_main:
+                        (self.out / "best" / "best_step.json").write_text(
+                            json.dumps({"step": done, "tokens": tokens, "val_loss": last_val}) + "\n")
                 t_flush = time.perf_counter()  # evaluation time is not training throughput
             if cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or is_last):
                 flush()
@@ -286,6 +292,8 @@ class Trainer:
             "final_val_loss": last_val, "final_val_ppl": math.exp(last_val) if last_val is not None else None,
             "tokens_per_s": _steady(rates), "wall_s": wall, "flops_per_token": self.flops_per_token,
         }
+        if best is not None:
+            summary.update(best_val_loss=best[0], best_step=best[1], best_dir=str(self.out / "best"))
         if self.peak and summary["tokens_per_s"]:
             summary["mfu"] = summary["tokens_per_s"] * self.flops_per_token / (self.peak * env.world_size)
         if cfg.export.enabled:

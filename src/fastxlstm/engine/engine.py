@@ -1,0 +1,425 @@
+"""Slot-based inference engine: exact per-sequence prefill, batched CUDA-graph decode."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..generation.sampling import (
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    apply_repetition_penalty,
+    sample_rows,
+    uniform_from_seed,
+)
+from ..model import XLSTMForCausalLM
+from ..ops import State
+from .runner import Runner
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+@dataclass
+class DecodeOutput:
+    """Result of :meth:`Engine.decode_step` for the requested slots (device tensors, no host sync).
+
+    ``tokens [n]`` are the sampled next tokens; ``finished [n]`` is True where the sequence
+    stopped on this step (EOS / stop token id / max_new_tokens); ``logits [n, V]`` (float32,
+    after soft-capping, before penalties) only when asked for."""
+
+    slots: list[int]
+    tokens: Tensor
+    finished: Tensor
+    logits: Tensor | None = None
+
+
+@dataclass
+class SlotRead:
+    """Tokens a slot produced since the previous :meth:`Engine.read_tokens`, and whether it stopped."""
+
+    slot: int
+    new_tokens: list[int]
+    finished: bool
+
+
+class Engine:
+    """Fixed number of sequence slots over one model (see the package docstring for the API)."""
+
+    def __init__(
+        self, model: XLSTMForCausalLM, max_slots: int = 8, *, use_cuda_graph: bool | None = None,
+        prefill_chunk_size: int = 4096, backend: str = "auto", batch_buckets: Sequence[int] | None = None,
+        eos_token_id: int | None = None, history: int = 256,
+    ):
+        if max_slots <= 0:
+            raise ValueError(f"max_slots must be positive, got {max_slots}")
+        model.eval()
+        self.model = model
+        self.config = cfg = model.config
+        self.runner = Runner(model, backend=backend, chunk_size=prefill_chunk_size)
+        self.device = dev = model.device
+        self.max_slots = n = max_slots
+        self.vocab_size = cfg.vocab_size
+        self.eos_token_id = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        self.use_cuda_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
+        if self.use_cuda_graph and dev.type != "cuda":
+            raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+        buckets = sorted({b for b in (batch_buckets or DEFAULT_BUCKETS) if b < n} | {n})
+        self.buckets = buckets
+        nh, dqk, dv = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
+        f32 = dict(device=dev, dtype=torch.float32)
+        i64 = dict(device=dev, dtype=torch.long)
+        # Recurrent state, one row per slot (float32).
+        self.states: list[State] = [
+            (torch.zeros(n, nh, dqk, dv, **f32), torch.zeros(n, nh, dqk, **f32), torch.zeros(n, nh, **f32))
+            for _ in range(cfg.num_blocks)
+        ]
+        # Decode inputs / controls and per-slot sampling parameters.
+        self.tokens = torch.zeros(n, **i64)
+        self.active = torch.zeros(n, device=dev, dtype=torch.bool)
+        self.temperature = torch.zeros(n, **f32)
+        self.top_k = torch.zeros(n, **i64)
+        self.top_p = torch.ones(n, **f32)
+        self.min_p = torch.zeros(n, **f32)
+        self.penalty = torch.ones(n, **f32)
+        self.seed = torch.zeros(n, **i64)
+        self.counter = torch.zeros(n, **i64)
+        self.seen = torch.zeros(n, cfg.vocab_size, device=dev, dtype=torch.bool)
+        self.remaining = torch.zeros(n, **i64)
+        self.stop_ids = torch.full((n, MAX_STOP_TOKEN_IDS), -1, **i64)
+        self.history = history
+        self.hist = torch.zeros(n, history, **i64)
+        self.pos = torch.zeros(n, **i64)
+        # Host-side bookkeeping.
+        self._free = list(range(n))
+        self._params: list[SamplingParams | None] = [None] * n
+        self._running: set[int] = set()
+        self._read_pos = [0] * n
+        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------------ slots
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate_slot(self) -> int:
+        """The lowest free slot (slots are reused lowest-first, which keeps decode buckets small)."""
+        if not self._free:
+            raise RuntimeError(f"all {self.max_slots} slots are in use")
+        return heapq.heappop(self._free)
+
+    def free_slot(self, slot: int) -> None:
+        """Release ``slot`` (it stops decoding; its state is overwritten by the next prefill)."""
+        self._check_slot(slot)
+        if slot in self._free:
+            raise ValueError(f"slot {slot} is not allocated")
+        self.active[slot] = False
+        self._running.discard(slot)
+        self._params[slot] = None
+        heapq.heappush(self._free, slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= int(slot) < self.max_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.max_slots})")
+
+    def _check_allocated(self, slot: int) -> None:
+        self._check_slot(slot)
+        if slot in self._free:
+            raise ValueError(f"slot {slot} is not allocated (call allocate_slot first)")
+
+    # ---------------------------------------------------------------------- prefill
+    def _ids(self, token_ids: Sequence[int] | Tensor) -> Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("empty prompt: at least one token id is needed")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size {self.vocab_size}")
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def prefill_into_slot(self, slot: int, token_ids: Sequence[int] | Tensor, state: list[State] | None = None,
+                          params: SamplingParams | None = None, history: Sequence[int] = ()) -> Tensor:
+        """Run ``token_ids`` (continuing ``state`` if given) and store the final state in ``slot``.
+
+        Returns the float32 logits ``[V]`` for the next token. ``params`` configures the slot's
+        sampling (default greedy); ``history`` are earlier tokens of the sequence (for the
+        repetition penalty) when continuing a state."""
+        return self.prefill_into_slots([slot], [token_ids], None if state is None else [state], [params],
+                                       [history])[0]
+
+    @torch.no_grad()
+    def prefill_into_slots(
+        self, slots: Sequence[int], token_ids: Sequence[Sequence[int] | Tensor],
+        states: Sequence[list[State] | None] | None = None, params: Sequence[SamplingParams | None] | None = None,
+        histories: Sequence[Sequence[int]] | None = None,
+    ) -> Tensor:
+        """Prefill several slots; prompts of equal length without a start state share one forward
+        (no padding ever: every row of a forward is a full prompt). Returns logits ``[n, V]``."""
+        n = len(slots)
+        if len(token_ids) != n:
+            raise ValueError(f"{n} slots but {len(token_ids)} prompts")
+        states = list(states) if states is not None else [None] * n
+        params = list(params) if params is not None else [None] * n
+        histories = list(histories) if histories is not None else [()] * n
+        for s in slots:
+            self._check_allocated(s)
+        if len(set(slots)) != n:
+            raise ValueError("slots must be distinct")
+        ids = [self._ids(t) for t in token_ids]
+        logits = torch.empty(n, self.vocab_size, device=self.device)
+        groups: dict[object, list[int]] = {}
+        for j in range(n):
+            key = ("len", ids[j].numel()) if states[j] is None else ("state", j)
+            groups.setdefault(key, []).append(j)
+        for members in groups.values():
+            start = states[members[0]]
+            if start is not None:
+                start = self._as_state(start)
+            batch = torch.stack([ids[j] for j in members])
+            hidden, new_state = self.runner.forward_tokens(batch, start)
+            logits[members] = self.runner.logits(hidden)
+            rows = torch.tensor([slots[j] for j in members], device=self.device)
+            for (c, nn_, m), (c1, n1, m1) in zip(self.states, new_state):
+                c.index_copy_(0, rows, c1)
+                nn_.index_copy_(0, rows, n1)
+                m.index_copy_(0, rows, m1)
+        for j, s in enumerate(slots):
+            self.configure_slot(s, params[j] or SamplingParams(), [*histories[j], *ids[j].tolist()])
+        return logits
+
+    def _as_state(self, state: list[State]) -> list[State]:
+        cfg = self.config
+        if len(state) != cfg.num_blocks:
+            raise ValueError(f"state has {len(state)} layers, model has {cfg.num_blocks}")
+        want = ((cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim), (cfg.num_heads, cfg.qk_head_dim),
+                (cfg.num_heads,))
+        out = []
+        for layer in state:
+            ts = []
+            for t, w in zip(layer, want):
+                t = t.to(self.device, torch.float32)
+                if t.ndim == len(w):
+                    t = t[None]
+                if tuple(t.shape) != (1, *w):
+                    raise ValueError(f"state tensor has shape {tuple(t.shape)}, expected {(1, *w)}")
+                ts.append(t)
+            out.append(tuple(ts))
+        return out
+
+    # --------------------------------------------------------------------- sampling
+    def configure_slot(self, slot: int, params: SamplingParams, history: Sequence[int] = (),
+                       counter: int = 0) -> None:
+        """Set ``slot``'s sampling parameters and stop conditions; ``history`` (prompt and earlier
+        output) feeds the repetition penalty; ``counter`` is the RNG position (tokens drawn so far)."""
+        self._check_allocated(slot)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self._params[slot] = params
+        self.temperature[slot] = float(params.temperature)
+        self.top_k[slot] = int(params.top_k)
+        self.top_p[slot] = float(params.top_p)
+        self.min_p[slot] = float(params.min_p)
+        self.penalty[slot] = float(params.repetition_penalty)
+        self.seed[slot] = int(seed) & ((1 << 63) - 1)
+        self.counter[slot] = int(counter)
+        self.remaining[slot] = int(params.max_new_tokens)
+        stops = list(params.stop_token_ids)
+        if not params.ignore_eos and self.eos_token_id is not None:
+            stops.append(int(self.eos_token_id))
+        stops += [-1] * (MAX_STOP_TOKEN_IDS - len(stops))
+        self.stop_ids[slot] = torch.tensor(stops, dtype=torch.long).to(self.device, non_blocking=True)
+        self.seen[slot] = False
+        if len(history):
+            hist = torch.as_tensor(list(history), dtype=torch.long).to(self.device, non_blocking=True)
+            self.seen[slot].index_fill_(0, hist, True)
+        self.pos[slot] = 0
+        self._read_pos[slot] = 0
+
+    def _mode(self, slots) -> str:
+        mode = "greedy"
+        for s in slots:
+            p = self._params[s]
+            if p is None:
+                continue
+            if p.needs_sort:
+                return "sorted"
+            if not p.greedy or p.repetition_penalty != 1.0:
+                mode = "sample"
+        return mode
+
+    def _advance(self, ridx: Tensor, logits: Tensor, mode: str, act: Tensor) -> Tensor:
+        """Sample the next token of rows ``ridx`` from ``logits`` and update their bookkeeping
+        (inactive rows keep everything). Capturable: no host sync, static shapes."""
+        if mode == "greedy":
+            nxt = logits.argmax(dim=-1)
+        else:
+            logits = apply_repetition_penalty(logits, self.seen[ridx], self.penalty[ridx])
+            u = uniform_from_seed(self.seed[ridx], self.counter[ridx])
+            nxt = sample_rows(logits, self.temperature[ridx], self.top_k[ridx], self.top_p[ridx], self.min_p[ridx],
+                              u, use_sort=mode == "sorted")
+        nxt = torch.where(act, nxt, self.tokens[ridx])
+        step = act.long()
+        self.tokens[ridx] = nxt
+        self.counter[ridx] = self.counter[ridx] + step
+        self.seen[ridx, nxt] = self.seen[ridx, nxt] | act
+        col = self.pos[ridx] % self.history
+        self.hist[ridx, col] = torch.where(act, nxt, self.hist[ridx, col])
+        self.pos[ridx] = self.pos[ridx] + step
+        rem = self.remaining[ridx] - step
+        self.remaining[ridx] = rem
+        stop = (rem <= 0) | (nxt[:, None] == self.stop_ids[ridx]).any(dim=-1)
+        self.active[ridx] = act & ~stop
+        return nxt
+
+    @torch.no_grad()
+    def sample(self, slots: Sequence[int], logits: Tensor) -> Tensor:
+        """Sample the first token of each slot from ``logits [n, V]`` (e.g. from prefill) with the
+        slot's parameters; the token becomes the slot's next decode input and the slot starts
+        decoding (unless that token already stopped it). Returns the tokens ``[n]`` (device)."""
+        slots = [int(s) for s in slots]
+        for s in slots:
+            self._check_allocated(s)
+        if logits.shape != (len(slots), self.vocab_size):
+            raise ValueError(f"logits must have shape {(len(slots), self.vocab_size)}, got {tuple(logits.shape)}")
+        ridx = torch.tensor(slots, device=self.device)
+        act = torch.ones(len(slots), device=self.device, dtype=torch.bool)
+        nxt = self._advance(ridx, logits.float(), self._mode(slots), act)
+        self._running.update(slots)
+        return nxt
+
+    def start_from_token(self, slot: int, token: int) -> None:
+        """Make ``token`` (already chosen, not yet run) the slot's next decode input and start
+        decoding (continuing a saved state that ends with a pending token)."""
+        self._check_allocated(slot)
+        self.tokens[slot] = int(token)
+        self.active[slot] = bool(self.remaining[slot].item() > 0)
+        self._running.add(slot)
+
+    # ----------------------------------------------------------------------- decode
+    def _bucket(self, slots) -> int:
+        top = max(slots) + 1
+        for b in self.buckets:
+            if b >= top:
+                return b
+        return self.max_slots
+
+    def _step_fn(self, bsz: int, mode: str):
+        ridx = torch.arange(bsz, device=self.device)
+        views = [(c[:bsz], n[:bsz], m[:bsz]) for c, n, m in self.states]
+
+        def fn() -> Tensor:
+            act = self.active[:bsz].clone()
+            logits = self.runner.decode(self.tokens[:bsz], views, act)
+            self._advance(ridx, logits, mode, act)
+            return logits
+
+        return fn
+
+    def _graph(self, bsz: int, mode: str) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        key = (bsz, mode)
+        if key not in self._graphs:
+            fn = self._step_fn(bsz, mode)
+            saved = self.active.clone()
+            self.active.zero_()  # warm-up and capture must not advance any sequence
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = fn()
+            if self._pool is None:
+                self._pool = graph.pool()
+            self.active.copy_(saved)
+            self._graphs[key] = (graph, out)
+        return self._graphs[key]
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None, modes: Sequence[str] = ("greedy",)) -> None:
+        """Capture the CUDA graphs of the given batch buckets ahead of time (no-op on CPU)."""
+        if not self.use_cuda_graph:
+            return
+        with torch.no_grad():
+            for b in batch_sizes or self.buckets:
+                for mode in modes:
+                    self._graph(self._bucket([b - 1]), mode)
+
+    @torch.no_grad()
+    def decode_step(self, slots: Sequence[int] | None = None, tokens: Sequence[int] | Tensor | None = None,
+                    *, return_outputs: bool = True, return_logits: bool = False) -> DecodeOutput | None:
+        """One decode step.
+
+        ``slots``: the slots to advance (None: every slot still active on the device, the fast
+        path that needs no host work). ``tokens``: their input tokens (None: each slot's last
+        sampled token, already on the device). Slots outside ``slots`` are untouched. The step
+        is one CUDA-graph replay per batch bucket; nothing waits for the GPU."""
+        if slots is None:
+            running = sorted(self._running)
+            if not running:
+                return None
+        else:
+            running = [int(s) for s in slots]
+            for s in running:
+                self._check_allocated(s)
+            ridx = torch.tensor(running, dtype=torch.long).to(self.device, non_blocking=True)
+            self.active.zero_()
+            self.active[ridx] = True
+            self._running = set(running)
+            if tokens is not None:
+                tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+                if tok.shape != (len(running),):
+                    raise ValueError(f"tokens must have shape {(len(running),)}, got {tuple(tok.shape)}")
+                self.tokens[ridx] = tok
+        bsz = self._bucket(running)
+        mode = self._mode(running)
+        if self.use_cuda_graph:
+            graph, logits = self._graph(bsz, mode)
+            graph.replay()
+        else:
+            logits = self._step_fn(bsz, mode)()
+        if not return_outputs:
+            return None
+        ridx = torch.tensor(running, dtype=torch.long).to(self.device, non_blocking=True)
+        return DecodeOutput(running, self.tokens[ridx], ~self.active[ridx],
+                            logits[ridx] if return_logits else None)
+
+    # ------------------------------------------------------------------------ reads
+    def read_tokens(self, slots: Sequence[int]) -> list[SlotRead]:
+        """Tokens each slot sampled since the last read (one host sync for all slots)."""
+        slots = [int(s) for s in slots]
+        if not slots:
+            return []
+        ridx = torch.tensor(slots, device=self.device)
+        packed = torch.cat([self.pos[ridx, None], self.active[ridx, None].long(), self.hist[ridx]], dim=1).cpu()
+        out = []
+        for j, s in enumerate(slots):
+            pos, active = int(packed[j, 0]), bool(packed[j, 1])
+            start = self._read_pos[s]
+            if pos - start > self.history:
+                raise RuntimeError(f"slot {s}: {pos - start} tokens since the last read exceed the history "
+                                   f"buffer ({self.history}); read more often or raise history")
+            new = [int(packed[j, 2 + (p % self.history)]) for p in range(start, pos)]
+            self._read_pos[s] = pos
+            if not active:
+                self._running.discard(s)
+            out.append(SlotRead(s, new, not active))
+        return out
+
+    # ------------------------------------------------------------------------ state
+    def get_slot_state(self, slot: int) -> list[State]:
+        """A copy of the slot's recurrent state: per block ``(C [1,NH,DQK,DV], n [1,NH,DQK], m [1,NH])``."""
+        self._check_slot(slot)
+        return [tuple(t[slot:slot + 1].clone() for t in layer) for layer in self.states]
+
+    def set_slot_state(self, slot: int, state: list[State]) -> None:
+        """Overwrite the slot's recurrent state (shapes as :meth:`get_slot_state` returns)."""
+        self._check_allocated(slot)
+        for layer, new in zip(self.states, self._as_state(state)):
+            for buf, t in zip(layer, new):
+                buf[slot:slot + 1].copy_(t)

@@ -1,0 +1,232 @@
+"""Fused elementwise / row-norm kernels of the engine's forward (Triton on CUDA, PyTorch elsewhere).
+
+Each op rounds exactly where the model's module code rounds (e.g. RMSNorm: normalise in
+float32, round to the activation dtype, multiply by the weight, round again), so the fused
+path computes the model's function; only reduction order may differ in the last bit.
+
+Ops (rows are the leading dim, features the last):
+
+* :func:`add_rmsnorm` - ``x += delta`` (in place, optional) then ``rmsnorm(x) * w``;
+* :func:`gates` - soft-capped float32 input/forget gates from the fused preactivations, with
+  rows where ``active`` is False set to ``i=-inf, f=+inf`` (the mLSTM step then leaves their
+  state bit-for-bit unchanged);
+* :func:`mhnorm_ogate` - per-head LayerNorm of ``h`` times its weight, times ``sigmoid(o)``;
+* :func:`silu_mul` - ``silu(gate) * up`` of the fused gate|up projection;
+* :func:`softcap_logits` - float32 ``cap * tanh(x / cap)`` of the LM-head output.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # Triton is optional (CPU installs, CI)
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(x: Tensor) -> bool:
+    """Triton kernels run for CUDA tensors when triton imports (and for CPU tensors under
+    ``TRITON_INTERPRET=1``, which the tests use)."""
+    return HAS_TRITON and (x.is_cuda or INTERPRET)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------- Triton
+if HAS_TRITON:
+
+    @triton.jit
+    def _tanh(x):
+        # tanh through exp (overflow-safe: exp(2x) -> inf gives 1, -> 0 gives -1)
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, sx, sd, sy, n_cols, eps,
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0)
+        if HAS_DELTA:
+            d = tl.load(d_ptr + row * sd + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + row * sx + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+        y = (xf * rstd).to(y_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        y = (y.to(tl.float32) * w.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * sy + cols, y, mask=mask)
+
+    @triton.jit
+    def _gates_kernel(p_ptr, a_ptr, i_ptr, f_ptr, sp, cap, NH: tl.constexpr, BLOCK: tl.constexpr,
+                      HAS_CAP: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, BLOCK)
+        mask = h < NH
+        ig = tl.load(p_ptr + row * sp + h, mask=mask, other=0.0).to(tl.float32)
+        fg = tl.load(p_ptr + row * sp + NH + h, mask=mask, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            ig = cap * _tanh(ig / cap)
+            fg = cap * _tanh(fg / cap)
+        if HAS_ACTIVE:
+            act = tl.load(a_ptr + row + h * 0) != 0
+            ig = tl.where(act, ig, float("-inf"))
+            fg = tl.where(act, fg, float("inf"))
+        tl.store(i_ptr + row * NH + h, ig, mask=mask)
+        tl.store(f_ptr + row * NH + h, fg, mask=mask)
+
+    @triton.jit
+    def _mhnorm_ogate_kernel(h_ptr, o_ptr, w_ptr, y_ptr, s_hb, s_hh, s_ob, s_yb, eps,
+                             NH: tl.constexpr, DV: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // NH
+        head = pid % NH
+        offs = tl.arange(0, DV)
+        hv = tl.load(h_ptr + b * s_hb + head * s_hh + offs).to(y_ptr.dtype.element_ty).to(tl.float32)
+        mean = tl.sum(hv, axis=0) / DV
+        c = hv - mean
+        var = tl.sum(c * c, axis=0) / DV
+        y = (c * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + head * DV + offs)
+        y = (y.to(tl.float32) * w.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        o = tl.load(o_ptr + b * s_ob + head * DV + offs).to(tl.float32)
+        s = (1.0 / (1.0 + tl.exp(-o))).to(y_ptr.dtype.element_ty)
+        out = (s.to(tl.float32) * y.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + b * s_yb + head * DV + offs, out)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, y_ptr, s_gu, s_y, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(gu_ptr + row * s_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * s_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty)
+        y = (s.to(tl.float32) * u).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * s_y + cols, y, mask=mask)
+
+    @triton.jit
+    def _softcap_kernel(x_ptr, y_ptr, s_x, s_y, n_cols, cap, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            x = cap * _tanh(x / cap)
+        tl.store(y_ptr + row * s_y + cols, x, mask=mask)
+
+
+@functools.cache
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """2-D view ``[N, D]`` (last dim contiguous) of ``x``."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+
+
+# ------------------------------------------------------------------------------ public
+def add_rmsnorm(x: Tensor, delta: Tensor | None, weight: Tensor | None, eps: float,
+                bias: Tensor | None = None) -> Tensor:
+    """``x += delta`` in place (when given), then return ``RMSNorm(x)`` (``x`` itself when
+    ``weight`` is None); ``x`` is ``[N, D]``."""
+    if (use_triton(x) and weight is not None and bias is None and x.ndim == 2 and x.stride(-1) == 1
+            and (delta is None or delta.shape == x.shape)):
+        n, d = x.shape
+        y = torch.empty_like(x)
+        dd = x if delta is None else (delta if delta.stride(-1) == 1 else delta.contiguous())
+        block = _next_pow2(d)
+        _add_rmsnorm_kernel[(n,)](x, dd, weight, y, x.stride(0), dd.stride(0), y.stride(0), d, eps,
+                                  HAS_DELTA=delta is not None, BLOCK=block, num_warps=_warps(block))
+        return y
+    if delta is not None:
+        x.add_(delta)
+    if weight is None:
+        return x
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return y + bias if bias is not None else y
+
+
+def gates(pre: Tensor, num_heads: int, cap: float | None, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Soft-capped float32 gates ``(i, f)`` ``[N, NH]`` from ``pre = [i | f]`` preactivations ``[N, 2NH]``."""
+    n = pre.shape[0]
+    if use_triton(pre) and pre.stride(-1) == 1:
+        i = torch.empty(n, num_heads, device=pre.device, dtype=torch.float32)
+        f = torch.empty_like(i)
+        act = active if active is not None else i
+        _gates_kernel[(n,)](pre, act, i, f, pre.stride(0), float(cap or 1.0), NH=num_heads,
+                            BLOCK=_next_pow2(num_heads), HAS_CAP=cap is not None, HAS_ACTIVE=active is not None,
+                            num_warps=1)
+        return i, f
+    g = pre.float()
+    if cap is not None:
+        g = cap * torch.tanh(g / cap)
+    i, f = g[:, :num_heads], g[:, num_heads:]
+    if active is not None:
+        a = active[:, None]
+        i = torch.where(a, i, torch.full_like(i, float("-inf")))
+        f = torch.where(a, f, torch.full_like(f, float("inf")))
+    return i.contiguous(), f.contiguous()
+
+
+def mhnorm_ogate(h: Tensor, o: Tensor, weight: Tensor, eps: float, bias: Tensor | None = None) -> Tensor:
+    """``sigmoid(o) * MultiHeadLayerNorm(h)``; h ``[N, NH, DV]``, o ``[N, NH*DV]`` -> ``[N, NH*DV]`` in o's dtype."""
+    n, nh, dv = h.shape
+    if (use_triton(h) and bias is None and h.stride(-1) == 1 and o.stride(-1) == 1
+            and dv == _next_pow2(dv)):
+        y = torch.empty(n, nh * dv, device=h.device, dtype=o.dtype)
+        _mhnorm_ogate_kernel[(n * nh,)](h, o, weight, y, h.stride(0), h.stride(1), o.stride(0), y.stride(0), eps,
+                                        NH=nh, DV=dv, num_warps=_warps(dv) // 2 or 1)
+        return y
+    hf = h.to(o.dtype).float()
+    centred = hf - hf.mean(dim=-1, keepdim=True)
+    y = centred * torch.rsqrt(hf.var(dim=-1, keepdim=True, unbiased=False) + eps)
+    y = y.to(o.dtype).flatten(-2) * weight
+    if bias is not None:
+        y = y + bias
+    return torch.sigmoid(o) * y
+
+
+def silu_mul(gu: Tensor, hidden: int) -> Tensor:
+    """``silu(gu[:, :hidden]) * gu[:, hidden:]``."""
+    if use_triton(gu) and gu.ndim == 2 and gu.stride(-1) == 1:
+        n = gu.shape[0]
+        y = torch.empty(n, hidden, device=gu.device, dtype=gu.dtype)
+        block = 1024
+        _silu_mul_kernel[(n, triton.cdiv(hidden, block))](gu, y, gu.stride(0), y.stride(0), hidden, BLOCK=block,
+                                                           num_warps=4)
+        return y
+    gate, up = gu.split(hidden, dim=-1)
+    return F.silu(gate) * up
+
+
+def softcap_logits(x: Tensor, cap: float | None) -> Tensor:
+    """float32 ``cap * tanh(x / cap)`` of ``x [N, V]``."""
+    if use_triton(x) and x.ndim == 2 and x.stride(-1) == 1:
+        n, v = x.shape
+        y = torch.empty(n, v, device=x.device, dtype=torch.float32)
+        block = 2048
+        _softcap_kernel[(n, triton.cdiv(v, block))](x, y, x.stride(0), y.stride(0), v, float(cap or 1.0),
+                                                     HAS_CAP=cap is not None, BLOCK=block, num_warps=4)
+        return y
+    y = x.float()
+    return y if cap is None else cap * torch.tanh(y / cap)

@@ -1,0 +1,372 @@
+"""``LLM``: the Python API over :class:`~fastxlstm.engine.Engine` (strings or token ids in, results out)."""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation.sampling import SamplingParams
+from ..model import XLSTMForCausalLM
+from .engine import Engine
+from .state import SequenceState
+
+Prompt = str | Sequence[int] | SequenceState
+
+
+@dataclass
+class GenerationResult:
+    """One request's output: generated ``token_ids`` only (the stop / EOS token included when it
+    ended the sequence), ``text`` (without stop strings and special tokens), ``finish_reason``
+    ``"stop"`` (EOS, stop token or stop string) or ``"length"``, and the ``state`` to continue
+    from when ``return_state`` was asked for."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_token_ids: list[int] = field(default_factory=list)
+    state: SequenceState | None = None
+
+
+class _Text:
+    """Incremental detokenisation with stop-string detection and hold-back for streaming."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.decoder = tokenizer.incremental_decoder() if tokenizer is not None else None
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> bool:
+        """Add a token's text; True when a stop string appeared (text is cut before it)."""
+        if self.decoder is None or self.stopped:
+            return self.stopped
+        self._append(self.decoder.add(token))
+        return self.stopped
+
+    def _append(self, piece: str) -> None:
+        if not piece:
+            return
+        start = max(0, len(self.text) - self.hold)
+        self.text += piece
+        if self.stops:
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+
+    def finish(self) -> None:
+        if self.decoder is not None and not self.stopped:
+            self._append(self.decoder.flush())
+
+    def ready(self, final: bool) -> str:
+        end = len(self.text) if final or self.stopped else max(self.emitted, len(self.text) - self.hold)
+        piece, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
+        return piece
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt_ids: list[int]
+    start: SequenceState | None
+    params: SamplingParams
+    text: _Text
+    stop_ids: set[int]
+    want_state: bool
+    slot: int = -1
+    out: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class LLM:
+    """Fast xLSTM generation on one device.
+
+    ``LLM(path_or_repo_id_or_model, device=None, dtype=None, max_slots=8)``; ``random:<preset>``
+    builds a randomly initialised model (benchmarks). See :meth:`generate`, :meth:`stream`,
+    :meth:`prefill`; :attr:`engine` is the slot-level engine underneath."""
+
+    def __init__(
+        self, model: str | os.PathLike | XLSTMForCausalLM, tokenizer=None, *, device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None, max_slots: int = 8, use_cuda_graph: bool | None = None,
+        prefill_chunk_size: int = 4096, backend: str = "auto", sync_every: int = 16,
+    ):
+        if isinstance(model, XLSTMForCausalLM):
+            net = model
+            if device is not None or dtype is not None:
+                net = net.to(device=device, dtype=dtype)
+        else:
+            from ..checkpoint import load_model_and_tokenizer
+
+            net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused")
+            tokenizer = tokenizer if tokenizer is not None else tok
+        self.model = net
+        self.tokenizer = tokenizer
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        self.engine = Engine(net, max_slots=max_slots, use_cuda_graph=use_cuda_graph,
+                             prefill_chunk_size=prefill_chunk_size, backend=backend,
+                             eos_token_id=eos if eos is not None else net.config.eos_token_id)
+        if sync_every <= 0:
+            raise ValueError(f"sync_every must be positive, got {sync_every}")
+        self.sync_every = min(sync_every, self.engine.history)
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this LLM has no tokenizer: pass prompts as lists of token ids")
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise ValueError(f"prompt {text!r} encodes to no tokens")
+        return ids
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt) if prompt else []
+        return [int(t) for t in prompt]
+
+    # -------------------------------------------------------------- requests
+    @staticmethod
+    def _is_single(prompts) -> bool:
+        if isinstance(prompts, (str, SequenceState)):
+            return True
+        if isinstance(prompts, torch.Tensor):
+            return prompts.ndim == 1
+        return len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
+
+    def _requests(self, prompts, state, params: Sequence[SamplingParams], want_state: bool) -> list[_Request]:
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        items = [prompts] if self._is_single(prompts) else list(prompts)
+        if not items:
+            raise ValueError("no prompts given")
+        states = state if isinstance(state, (list, tuple)) else [state] * len(items)
+        if len(states) != len(items):
+            raise ValueError(f"{len(items)} prompts but {len(states)} states")
+        if len(params) == 1:
+            params = list(params) * len(items)
+        if len(params) != len(items):
+            raise ValueError(f"{len(items)} prompts but {len(params)} sampling params")
+        reqs = []
+        for idx, (item, st, p) in enumerate(zip(items, states, params)):
+            if isinstance(item, SequenceState):
+                st, item = item, []
+            ids = self._prompt_ids(item)
+            if st is None and not ids:
+                raise ValueError(f"prompt {idx} is empty: at least one token is needed")
+            if p.stop and self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
+            stop_ids = set(p.stop_token_ids)
+            if not p.ignore_eos and self.engine.eos_token_id is not None:
+                stop_ids.add(int(self.engine.eos_token_id))
+            reqs.append(_Request(idx, ids, st, p, _Text(self.tokenizer, p.stop), stop_ids, want_state))
+        return reqs
+
+    @staticmethod
+    def _params(sampling_params, **kw) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams(**kw)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params]
+        return list(sampling_params)
+
+    # ------------------------------------------------------------------ running
+    def _admit(self, reqs: list[_Request]) -> None:
+        eng = self.engine
+        plain = [r for r in reqs if r.start is None or r.prompt_ids or r.start.pending_token is not None]
+        cont_logits = [r for r in reqs if r not in plain]
+        if plain:
+            ids, states, hists = [], [], []
+            for r in plain:
+                if r.start is None:
+                    ids.append(r.prompt_ids)
+                    states.append(None)
+                    hists.append(())
+                else:
+                    lead = [r.start.pending_token] if r.start.pending_token is not None else []
+                    ids.append(lead + r.prompt_ids)
+                    states.append(r.start.layers)
+                    hists.append(r.start.token_ids[:len(r.start.token_ids) - len(lead)])
+            pend_only = [r for r in plain if r.start is not None and not r.prompt_ids]
+            # A pending token alone continues through the decode path (same arithmetic as an
+            # uninterrupted run); everything else is prefilled.
+            pre = [r for r in plain if r not in pend_only]
+            if pre:
+                idx = [plain.index(r) for r in pre]
+                logits = eng.prefill_into_slots([r.slot for r in pre], [ids[i] for i in idx],
+                                                [states[i] for i in idx], [r.params for r in pre],
+                                                [hists[i] for i in idx])
+                for r in pre:
+                    if r.start is not None:
+                        eng.counter[r.slot] = r.start.rng_counter
+                self._first_tokens(pre, logits)
+            for r in pend_only:
+                eng.set_slot_state(r.slot, r.start.layers)
+                eng.configure_slot(r.slot, r.params, r.start.token_ids, counter=r.start.rng_counter)
+                if r.params.max_new_tokens > 0:
+                    eng.start_from_token(r.slot, r.start.pending_token)
+                else:
+                    r.finish_reason = "length"
+        for r in cont_logits:
+            eng.set_slot_state(r.slot, r.start.layers)
+            eng.configure_slot(r.slot, r.params, r.start.token_ids, counter=r.start.rng_counter)
+            self._first_tokens([r], r.start.logits.to(eng.device).float()[None])
+
+    def _first_tokens(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        go = [j for j, r in enumerate(reqs) if r.params.max_new_tokens > 0]
+        for r in reqs:
+            if r.params.max_new_tokens == 0:
+                r.finish_reason = "length"
+        if go:
+            self.engine.sample([reqs[j].slot for j in go], logits[go])
+
+    def _consume(self, r: _Request, new: list[int], finished: bool) -> None:
+        for tok in new:
+            if r.done:
+                break
+            r.out.append(tok)
+            if tok in r.stop_ids:
+                r.finish_reason = "stop"
+            elif r.text.add(tok):
+                r.finish_reason = "stop"
+            elif len(r.out) >= r.params.max_new_tokens:
+                r.finish_reason = "length"
+        if finished and not r.done:
+            r.finish_reason = "length" if len(r.out) >= r.params.max_new_tokens else "stop"
+
+    def _finish(self, r: _Request) -> GenerationResult:
+        eng = self.engine
+        r.text.finish()
+        state = None
+        if r.want_state and r.slot >= 0:
+            layers = [tuple(t.clone() for t in layer) for layer in eng.get_slot_state(r.slot)]
+            base = (r.start.token_ids if r.start is not None else []) + r.prompt_ids
+            if r.out:
+                state = SequenceState(layers, base + r.out, pending_token=r.out[-1],
+                                      rng_counter=(r.start.rng_counter if r.start else 0) + len(r.out))
+        if r.slot >= 0:
+            eng.free_slot(r.slot)
+            r.slot = -1
+        prompt = r.prompt_ids
+        return GenerationResult(list(r.out), r.text.text, r.finish_reason or "length", prompt, state)
+
+    def _run(self, reqs: list[_Request], sync_every: int) -> Iterator[_Request]:
+        """Continuous batching over the engine's slots; yields each request whenever it got new
+        tokens (for streaming) and when it finishes."""
+        eng = self.engine
+        waiting = deque(reqs)
+        running: dict[int, _Request] = {}
+        while waiting or running:
+            admit = []
+            while waiting and eng.free_slots:
+                r = waiting.popleft()
+                r.slot = eng.allocate_slot()
+                admit.append(r)
+            if admit:
+                self._admit(admit)
+                for r in admit:
+                    running[r.slot] = r
+            else:
+                budget = max(r.params.max_new_tokens - len(r.out) for r in running.values())
+                for _ in range(max(1, min(sync_every, budget))):
+                    eng.decode_step(return_outputs=False)
+            reads = eng.read_tokens([s for s, r in running.items() if not r.done])
+            for rd in reads:
+                self._consume(running[rd.slot], rd.new_tokens, rd.finished)
+            for slot in list(running):
+                r = running[slot]
+                yield r
+                if r.done:
+                    del running[slot]
+
+    # ---------------------------------------------------------------------- API
+    @torch.no_grad()
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
+        top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+        stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+        seed: int | None = None, *, state: SequenceState | Sequence[SequenceState | None] | None = None,
+        return_state: bool = False, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for one prompt or many (strings, token-id lists, or :class:`SequenceState`
+        to continue). Returns one :class:`GenerationResult` per prompt, in order. Prompts run
+        as a continuous batch over the engine's slots; each prompt is prefilled on its own
+        (or with prompts of equal length), so results equal those of each prompt alone.
+        ``state`` (one or one per prompt) continues a saved sequence with the prompt appended."""
+        params = self._params(sampling_params, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                              seed=seed, stop=stop or [], stop_token_ids=stop_token_ids or [],
+                              ignore_eos=ignore_eos)
+        reqs = self._requests(prompts, state, params, return_state)
+        stops = any(r.params.stop for r in reqs)
+        sync = 1 if (return_state and stops) else self.sync_every
+        results: dict[int, GenerationResult] = {}
+        for r in self._run(reqs, sync):
+            if r.done and r.index not in results:
+                results[r.index] = self._finish(r)
+        return [results[i] for i in range(len(reqs))]
+
+    @torch.no_grad()
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
+               ignore_eos: bool = False, seed: int | None = None, *, state: SequenceState | None = None,
+               ) -> Iterator[str]:
+        """Yield the generated text piece by piece (stop strings never appear)."""
+        if not self._is_single(prompt):
+            raise ValueError("stream takes one prompt")
+        if self.tokenizer is None:
+            raise ValueError("stream needs a tokenizer (use generate with token ids instead)")
+        params = self._params(None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                              stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
+        (req,) = self._requests(prompt, state, params, False)
+        gen = self._run([req], 1)
+        try:
+            for r in gen:
+                if r.done:
+                    r.text.finish()
+                piece = r.text.ready(final=r.done)
+                if piece:
+                    yield piece
+                if r.done:
+                    break
+        finally:
+            gen.close()
+            if req.slot >= 0:
+                self.engine.free_slot(req.slot)
+                req.slot = -1
+
+    @torch.no_grad()
+    def prefill(self, prompt: str | Sequence[int], state: SequenceState | None = None) -> SequenceState:
+        """Run a prompt (after ``state`` if given) and return the state to continue from
+        (``llm.generate(state)``, or ``state.save(path)`` / ``SequenceState.load(path)``)."""
+        ids = self._prompt_ids(prompt)
+        if not ids and state is None:
+            raise ValueError("empty prompt: at least one token is needed")
+        eng = self.engine
+        slot = eng.allocate_slot()
+        try:
+            if state is None:
+                logits = eng.prefill_into_slot(slot, ids)
+                counter = 0
+            else:
+                lead = [state.pending_token] if state.pending_token is not None else []
+                if not lead and not ids:
+                    return state
+                logits = eng.prefill_into_slot(slot, lead + ids, state=state.layers)
+                counter = state.rng_counter
+            layers = eng.get_slot_state(slot)
+        finally:
+            eng.free_slot(slot)
+        history = list(state.token_ids) if state is not None else []
+        return SequenceState(layers, history + ids, logits=logits[0] if logits.ndim == 2 else logits,
+                             rng_counter=counter)

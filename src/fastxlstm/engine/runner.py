@@ -1,0 +1,284 @@
+"""The engine's forward pass: the model's math on fused weights with fused kernels.
+
+``Runner.forward_tokens`` is the prefill (any number of tokens, state carried in and out,
+chunked over the sequence so peak memory does not grow with the prompt); ``Runner.decode``
+is one token for a batch of state rows updated in place (what the CUDA graphs capture).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model import XLSTMForCausalLM
+from ..ops import State, mlstm_chunkwise, resolve_backend
+from . import kernels as K
+
+StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+# ------------------------------------------------------------------------- step kernels
+def step_inplace_reference(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c: Tensor, n: Tensor,
+                           m: Tensor, eps: float) -> Tensor:
+    """One mLSTM step updating ``(c, n, m)`` in place, in the exact arithmetic of
+    :func:`fastxlstm.ops.reference.mlstm_step_reference`. q,k ``[B,NH,DQK]``, v ``[B,NH,DV]``,
+    i,f ``[B,NH]`` float32; returns h ``[B,NH,DV]`` in q's dtype. Rows with ``i=-inf, f=+inf``
+    keep their state unchanged."""
+    dt = c.dtype
+    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
+    log_f = F.logsigmoid(f)
+    m_new = torch.maximum(log_f + m, i)
+    f_act = torch.exp(log_f + m - m_new)
+    i_act = torch.exp(i - m_new)
+    c.mul_(f_act[..., None, None]).add_(i_act[..., None, None] * (kf[..., :, None] * vf[..., None, :]))
+    n.mul_(f_act[..., None]).add_(i_act[..., None] * kf)
+    m.copy_(m_new)
+    q_scaled = qf * (q.shape[-1] ** -0.5)
+    num = torch.einsum("bhd,bhdv->bhv", q_scaled, c)
+    den = torch.maximum((q_scaled * n).sum(-1).abs(), torch.exp(-m)) + eps
+    return (num / den[..., None]).to(q.dtype)
+
+
+def step_inplace_bmm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c: Tensor, n: Tensor,
+                     m: Tensor, eps: float) -> Tensor:
+    """Same function as :func:`step_inplace_reference` with batched matmuls and no [B,NH,DQK,DV]
+    temporaries (the GPU fallback when no fused step kernel is available)."""
+    b, nh, dqk = q.shape
+    dv = v.shape[-1]
+    dt = c.dtype
+    log_f = F.logsigmoid(f)
+    m_new = torch.maximum(log_f + m, i)
+    f_act = torch.exp(log_f + m - m_new)
+    i_act = torch.exp(i - m_new)
+    kf = k.to(dt) * i_act[..., None]
+    cv = c.view(b * nh, dqk, dv)
+    cv.mul_(f_act.view(-1, 1, 1)).baddbmm_(kf.view(-1, dqk, 1), v.to(dt).reshape(-1, 1, dv))
+    n.mul_(f_act[..., None]).add_(kf)
+    m.copy_(m_new)
+    q_scaled = q.to(dt) * (dqk ** -0.5)
+    num = torch.bmm(q_scaled.reshape(-1, 1, dqk), cv).view(b, nh, dv)
+    den = torch.maximum((q_scaled * n).sum(-1).abs(), torch.exp(-m)) + eps
+    return (num / den[..., None]).to(q.dtype)
+
+
+def _triton_step() -> StepFn | None:
+    """The in-place Triton step kernel of :mod:`fastxlstm.ops.triton`, when it exists."""
+    try:
+        mod = importlib.import_module("fastxlstm.ops.triton")
+    except ImportError:
+        return None
+    fn = getattr(mod, "mlstm_step_", None)
+    if fn is None:
+        return None
+
+    def step(q, k, v, i, f, c, n, m, eps):
+        h = torch.empty(v.shape, device=v.device, dtype=q.dtype)
+        fn(q.contiguous(), k.contiguous(), v.contiguous(), i, f, c, n, m, h, eps=eps)
+        return h
+
+    return step
+
+
+def select_step(backend: str, device: torch.device) -> tuple[str, StepFn]:
+    """``(name, fn)`` of the in-place step used for decoding on ``device``."""
+    on_gpu = device.type == "cuda" and resolve_backend(backend, device) == "triton"
+    if on_gpu or (K.INTERPRET and backend == "triton"):
+        fn = _triton_step()
+        if fn is not None:
+            return "triton", fn
+        if backend == "triton" and device.type == "cuda":
+            raise RuntimeError("backend='triton' but fastxlstm.ops.triton has no in-place mlstm_step_")
+    if device.type == "cuda":
+        return "torch-bmm", step_inplace_bmm
+    return "reference", step_inplace_reference
+
+
+# ----------------------------------------------------------------------------- weights
+@dataclass
+class LayerWeights:
+    norm_mlstm: Tensor
+    w_in: Tensor          # [2*qk + 2*v + 2*NH, D]: q | k | v | o | i | f
+    b_in: Tensor | None
+    mh_norm: Tensor
+    w_out: Tensor
+    b_out: Tensor | None
+    norm_ffn: Tensor
+    w_up: Tensor          # [2*H, D]: gate | up
+    b_up: Tensor | None
+    w_down: Tensor
+    b_down: Tensor | None
+
+
+def _param_view(module: nn.Module, name: str, tensor: Tensor) -> None:
+    setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+
+
+@torch.no_grad()
+def fuse_weights(model: XLSTMForCausalLM) -> list[LayerWeights]:
+    """Per-block fused matrices. The model's own parameters are re-pointed to views of them
+    (no second copy of the weights; the model's forward keeps working)."""
+    cfg = model.config
+    if cfg.use_bias:
+        raise NotImplementedError("the engine supports use_bias=False models (as the xLSTM 7B family)")
+    out = []
+    for block in model.backbone.blocks:
+        layer, ffn = block.mlstm_layer, block.ffn
+        if layer.fused:
+            mats = [layer.qkv_opreact.weight, layer.ifgate_preact.weight]
+        else:
+            mats = [layer.q.weight, layer.k.weight, layer.v.weight, layer.ogate_preact.weight,
+                    layer.igate_preact.weight, layer.fgate_preact.weight]
+        sizes = [t.shape[0] for t in mats]
+        w_in = torch.cat([t.detach() for t in mats], dim=0)
+        nh = cfg.num_heads
+        gate_bias = (torch.cat([layer.igate_preact.bias, layer.fgate_preact.bias]) if not layer.fused
+                     else layer.ifgate_preact.bias).detach()
+        b_in = torch.cat([torch.zeros(w_in.shape[0] - 2 * nh, dtype=w_in.dtype, device=w_in.device), gate_bias])
+        parts = w_in.split(sizes, dim=0)
+        if layer.fused:
+            _param_view(layer.qkv_opreact, "weight", parts[0])
+            _param_view(layer.ifgate_preact, "weight", parts[1])
+            _param_view(layer.ifgate_preact, "bias", b_in[-2 * nh:])
+        else:
+            for mod, t in zip((layer.q, layer.k, layer.v, layer.ogate_preact, layer.igate_preact,
+                               layer.fgate_preact), parts):
+                _param_view(mod, "weight", t)
+            _param_view(layer.igate_preact, "bias", b_in[-2 * nh:-nh])
+            _param_view(layer.fgate_preact, "bias", b_in[-nh:])
+        if ffn.fused:
+            w_up = ffn.proj_up_gate_z.weight.detach()
+        else:
+            w_up = torch.cat([ffn.proj_up_gate.weight.detach(), ffn.proj_up.weight.detach()], dim=0)
+            g, u = w_up.split(ffn.ffn_dim, dim=0)
+            _param_view(ffn.proj_up_gate, "weight", g)
+            _param_view(ffn.proj_up, "weight", u)
+        out.append(LayerWeights(
+            norm_mlstm=block.norm_mlstm.weight.detach(), w_in=w_in, b_in=b_in,
+            mh_norm=layer.multihead_norm.weight.detach(), w_out=layer.out_proj.weight.detach(), b_out=None,
+            norm_ffn=block.norm_ffn.weight.detach(), w_up=w_up, b_up=None,
+            w_down=ffn.proj_down.weight.detach(), b_down=None,
+        ))
+    return out
+
+
+# ------------------------------------------------------------------------------ runner
+class Runner:
+    """Fused forward of an :class:`XLSTMForCausalLM` (weights shared with the model)."""
+
+    def __init__(self, model: XLSTMForCausalLM, backend: str = "auto", chunk_size: int = 4096):
+        if chunk_size <= 0:
+            raise ValueError(f"prefill chunk size must be positive, got {chunk_size}")
+        self.model = model
+        self.config = cfg = model.config
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.layers = fuse_weights(model)
+        self.embedding = model.backbone.embeddings.weight.detach()
+        out_norm = model.backbone.out_norm
+        self.out_norm = out_norm.weight.detach() if isinstance(out_norm, nn.Module) and hasattr(
+            out_norm, "weight") else None
+        self.lm_head = model.lm_head.weight.detach()
+        self.nh, self.dqk, self.dv = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
+        self.splits = [cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim, 2 * cfg.num_heads]
+        self.step_name, self.step_fn = select_step(backend, model.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.device
+
+    # ---------------------------------------------------------------------- pieces
+    def logits(self, hidden: Tensor) -> Tensor:
+        """float32 soft-capped logits of normed hidden states ``[N, D]``."""
+        return K.softcap_logits(F.linear(hidden, self.lm_head), self.config.output_logit_soft_cap)
+
+    def _mlstm_seq(self, lw: LayerWeights, y: Tensor, b: int, s: int, state: State | None) -> tuple[Tensor, State]:
+        cfg = self.config
+        proj = F.linear(y, lw.w_in, lw.b_in)  # [b*s, P]
+        q, k, v, o, g = proj.split(self.splits, dim=-1)
+        i, f = K.gates(g, self.nh, cfg.gate_soft_cap)
+        q = q.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
+        k = k.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
+        v = v.reshape(b, s, self.nh, self.dv).transpose(1, 2)
+        i = i.view(b, s, self.nh).transpose(1, 2)
+        f = f.view(b, s, self.nh).transpose(1, 2)
+        h, state = mlstm_chunkwise(q, k, v, i, f, state, chunk_size=cfg.chunk_size, backend=self.backend,
+                                   eps=cfg.eps)
+        h = h.transpose(1, 2).reshape(b * s, self.nh, self.dv)
+        return K.mhnorm_ogate(h, o, lw.mh_norm, cfg.norm_eps), state
+
+    def _mlstm_step(self, lw: LayerWeights, y: Tensor, c: Tensor, n: Tensor, m: Tensor,
+                    active: Tensor | None) -> Tensor:
+        cfg = self.config
+        bsz = y.shape[0]
+        proj = F.linear(y, lw.w_in, lw.b_in)
+        q, k, v, o, g = proj.split(self.splits, dim=-1)
+        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, active)
+        h = self.step_fn(q.reshape(bsz, self.nh, self.dqk), k.reshape(bsz, self.nh, self.dqk),
+                         v.reshape(bsz, self.nh, self.dv), i, f, c, n, m, cfg.eps)
+        return K.mhnorm_ogate(h, o, lw.mh_norm, cfg.norm_eps)
+
+    def _ffn(self, lw: LayerWeights, y: Tensor) -> Tensor:
+        return F.linear(K.silu_mul(F.linear(y, lw.w_up), self.config.ffn_dim), lw.w_down)
+
+    # --------------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def forward_tokens(self, ids: Tensor, state: list[State] | None = None) -> tuple[Tensor, list[State]]:
+        """Prefill ``ids [b, S]`` from ``state`` (None: zeros). Returns the final normed hidden state of
+        the last position ``[b, D]`` and the new state (fresh tensors, float32). The sequence is
+        processed in chunks of ``chunk_size`` tokens with the state carried across."""
+        cfg = self.config
+        b, total = ids.shape
+        if state is None:
+            state = [None] * cfg.num_blocks  # type: ignore[list-item]
+        state = list(state)
+        last = None
+        for start in range(0, total, self.chunk_size):
+            chunk = ids[:, start:start + self.chunk_size]
+            s = chunk.shape[1]
+            x = F.embedding(chunk, self.embedding).reshape(b * s, -1)
+            delta = None
+            for idx, lw in enumerate(self.layers):
+                y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
+                if s == 1:
+                    if state[idx] is None:
+                        state[idx] = self._zero_state(b)
+                    c, n, m = (t.clone() for t in state[idx])
+                    h = self._mlstm_step(lw, y, c, n, m, None)
+                    state[idx] = (c, n, m)
+                else:
+                    h, state[idx] = self._mlstm_seq(lw, y, b, s, state[idx])
+                y = K.add_rmsnorm(x, h_proj := F.linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
+                del h_proj
+                delta = self._ffn(lw, y)
+            last = x.view(b, s, -1)[:, -1].clone()
+            last_delta = delta.view(b, s, -1)[:, -1]
+            last += last_delta
+            del x, delta, y
+        hidden = K.add_rmsnorm(last, None, self.out_norm, cfg.norm_eps)
+        return hidden, state
+
+    def _zero_state(self, b: int) -> State:
+        dev = self.device
+        return (torch.zeros(b, self.nh, self.dqk, self.dv, device=dev),
+                torch.zeros(b, self.nh, self.dqk, device=dev), torch.zeros(b, self.nh, device=dev))
+
+    # ---------------------------------------------------------------------- decode
+    @torch.no_grad()
+    def decode(self, tokens: Tensor, states: list[State], active: Tensor | None = None) -> Tensor:
+        """One token per row: ``tokens [B]``, ``states`` per block ``(C,n,m)`` with leading dim B,
+        updated in place (rows with ``active == False`` unchanged). Returns float32 logits ``[B, V]``."""
+        cfg = self.config
+        x = F.embedding(tokens, self.embedding)
+        delta = None
+        for lw, (c, n, m) in zip(self.layers, states):
+            y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
+            h = self._mlstm_step(lw, y, c, n, m, active)
+            y = K.add_rmsnorm(x, F.linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
+            delta = self._ffn(lw, y)
+        y = K.add_rmsnorm(x, delta, self.out_norm, cfg.norm_eps)
+        return self.logits(y)

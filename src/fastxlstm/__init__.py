@@ -2,6 +2,7 @@
 
 from .checkpoint import load, save_pretrained
 from .config import PRESETS, XLSTMConfig, preset
+from .engine import LLM as LLM
 from .model import XLSTMForCausalLM, build_model
 
 __version__ = "0.1.0"

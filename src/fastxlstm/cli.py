@@ -113,6 +113,10 @@ from .training.cli import data_app, train_cmd  # noqa: E402  (training sub-comma
 app.add_typer(data_app, name="data")
 app.command("train")(train_cmd)
 
+from .bench.cli import bench as bench_cmd  # noqa: E402  (inference benchmarks)
+
+app.command("bench")(bench_cmd)
+
 
 def main() -> None:  # pragma: no cover
     app()

@@ -190,7 +190,8 @@ class Engine:
                 nn_.index_copy_(0, rows, n1)
                 m.index_copy_(0, rows, m1)
         for j, s in enumerate(slots):
-            self.configure_slot(s, params[j] or SamplingParams(), [*histories[j], *ids[j].tolist()])
+            hist = torch.as_tensor(list(histories[j]), dtype=torch.long).to(self.device)
+            self.configure_slot(s, params[j] or SamplingParams(), torch.cat([hist, ids[j]]))
         return logits
 
     def _as_state(self, state: list[State]) -> list[State]:
@@ -213,7 +214,7 @@ class Engine:
         return out
 
     # --------------------------------------------------------------------- sampling
-    def configure_slot(self, slot: int, params: SamplingParams, history: Sequence[int] = (),
+    def configure_slot(self, slot: int, params: SamplingParams, history: Sequence[int] | Tensor = (),
                        counter: int = 0) -> None:
         """Set ``slot``'s sampling parameters and stop conditions; ``history`` (prompt and earlier
         output) feeds the repetition penalty; ``counter`` is the RNG position (tokens drawn so far)."""
@@ -235,8 +236,9 @@ class Engine:
         self.stop_ids[slot] = torch.tensor(stops, dtype=torch.long).to(self.device, non_blocking=True)
         self.seen[slot] = False
         if len(history):
-            hist = torch.as_tensor(list(history), dtype=torch.long).to(self.device, non_blocking=True)
-            self.seen[slot].index_fill_(0, hist, True)
+            if not isinstance(history, Tensor):
+                history = torch.as_tensor(list(history), dtype=torch.long)
+            self.seen[slot].index_fill_(0, history.to(self.device, non_blocking=True), True)
         self.pos[slot] = 0
         self._read_pos[slot] = 0
 

@@ -114,6 +114,25 @@ class LayerWeights:
     b_down: Tensor | None
 
 
+def _cat_rows(parts: list[Tensor]) -> Tensor:
+    """``torch.cat(parts)``, or a view when the parts already lie back to back in one storage
+    (a model fused before: no copy)."""
+    first = parts[0]
+    offset = first.storage_offset()
+    same = all(p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and p.is_contiguous()
+               for p in parts)
+    if same:
+        for p in parts:
+            if p.storage_offset() != offset:
+                same = False
+                break
+            offset += p.numel()
+    if same:
+        rows = sum(p.shape[0] for p in parts)
+        return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+    return torch.cat(parts, dim=0)
+
+
 def _param_view(module: nn.Module, name: str, tensor: Tensor) -> None:
     setattr(module, name, nn.Parameter(tensor, requires_grad=False))
 
@@ -134,11 +153,12 @@ def fuse_weights(model: XLSTMForCausalLM) -> list[LayerWeights]:
             mats = [layer.q.weight, layer.k.weight, layer.v.weight, layer.ogate_preact.weight,
                     layer.igate_preact.weight, layer.fgate_preact.weight]
         sizes = [t.shape[0] for t in mats]
-        w_in = torch.cat([t.detach() for t in mats], dim=0)
+        w_in = _cat_rows([t.detach() for t in mats])
         nh = cfg.num_heads
         gate_bias = (torch.cat([layer.igate_preact.bias, layer.fgate_preact.bias]) if not layer.fused
                      else layer.ifgate_preact.bias).detach()
         b_in = torch.cat([torch.zeros(w_in.shape[0] - 2 * nh, dtype=w_in.dtype, device=w_in.device), gate_bias])
+        # (b_in is small: a fresh copy each time, and the model's gate biases become views of it)
         parts = w_in.split(sizes, dim=0)
         if layer.fused:
             _param_view(layer.qkv_opreact, "weight", parts[0])
@@ -153,7 +173,7 @@ def fuse_weights(model: XLSTMForCausalLM) -> list[LayerWeights]:
         if ffn.fused:
             w_up = ffn.proj_up_gate_z.weight.detach()
         else:
-            w_up = torch.cat([ffn.proj_up_gate.weight.detach(), ffn.proj_up.weight.detach()], dim=0)
+            w_up = _cat_rows([ffn.proj_up_gate.weight.detach(), ffn.proj_up.weight.detach()])
             g, u = w_up.split(ffn.ffn_dim, dim=0)
             _param_view(ffn.proj_up_gate, "weight", g)
             _param_view(ffn.proj_up, "weight", u)

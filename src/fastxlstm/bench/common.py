@@ -1,0 +1,151 @@
+"""Timing helpers, random-weight model builders and the per-system result record."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GB = 1e9
+
+
+@dataclass
+class Plan:
+    """What to measure (shared by every system of a run)."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 256])
+    prompt_lengths: list[int] = field(default_factory=lambda: [2048, 8192, 32768, 65536])
+    generate_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    decode_steps: int = 48
+    decode_prompt: int = 32
+    model: str = "random:xlstm-7b"
+    small: bool = False  # smoke test: tiny configs for every system
+    prefill_chunk: int = 4096
+    deadline_s: float = 300.0  # per system
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class Recorder:
+    """Collects one system's results and rewrites its JSON file after every measurement, so a
+    crash or time-out keeps what was measured."""
+
+    def __init__(self, system: str, path: str | Path, deadline_s: float):
+        self.path = Path(path)
+        self.t0 = time.monotonic()
+        self.deadline_s = deadline_s
+        self.data: dict[str, Any] = {"system": system, "decode": [], "ttft": [], "generate": [], "errors": [],
+                                     "notes": []}
+        self.flush()
+
+    def time_left(self) -> float:
+        return self.deadline_s - (time.monotonic() - self.t0)
+
+    def out_of_time(self, what: str, need_s: float = 0.0) -> bool:
+        if self.time_left() < need_s:
+            self.data["errors"].append({"what": what, "error": "skipped: per-system time budget used up"})
+            self.flush()
+            return True
+        return False
+
+    def add(self, kind: str, **row: Any) -> None:
+        self.data[kind].append(row)
+        self.flush()
+
+    def error(self, what: str, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}"
+        self.data["errors"].append({"what": what, "error": msg[:2000]})
+        self.flush()
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of one call (synchronised before and after)."""
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / GB if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------- random models
+@torch.no_grad()
+def random_xlstm(config, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A fastxlstm model with the paper's initialisation drawn on the device (seconds for the 7B,
+    where the CPU-side ``build_model`` takes minutes)."""
+    from ..model import XLSTMForCausalLM
+    from ..model.norms import MultiHeadLayerNorm, RMSNorm
+
+    with torch.device("meta"):
+        model = XLSTMForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    d, nl, nh = config.embedding_dim, config.num_blocks, config.num_heads
+    small = math.sqrt(2 / (5 * d))
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.weight.normal_(0.0, small, generator=gen)
+            if mod.bias is not None:
+                mod.bias.zero_()
+        elif isinstance(mod, (RMSNorm, MultiHeadLayerNorm)):
+            mod.weight.fill_(1.0)
+        elif isinstance(mod, torch.nn.Embedding):
+            mod.weight.normal_(0.0, small, generator=gen)
+    for block in model.backbone.blocks:
+        layer, ffn = block.mlstm_layer, block.ffn
+        ffn.proj_down.weight.normal_(0.0, 2 / nl / math.sqrt(ffn.ffn_dim), generator=gen)
+        layer.out_proj.weight.normal_(0.0, 2 / nl / math.sqrt(d), generator=gen)
+        if layer.fused:
+            layer.ifgate_preact.weight.zero_()
+            layer.ifgate_preact.bias[:nh] = -10.0
+            layer.ifgate_preact.bias[nh:] = torch.linspace(3.0, 6.0, nh)
+    return model.eval()
+
+
+def seeded_tokens(n: int, vocab: int, batch: int = 1, device: str = "cuda", seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(3, vocab, (batch, n), generator=gen).to(device)

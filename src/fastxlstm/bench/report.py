@@ -1,0 +1,105 @@
+"""Plots (PNG) and the markdown table of an inference benchmark result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LABELS = {"fastxlstm": "fastxlstm", "official": "official xlstm+mlstm_kernels", "hf-xlstm": "HF xLSTM",
+          "llama": "HF Llama-3.1-8B (static+compile)"}
+PEERS = ("official", "hf-xlstm", "llama")
+
+
+def _rows(sysdata: dict, kind: str, key: str, value: str) -> dict:
+    return {r[key]: r[value] for r in sysdata.get(kind, [])}
+
+
+def plot(results: dict, path: str | Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
+    panels = [("decode", "batch", "tok_s", "decode tokens/s vs batch size", "batch size", "tokens/s", True),
+              ("ttft", "prompt_len", "ms", "time to first token vs prompt length", "prompt tokens", "ms", True),
+              ("generate", "new_tokens", "s", "total time to generate N tokens (batch 1)", "N", "s", False),
+              ("ttft", "prompt_len", "peak_gb", "peak GPU memory while prefilling", "prompt tokens", "GB", False)]
+    for ax, (kind, key, val, title, xl, yl, logy) in zip(axes, panels):
+        for name, data in results["systems"].items():
+            pts = sorted(_rows(data, kind, key, val).items())
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(name, name))
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"xLSTM-7B inference, {results.get('device', '?')}, bf16, {results.get('date', '')}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "tok/s":
+        return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+    if unit == "ms":
+        return f"{v:,.1f}"
+    return f"{v:.2f}" if unit in ("GB", "s") else f"{v:.3g}"
+
+
+def markdown(results: dict) -> str:
+    """The headline table: one row per figure, our value, each peer's and the ratio."""
+    systems = results["systems"]
+    ours = systems.get("fastxlstm", {})
+    peers = [p for p in PEERS if p in systems]
+    head = ["figure", "fastxlstm"] + [f"{LABELS[p]}" for p in peers] + [f"x vs {p}" for p in peers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    specs = [("decode", "batch", "tok_s", "decode tok/s, batch {}", "tok/s", True),
+             ("ttft", "prompt_len", "ms", "TTFT ms, prompt {}", "ms", False),
+             ("ttft", "prompt_len", "peak_gb", "peak GB, prefill {}", "GB", False),
+             ("generate", "new_tokens", "s", "generate {} tokens, s (batch 1)", "s", False)]
+    for kind, key, val, label, unit, higher_better in specs:
+        keys = sorted(set(_rows(ours, kind, key, val)) | {k for p in peers for k in _rows(systems[p], kind, key, val)})
+        for k in keys:
+            mine = _rows(ours, kind, key, val).get(k)
+            vals = [_rows(systems[p], kind, key, val).get(k) for p in peers]
+            ratios = []
+            for v in vals:
+                if mine is None or v is None or v == 0 or mine == 0:
+                    ratios.append("-")
+                else:
+                    ratios.append(f"{(mine / v if higher_better else v / mine):.2f}x")
+            kk = f"{k // 1024}k" if key == "prompt_len" and k >= 1024 else str(k)
+            lines.append("| " + " | ".join([label.format(kk), _fmt(mine, unit)] + [_fmt(v, unit) for v in vals]
+                                           + ratios) + " |")
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(md_path: str | Path, section_body: str, heading: str = "## Inference") -> None:
+    """Replace the body of ``heading`` in BENCHMARKS.md (other sections untouched); create if missing."""
+    path = Path(md_path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == heading)
+    except StopIteration:
+        path.write_text(text.rstrip("\n") + f"\n\n{heading}\n\n{section_body.strip()}\n")
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new = lines[:start + 1] + ["", *section_body.strip().splitlines(), ""] + lines[end:]
+    path.write_text("\n".join(new).rstrip("\n") + "\n")
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

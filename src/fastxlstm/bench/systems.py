@@ -1,0 +1,431 @@
+"""One function per benchmarked system; each measures what the plan asks and records it.
+
+Systems: ``fastxlstm`` (this engine), ``official`` (PyPI ``xlstm`` + ``mlstm_kernels``, its Triton
+kernels and a CUDA-graph decode step), ``hf-xlstm`` (transformers' ``xLSTMForCausalLM`` as shipped:
+native PyTorch kernels, eager steps), ``llama`` (a Llama-3.1-8B-shaped ``LlamaForCausalLM``, SDPA
+prefill, static KV cache + ``torch.compile`` decode via ``generate``). All in bf16 with random
+weights unless a checkpoint is given (fastxlstm). Greedy decoding everywhere. Peers compute
+logits only for the last prompt position, as fastxlstm does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import (
+    GB,
+    Plan,
+    Recorder,
+    free_memory,
+    is_oom,
+    peak_gb,
+    random_xlstm,
+    reset_peak,
+    seeded_tokens,
+    sync,
+    timed,
+)
+
+XLSTM_7B = dict(embedding_dim=4096, num_heads=8, num_blocks=32, vocab_size=50304)
+XLSTM_SMALL = dict(embedding_dim=512, num_heads=4, num_blocks=2, vocab_size=1024)
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192})
+LLAMA_SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072)
+
+
+def _ttft_loop(plan: Plan, rec: Recorder, prefill, vocab: int, weights_gb: float, max_len: int | None = None,
+               repeats: int = 2) -> None:
+    """TTFT (prefill + first greedy token, batch 1) and peak memory for each prompt length."""
+    try:
+        prefill(seeded_tokens(256, vocab))  # compile / autotune outside the timings
+    except Exception as e:  # noqa: BLE001
+        rec.error("ttft warm-up", e)
+        return
+    for n in plan.prompt_lengths:
+        if max_len is not None and n > max_len:
+            rec.data["errors"].append({"what": f"ttft {n}", "error": f"skipped: above this system's limit {max_len}"})
+            continue
+        if rec.out_of_time(f"ttft {n}", need_s=5 + n / 4000):
+            break
+        ids = seeded_tokens(n, vocab, seed=n)
+        best, peak = float("inf"), 0.0
+        try:
+            for _ in range(repeats):
+                free_memory()
+                reset_peak()
+                t, _ = timed(lambda ids=ids: prefill(ids))
+                best, peak = min(best, t), max(peak, peak_gb())
+            rec.add("ttft", prompt_len=n, ms=best * 1e3, peak_gb=peak, weights_gb=weights_gb)
+        except Exception as e:  # noqa: BLE001
+            rec.error(f"ttft {n}", e)
+            free_memory()
+            if not is_oom(e):
+                break
+
+
+def _decode_timing(step, steps: int, warmup: int = 3) -> float:
+    """Median-free simple timing: ms per step over ``steps`` back-to-back steps."""
+    for _ in range(warmup):
+        step()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    sync()
+    return start.elapsed_time(end) / steps
+
+
+def _weights_gb(model: torch.nn.Module) -> float:
+    seen = {}
+    for p in model.parameters():
+        seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    return sum(seen.values()) / GB
+
+
+# ------------------------------------------------------------------------------ fastxlstm
+def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
+    from ..config import XLSTMConfig, preset
+    from ..engine import LLM, Engine
+    from ..generation.sampling import SamplingParams
+
+    if plan.model.startswith("random:"):
+        cfg = XLSTMConfig(**XLSTM_SMALL, weight_mode="fused") if plan.small else preset(
+            plan.model.split(":", 1)[1], weight_mode="fused")
+        model = random_xlstm(cfg, "cuda", torch.bfloat16)
+    else:
+        from ..checkpoint import load
+
+        model = load(plan.model, device="cuda", dtype=torch.bfloat16, weight_mode="fused")
+        cfg = model.config
+    vocab = cfg.vocab_size
+    wgb = _weights_gb(model)
+    rec.set("weights_gb", wgb)
+    rec.set("config", {"embedding_dim": cfg.embedding_dim, "num_blocks": cfg.num_blocks, "vocab": vocab})
+
+    # TTFT and memory: a one-slot engine (state 1 x ~128 MB for the 7B).
+    eng = Engine(model, max_slots=1, prefill_chunk_size=plan.prefill_chunk)
+    rec.set("step_kernel", eng.runner.step_name)
+    rec.set("prefill_chunk", plan.prefill_chunk)
+    slot = eng.allocate_slot()
+
+    def prefill(ids, eng=eng):
+        logits = eng.prefill_into_slot(slot, ids[0])
+        return eng.sample([slot], logits[None])
+
+    _ttft_loop(plan, rec, prefill, vocab, wgb)
+    eng = prefill = None
+    free_memory()
+
+    # Decode throughput: one engine with max(batch) slots; every slot continues a short prompt.
+    max_b = max(plan.batch_sizes)
+    try:
+        eng = Engine(model, max_slots=max_b, prefill_chunk_size=plan.prefill_chunk)
+        slot0 = eng.allocate_slot()
+        logits = eng.prefill_into_slot(slot0, seeded_tokens(plan.decode_prompt, vocab)[0])
+        for layer in eng.states:
+            for buf in layer:
+                buf.copy_(buf[0:1].expand_as(buf))
+        slots = [slot0] + [eng.allocate_slot() for _ in range(max_b - 1)]
+        params = SamplingParams(max_new_tokens=1 << 30, ignore_eos=True)
+        for s in slots:
+            eng.configure_slot(s, params)
+        eng.sample(slots, logits[None].expand(max_b, -1).contiguous())
+        rec.set("state_buffer_gb", sum(t.numel() * 4 for layer in eng.states for t in layer) / GB)
+    except Exception as e:  # noqa: BLE001
+        rec.error("decode setup", e)
+        return
+    for b in plan.batch_sizes:
+        if rec.out_of_time(f"decode {b}", need_s=10):
+            break
+        try:
+            eng.decode_step(slots=list(range(b)), return_outputs=False)  # sets the active set, captures the graph
+            ms = _decode_timing(lambda eng=eng: eng.decode_step(return_outputs=False), plan.decode_steps)
+            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
+        except Exception as e:  # noqa: BLE001
+            rec.error(f"decode {b}", e)
+            if not is_oom(e):
+                break
+    # CUDA graph vs eager: same greedy tokens (batch 4, 16 steps, same start state).
+    try:
+        n = min(4, max_b)
+        start = [eng.get_slot_state(s) for s in range(n)]
+        toks = eng.tokens[:n].clone()
+        outs = {}
+        for graph in (True, False):
+            eng.use_cuda_graph = graph
+            for s in range(n):
+                eng.set_slot_state(s, start[s])
+            eng.decode_step(slots=list(range(n)), tokens=toks, return_outputs=False)
+            seq = [eng.tokens[:n].clone()]
+            for _ in range(15):
+                eng.decode_step(return_outputs=False)
+                seq.append(eng.tokens[:n].clone())
+            outs[graph] = torch.stack(seq, 1).tolist()
+        eng.use_cuda_graph = True
+        rec.set("graph_equals_eager", outs[True] == outs[False])
+    except Exception as e:  # noqa: BLE001
+        rec.error("graph vs eager", e)
+    # What bounds decode: the same step with only its GEMMs (weights streaming) and the state
+    # traffic (one read + one write of every slot's float32 state), and the copy bandwidth.
+    try:
+        floor = {}
+        runner = eng.runner
+        for b in [x for x in plan.batch_sizes if x in (1, 32, 128, 256)]:
+            x = torch.randn(b, cfg.embedding_dim, device="cuda", dtype=torch.bfloat16)
+            hmid = torch.randn(b, cfg.ffn_dim, device="cuda", dtype=torch.bfloat16)
+            hv = torch.randn(b, cfg.v_dim, device="cuda", dtype=torch.bfloat16)
+
+            def gemms(x=x, hmid=hmid, hv=hv):
+                for lw in runner.layers:
+                    torch.nn.functional.linear(x, lw.w_in)
+                    torch.nn.functional.linear(hv, lw.w_out)
+                    torch.nn.functional.linear(x, lw.w_up)
+                    torch.nn.functional.linear(hmid, lw.w_down)
+                torch.nn.functional.linear(x, runner.lm_head)
+
+            g = torch.cuda.CUDAGraph()
+            gemms()
+            sync()
+            with torch.cuda.graph(g):
+                gemms()
+            floor[b] = _decode_timing(g.replay, 20)
+        rec.set("gemm_only_ms_per_step", floor)
+        src = torch.empty(int(2e9) // 2, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        ms = _decode_timing(lambda src=src, dst=dst: dst.copy_(src), 10)
+        rec.set("copy_tb_s", 2 * 2e9 / (ms * 1e-3) / 1e12)
+        src = dst = None
+    except Exception as e:  # noqa: BLE001
+        rec.error("floors", e)
+    eng = None
+    free_memory()
+
+    # End-to-end generate() through the Python API (batch 1, greedy, no EOS stop).
+    try:
+        llm = LLM(model, max_slots=1, prefill_chunk_size=plan.prefill_chunk)
+        prompt = seeded_tokens(16, vocab)[0].tolist()
+        llm.generate(prompt, max_new_tokens=32, ignore_eos=True)
+        for n in plan.generate_lengths:
+            if rec.out_of_time(f"generate {n}", need_s=n / 100):
+                break
+            t, out = timed(lambda n=n: llm.generate(prompt, max_new_tokens=n, ignore_eos=True))
+            assert len(out[0].token_ids) == n
+            rec.add("generate", prompt_len=16, new_tokens=n, s=t, tok_s=n / t)
+    except Exception as e:  # noqa: BLE001
+        rec.error("generate", e)
+
+
+# ------------------------------------------------------------------------------- official
+def run_official(plan: Plan, rec: Recorder) -> None:
+    import xlstm
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    rec.set("version", getattr(xlstm, "__version__", "?"))
+    dims = XLSTM_SMALL if plan.small else XLSTM_7B
+    kernel = "chunkwise--triton_limit_chunk"
+    cfg = xLSTMLargeConfig(**dims, return_last_states=True, mode="inference", chunkwise_kernel=kernel,
+                           sequence_kernel="native_sequence__triton", step_kernel="triton", weight_mode="fused")
+    rec.set("kernels", {"chunkwise": kernel, "sequence": "native_sequence__triton", "step": "triton"})
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = xLSTMLarge(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    from xlstm.xlstm_large.components import soft_cap
+
+    wgb = _weights_gb(model)
+    rec.set("weights_gb", wgb)
+    vocab = dims["vocab_size"]
+
+    @torch.no_grad()
+    def prefill(ids):
+        x, _ = model.backbone(model.embedding(ids), None)
+        return soft_cap(model.lm_head(x[:, -1:]), cfg.output_logit_soft_cap).argmax(-1)
+
+    _ttft_loop(plan, rec, prefill, vocab, wgb)
+    free_memory()
+
+    def graph_step(b: int):
+        with torch.no_grad():
+            _, state = model(seeded_tokens(plan.decode_prompt, vocab, batch=b))
+            tok = torch.zeros(b, 1, dtype=torch.long, device="cuda")
+
+            def step():
+                logits, _ = model(tok, state)
+                tok.copy_(logits[:, -1:].argmax(-1))
+
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+        return g, state, tok
+
+    for b in plan.batch_sizes:
+        if rec.out_of_time(f"decode {b}", need_s=15):
+            break
+        try:
+            g, state, tok = graph_step(b)
+            ms = _decode_timing(g.replay, plan.decode_steps)
+            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
+            del g, state, tok
+            free_memory()
+        except Exception as e:  # noqa: BLE001
+            rec.error(f"decode {b}", e)
+            free_memory()
+            if not is_oom(e):
+                break
+    try:
+        g, state, tok = graph_step(1)
+        prompt = seeded_tokens(16, vocab)
+
+        @torch.no_grad()
+        def gen(n):
+            _, st = model(prompt)
+            for layer, new in zip(state.values(), st.values()):
+                for a, b_ in zip(layer, new):
+                    a.copy_(b_)
+            out = []
+            for _ in range(n):
+                g.replay()
+                out.append(tok.clone())
+            return torch.cat(out, 1).tolist()
+
+        for n in plan.generate_lengths:
+            if rec.out_of_time(f"generate {n}", need_s=n / 60):
+                break
+            t, _ = timed(lambda n=n: gen(n))
+            rec.add("generate", prompt_len=16, new_tokens=n, s=t, tok_s=n / t)
+    except Exception as e:  # noqa: BLE001
+        rec.error("generate", e)
+
+
+# ------------------------------------------------------------------------------- hf-xlstm
+def _from_config(cls, config):
+    try:
+        return cls._from_config(config, dtype=torch.bfloat16)
+    except TypeError:
+        return cls._from_config(config, torch_dtype=torch.bfloat16)
+
+
+def run_hf_xlstm(plan: Plan, rec: Recorder) -> None:
+    import transformers
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+    from transformers.models.xlstm import modeling_xlstm
+
+    rec.set("version", transformers.__version__)
+    rec.set("external_xlstm_kernels", bool(getattr(modeling_xlstm, "external_xlstm", False)))
+    dims = XLSTM_SMALL if plan.small else XLSTM_7B
+    cfg = xLSTMConfig(vocab_size=dims["vocab_size"], hidden_size=dims["embedding_dim"],
+                      num_hidden_layers=dims["num_blocks"], num_blocks=dims["num_blocks"], num_heads=dims["num_heads"])
+    with torch.device("cuda"):
+        model = _from_config(xLSTMForCausalLM, cfg).eval()
+    wgb = _weights_gb(model)
+    rec.set("weights_gb", wgb)
+    vocab = dims["vocab_size"]
+
+    @torch.no_grad()
+    def prefill(ids):
+        out = model.backbone(input_ids=ids, use_cache=True)
+        h = out.last_hidden_state[:, -1:]
+        return model.lm_head(h.to(model.lm_head.weight.dtype)).float().argmax(-1)
+
+    _ttft_loop(plan, rec, prefill, vocab, wgb, max_len=None if plan.small else 32768, repeats=1)
+    free_memory()
+    for b in plan.batch_sizes:
+        if b > 32 and not plan.small:
+            rec.data["notes"].append(f"decode batch {b} not run (eager native kernels; time budget)")
+            continue
+        if rec.out_of_time(f"decode {b}", need_s=20):
+            break
+        try:
+            with torch.no_grad():
+                out = model(input_ids=seeded_tokens(plan.decode_prompt, vocab, batch=b), use_cache=True)
+                cache = out.cache
+                tok = out.logits[:, -1:].argmax(-1)
+
+                def step(cache=cache):
+                    nonlocal tok
+                    o = model(input_ids=tok, cache=cache, use_cache=True)
+                    tok = o.logits[:, -1:].argmax(-1)
+
+                ms = _decode_timing(step, max(8, plan.decode_steps // 4), warmup=2)
+            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
+            del cache, out
+            free_memory()
+        except Exception as e:  # noqa: BLE001
+            rec.error(f"decode {b}", e)
+            free_memory()
+            if not is_oom(e):
+                break
+
+
+# ---------------------------------------------------------------------------------- llama
+def run_llama(plan: Plan, rec: Recorder) -> None:
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rec.set("version", transformers.__version__)
+    dims = LLAMA_SMALL if plan.small else LLAMA_8B
+    cfg = LlamaConfig(**dims, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = _from_config(LlamaForCausalLM, cfg).eval()
+    with torch.no_grad():  # random init (from_config may leave memory uninitialised)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02, generator=gen)
+    wgb = _weights_gb(model)
+    rec.set("weights_gb", wgb)
+    vocab = dims["vocab_size"]
+
+    @torch.no_grad()
+    def prefill(ids):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(-1)
+
+    _ttft_loop(plan, rec, prefill, vocab, wgb)
+    free_memory()
+
+    @torch.no_grad()
+    def generate(ids, n):
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              cache_implementation="static", pad_token_id=0)
+
+    # batch 1: the longest generate length gives both total time and tok/s (each new length
+    # recompiles the static-cache graph, so lengths are kept few).
+    for b in plan.batch_sizes:
+        if b not in (1, 32, 128) and not plan.small:
+            continue
+        if rec.out_of_time(f"decode {b}", need_s=90):
+            break
+        n = max(plan.generate_lengths) if b == 1 else plan.decode_steps
+        try:
+            ids = seeded_tokens(plan.decode_prompt, vocab, batch=b)
+            t_compile, _ = timed(lambda ids=ids, n=n: generate(ids, n))
+            t, out = timed(lambda ids=ids, n=n: generate(ids, n))
+            t_pre, _ = timed(lambda ids=ids: prefill(ids))
+            ms = (t - t_pre) * 1e3 / n
+            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms, new_tokens=n, first_call_s=t_compile,
+                    method="generate(static cache, auto torch.compile); prefill time subtracted")
+            if b == 1:
+                rec.add("generate", prompt_len=plan.decode_prompt, new_tokens=n, s=t, tok_s=n / t)
+            free_memory()
+        except Exception as e:  # noqa: BLE001
+            rec.error(f"decode {b}", e)
+            free_memory()
+            if not is_oom(e):
+                break
+
+
+SYSTEMS = {"fastxlstm": run_fastxlstm, "official": run_official, "hf-xlstm": run_hf_xlstm, "llama": run_llama}

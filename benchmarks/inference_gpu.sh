@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Inference benchmarks on the GPU machine: bash benchmarks/inference_gpu.sh check|ours|full
+# (check: GPU engine tests + a tiny smoke run of every system + our 7B numbers; full: side by side).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/fastxlstm-bench}
+mode=${1:-check}
+shift || true
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+case $mode in
+  check)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -15
+    python3 benchmarks/inference.py --small --batch-sizes 1,4 --prompt-lengths 512,2048 --generate-lengths 64 \
+      --decode-steps 8 --deadline 100 --out-dir "$OUT/small" --tag small
+    python3 benchmarks/inference.py --systems fastxlstm --prompt-lengths 2048,8192,32768,65536,131072 \
+      --deadline 240 --out-dir "$OUT" --tag ours "$@" ;;
+  ours)
+    python3 benchmarks/inference.py --systems fastxlstm --prompt-lengths 2048,8192,32768,65536,131072 \
+      --deadline 300 --out-dir "$OUT" --tag ours "$@" ;;
+  full)
+    python3 benchmarks/inference.py --out-dir "$OUT" --tag inference "$@" ;;
+esac

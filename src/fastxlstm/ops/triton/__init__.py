@@ -1,0 +1,140 @@
+"""Triton kernels for the mLSTM cell (the ``backend="triton"`` of :mod:`fastxlstm.ops`).
+
+* :func:`mlstm_chunkwise` -- chunkwise forward (two-level tiling: chunk states at a coarse
+  granularity, small tiles inside) and its backward through an autograd Function;
+* :func:`mlstm_step` / :func:`mlstm_step_` -- the fused decode step (functional / in place, the
+  latter capturable in a CUDA graph).
+
+Semantics are those of :mod:`fastxlstm.ops.reference` (stabilised state, ``m0 = 0`` for a missing
+state, the final state's ``m``). Inputs may be bf16, fp16 or fp32; gates and states are fp32. The
+kernels run on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests). Importing this
+package raises ImportError without Triton.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(f"fastxlstm.ops.triton needs a working triton installation: {exc}") from exc
+
+import torch
+from torch import Tensor
+
+from ..reference import mlstm_chunkwise_reference, mlstm_step_reference
+from ._chunkwise import DEFAULT_KERNEL_CHUNK, MLSTMChunkwiseFn, forward, kernel_chunk_for
+from ._common import INTERPRET
+from ._step import launch_step
+
+State = tuple[Tensor, Tensor, Tensor]
+
+__all__ = ["mlstm_chunkwise", "mlstm_step", "mlstm_step_", "DEFAULT_KERNEL_CHUNK", "INTERPRET"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_device(t: Tensor) -> None:
+    if not (t.is_cuda or INTERPRET):
+        raise ValueError("the Triton mLSTM kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU); "
+                         f"got a tensor on {t.device}")
+
+
+def mlstm_chunkwise(
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, initial_state: State | None = None,
+    chunk_size: int = 64, eps: float = 1e-6, *, kernel_chunk: int | None = None,
+) -> tuple[Tensor, State]:
+    """Chunkwise mLSTM; q,k ``[B,NH,S,DQK]``, v ``[B,NH,S,DV]``, i,f ``[B,NH,S]``.
+
+    Returns ``(h [B,NH,S,DV] in q's dtype, (C, n, m) float32)``, differentiable w.r.t. q, k, v, i, f
+    and the initial state. ``chunk_size`` is the reference's chunk; the kernels keep states every
+    ``kernel_chunk`` tokens (default :data:`DEFAULT_KERNEL_CHUNK`), which changes results only by
+    rounding. float64 inputs run the reference.
+    """
+    if q.dtype == torch.float64:
+        return mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q must be bf16, fp16 or fp32, got {q.dtype}")
+    _check_device(q)
+    bsz, nh, seq, dqk = q.shape
+    dv = v.shape[-1]
+    if seq == 0:
+        return mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps)
+    bh = bsz * nh
+    q3 = q.reshape(bh, seq, dqk).contiguous()
+    k3 = k.to(q.dtype).reshape(bh, seq, dqk).contiguous()
+    v3 = v.to(q.dtype).reshape(bh, seq, dv).contiguous()
+    i2 = i.float().reshape(bh, seq).contiguous()
+    f2 = f.float().reshape(bh, seq).contiguous()
+    c0 = n0 = m0 = None
+    if initial_state is not None:
+        c0 = initial_state[0].float().reshape(bh, dqk, dv).contiguous()
+        n0 = initial_state[1].float().reshape(bh, dqk).contiguous()
+        m0 = initial_state[2].float().reshape(bh).contiguous()
+    chunk = kernel_chunk_for(seq, kernel_chunk)
+    tensors = (q, k, v, i, f) + (tuple(initial_state) if initial_state is not None else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        h, cn, nn, mn = MLSTMChunkwiseFn.apply(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)
+    else:
+        out = forward(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)
+        h, cn, nn, mn = out["h"], out["cn"], out["nn"], out["mn"]
+    return h.view(bsz, nh, seq, dv), (cn.view(bsz, nh, dqk, dv), nn.view(bsz, nh, dqk), mn.view(bsz, nh))
+
+
+def mlstm_step(
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State | None = None, eps: float = 1e-6,
+) -> tuple[Tensor, State]:
+    """One decode step (functional); q,k ``[B,NH,DQK]``, v ``[B,NH,DV]``, i,f ``[B,NH]``.
+
+    Returns ``(h [B,NH,DV] in q's dtype, new state float32)``; the given state is not modified.
+    Not differentiable: with gradients required (or float64 inputs) it runs the reference step.
+    """
+    tensors = (q, k, v, i, f) + (tuple(state) if state is not None else ())
+    if q.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return mlstm_step_reference(q, k, v, i, f, state, eps=eps)
+    _check_device(q)
+    bsz, nh, dqk = q.shape
+    dv = v.shape[-1]
+    bh = bsz * nh
+    dev = q.device
+    if state is None:
+        c = torch.zeros(bh, dqk, dv, device=dev, dtype=torch.float32)
+        n = torch.zeros(bh, dqk, device=dev, dtype=torch.float32)
+        m = torch.zeros(bh, device=dev, dtype=torch.float32)
+    else:
+        c = state[0].float().reshape(bh, dqk, dv).contiguous()
+        n = state[1].float().reshape(bh, dqk).contiguous()
+        m = state[2].float().reshape(bh).contiguous()
+    h = torch.empty(bh, dv, device=dev, dtype=q.dtype)
+    c_out, n_out, m_out = torch.empty_like(c), torch.empty_like(n), torch.empty_like(m)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    launch_step(q, k, v, i, f, c, n, m, h, c_out, n_out, m_out, eps)
+    return h.view(bsz, nh, dv), (c_out.view(bsz, nh, dqk, dv), n_out.view(bsz, nh, dqk), m_out.view(bsz, nh))
+
+
+def mlstm_step_(
+    q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, C: Tensor, n: Tensor, m: Tensor, h_out: Tensor,
+    eps: float = 1e-6,
+) -> None:
+    """In-place decode step: updates C ``[B,NH,DQK,DV]``, n ``[B,NH,DQK]``, m ``[B,NH]`` (contiguous
+    float32) and writes h_out ``[B,NH,DV]`` (contiguous), in one kernel launch and with no allocation
+    after the first call for a shape (CUDA-graph capturable: call once before capturing). q, k, v need a
+    contiguous last dim; other strides (views into a fused projection) are fine."""
+    bsz, nh, dqk = q.shape
+    dv = v.shape[-1]
+    want = {"k": (k, (bsz, nh, dqk)), "v": (v, (bsz, nh, dv)), "i": (i, (bsz, nh)), "f": (f, (bsz, nh)),
+            "C": (C, (bsz, nh, dqk, dv)), "n": (n, (bsz, nh, dqk)), "m": (m, (bsz, nh)),
+            "h_out": (h_out, (bsz, nh, dv))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, t in (("C", C), ("n", n), ("m", m)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"state {name} must be a contiguous float32 tensor (updated in place)")
+    if not h_out.is_contiguous():
+        raise ValueError("h_out must be contiguous")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim (no copies inside a captured step)")
+    _check_device(q)
+    launch_step(q, k, v, i, f, C, n, m, h_out, C, n, m, eps)

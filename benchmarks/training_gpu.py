@@ -121,7 +121,8 @@ def cmd_embedded(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file, save_file
 
     run = Path(args.work) / "embedded"
-    res = train("configs/xlstm-shakespeare.yaml", run, args.set, args.timeout, Path(args.out) / "train.log")
+    res = train("configs/xlstm-shakespeare.yaml", run, [*args.set, *args.embedded_set], args.timeout,
+                Path(args.out) / "train.log")
     best = run / "best" / "model.safetensors"
     if best.exists():
         state = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(best)).items()}
@@ -200,11 +201,17 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--only", default="xlstm-125m,llama-125m,xlstm-1.3b")
     ap.add_argument("--compile", default="both", choices=["false", "true", "both"])
-    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--set", action="append", default=[], help="override for every run")
+    ap.add_argument("--embedded-set", action="append", default=[], help="override for the embedded run only")
+    ap.add_argument("--backend", default="check", choices=["check", "auto", "reference"],
+                    help="mLSTM backend; 'check' picks triton only if it matches the reference")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = {"environment": environment(), "command": " ".join(sys.argv)}
-    backend, note = pick_backend(Path(args.out) / "train.log")
+    if args.backend == "check":
+        backend, note = pick_backend(Path(args.out) / "train.log")
+    else:
+        backend, note = args.backend, f"backend forced to {args.backend}"
     results["environment"].update(mlstm_backend="triton" if backend == "auto" else "reference",
                                   backend_check=note.strip().splitlines()[-1:] if note else [])
     args.set = [f"model.backend={backend}", *args.set]

@@ -180,8 +180,8 @@ def cmd_ablation(args: argparse.Namespace) -> list[dict]:
         run = Path(args.work) / f"ablation-{arch}"
         sets = ["data.path=.cache/train_data/mixed", f"train.steps={args.steps}", "data.seq_len=1024",
                 "train.micro_batch_size=32", f"eval.every={max(1, args.steps // 8)}", "eval.tokens=131072",
-                "eval.batch_size=16", "checkpoint.every=0", "export.enabled=false", "optim.warmup_steps=100",
-                *args.set]
+                "eval.batch_size=16", "checkpoint.every=0", "export.enabled=false", "optim.warmup_steps=50",
+                "optim.lr=1.5e-3", *args.set]
         r = train(config, run, sets, args.timeout, Path(args.out) / "train.log")
         r["name"] = arch
         out.append(r)

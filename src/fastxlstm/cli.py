@@ -113,6 +113,10 @@ from .training.cli import data_app, train_cmd  # noqa: E402  (training sub-comma
 app.add_typer(data_app, name="data")
 app.command("train")(train_cmd)
 
+from .serving.cli import serve as serve_cmd  # noqa: E402  (OpenAI-compatible server)
+
+app.command("serve")(serve_cmd)
+
 from .bench.cli import bench as bench_cmd  # noqa: E402  (inference benchmarks)
 
 app.command("bench")(bench_cmd)

@@ -1,0 +1,657 @@
+"""The FastAPI application: OpenAI-compatible routes over the continuous-batching scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..tokenizer import Tokenizer
+from .chat_template import ChatTemplate, ChatTemplateError
+from .errors import APIError, error_response, http_phrase
+from .metrics import Metrics
+from .prefix_cache import PrefixCache
+from .sampling import SamplingParams
+from .scheduler import (
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    PrefillDone,
+    QueueFull,
+    Scheduler,
+    ShuttingDown,
+    TokenEvent,
+)
+from .schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    Usage,
+)
+from .slots import ModelSlots, SlotBackend
+from .text import ChoiceText
+
+log = logging.getLogger("fastxlstm.serving")
+
+
+@dataclass
+class ServeConfig:
+    """Limits and knobs of one server."""
+
+    model_name: str = "fastxlstm"
+    aliases: tuple[str, ...] = ()
+    max_slots: int = 32
+    max_waiting: int = 256
+    prefill_chunk: int = 512
+    max_model_len: int = 32768
+    default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
+    prefix_cache_bytes: int = 2 * 1024**3
+    cache_chat_turns: bool = True
+    request_timeout: float | None = 600.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_prompts: int = 64  # prompts in one /v1/completions call
+    api_key: str | None = None
+    retry_after: float = 1.0
+    extra_model_names: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ middleware
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Body-size limit (413 before the app parses anything) and per-endpoint request metrics."""
+
+    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope.get("path", "") if scope.get("path", "") in self._ENDPOINTS else "other"
+        status: dict[str, int] = {}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        async def reply(err: APIError) -> None:
+            resp = err.response()
+            await resp(scope, receive, send_wrapper)
+
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        limit = self.max_body_bytes
+        try:
+            if length is not None:
+                try:
+                    declared = int(length)
+                except ValueError:
+                    await reply(APIError(400, "invalid Content-Length header"))
+                    return
+                if declared > limit:
+                    await self._drain(receive, declared)
+                    await reply(APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                                         code="request_too_large"))
+                    return
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise APIError(413, f"request body exceeds the limit of {limit} bytes",
+                                       code="request_too_large")
+                return message
+
+            await self.app(scope, limited_receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status.get("code", 500))).inc()
+
+    @staticmethod
+    async def _drain(receive, declared: int, cap: int = 256 * 1024 * 1024) -> None:
+        """Read (and drop) a too-large body, so the client can read our 413 instead of a reset."""
+        if declared > cap:
+            return
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _param(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("body",)) or None
+
+
+async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and not (ctype == "application/json" or ctype.endswith("+json") or ctype == "text/plain"):
+        raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
+    raw = await request.body()
+    if not raw.strip():
+        raise APIError(400, "the request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        first = errors[0]
+        param = _param(tuple(first.get("loc", ())))
+        msgs = []
+        for err in errors[:3]:
+            where = _param(tuple(err.get("loc", ())))
+            msg = err.get("msg", "invalid")
+            if err.get("type") == "extra_forbidden":
+                msg = "unrecognized request argument"
+            msgs.append(f"{where}: {msg}" if where else msg)
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise APIError(400, "; ".join(msgs) + more, param=param) from None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _sse(obj: BaseModel | dict) -> str:
+    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class _ChoiceState:
+    text: ChoiceText
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
+
+
+@dataclass
+class _Update:
+    index: int
+    delta: str
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]]
+    finish_reason: str | None
+
+
+class _Call:
+    """One HTTP call: its generation requests, their choices' text, and usage counts."""
+
+    def __init__(self, server: ServerState, reqs: list[GenerationRequest], n: int, stops: list[str] | None,
+                 include_stop: bool):
+        self.server, self.reqs, self.n = server, reqs, n
+        self.offsets = {req.id: i * n for i, req in enumerate(reqs)}
+        tok = server.tokenizer
+        self.choices = [_ChoiceState(ChoiceText(tok, stops, include_stop)) for _ in range(len(reqs) * n)]
+        self.prompt_tokens = sum(len(r.prompt) for r in reqs)
+        self.cached_tokens = 0
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens,
+                     prompt_tokens_details={"cached_tokens": self.cached_tokens})
+
+    def submit(self) -> None:
+        try:
+            self.server.scheduler.submit(self.reqs, asyncio.get_running_loop(), self.queue)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", retry_after=self.server.config.retry_after) from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), code="shutting_down", retry_after=self.server.config.retry_after) from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def cancel(self) -> None:
+        for req in self.reqs:
+            req.cancel()
+        self.server.scheduler.wake()
+
+    async def updates(self) -> AsyncIterator[_Update]:
+        remaining = len(self.choices)
+        special = {self.server.tokenizer.eos_token_id}
+        while remaining:
+            req, events = await self.queue.get()
+            stop_ids = set(req.params.stop_token_ids)
+            for ev in events:
+                if isinstance(ev, TokenEvent):
+                    st = self.choices[self.offsets[req.id] + ev.choice]
+                    if st.finish_reason is not None:
+                        continue
+                    st.tokens += 1
+                    is_special = ev.token in special or ev.token in stop_ids
+                    delta = st.text.add(ev.token, special=is_special)
+                    lps = [(ev.token, ev.logprob, ev.top_logprobs)] if ev.logprob is not None else []
+                    if st.text.stopped:
+                        st.finish_reason = "stop"
+                        req.cancel(ev.choice)
+                        self.server.scheduler.wake()
+                        remaining -= 1
+                        yield _Update(self.offsets[req.id] + ev.choice, delta, lps, "stop")
+                    elif delta or lps:
+                        yield _Update(self.offsets[req.id] + ev.choice, delta, lps, None)
+                elif isinstance(ev, FinishEvent):
+                    st = self.choices[self.offsets[req.id] + ev.choice]
+                    if st.finish_reason is not None:
+                        continue
+                    tail = st.text.finish()
+                    st.finish_reason = "stop" if st.text.stopped else ev.reason
+                    remaining -= 1
+                    yield _Update(self.offsets[req.id] + ev.choice, tail, [], st.finish_reason)
+                elif isinstance(ev, PrefillDone):
+                    self.cached_tokens += ev.cached_tokens
+                elif isinstance(ev, ErrorEvent):
+                    self.cancel()
+                    raise APIError(ev.status, ev.message, code=ev.code)
+
+
+async def _watch_disconnect(request: Request, call: _Call) -> None:
+    """Cancel the call's generation when the client goes away (non-streaming requests)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            call.cancel()
+            return
+
+
+async def _collect(request: Request, call: _Call) -> list[_Update]:
+    """All updates of a non-streaming call; gives up (and cancels) when the client disconnects."""
+
+    async def gather() -> list[_Update]:
+        return [u async for u in call.updates()]
+
+    work = asyncio.create_task(gather())
+    watcher = asyncio.create_task(_watch_disconnect(request, call))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # the client is gone: nobody will read an answer
+            work.cancel()
+            raise APIError(499, "client closed the request", code="client_closed")
+        return work.result()
+    finally:
+        watcher.cancel()
+        work.cancel()
+        call.cancel()  # no-op for finished requests; frees slots if we leave early
+
+
+# --------------------------------------------------------------------------------------------- server
+class ServerState:
+    """Everything a route needs: tokenizer, template, scheduler, metrics, config."""
+
+    def __init__(self, backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig,
+                 chat_template: ChatTemplate | None = None):
+        self.backend, self.tokenizer, self.config = backend, tokenizer, config
+        self.chat_template = chat_template or ChatTemplate()
+        self.metrics = Metrics()
+        self.cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
+        self.scheduler = Scheduler(backend, tokenizer.eos_token_id, self.cache, self.metrics,
+                                   max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk)
+        self.created = _now()
+        self.names = {config.model_name, *config.aliases, *config.extra_model_names}
+
+    # ------------------------------------------------------------------ request -> generation requests
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = self.tokenizer.encode(text)
+        except Exception as e:  # e.g. lone surrogates that are no valid Unicode text
+            raise APIError(400, f"the prompt cannot be tokenized: {type(e).__name__}", param="prompt") from None
+        if not ids:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            ids = [bos]
+        return ids
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.backend.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of range [0, {vocab})", param=param)
+
+    def params(self, body, prompt_len: int, max_tokens: int | None, default_max: int,
+               logprobs: int | None) -> SamplingParams:
+        limit = self.config.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                f"{prompt_len} tokens", param="messages" if hasattr(body, "messages") else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(default_max, limit - prompt_len)
+        if prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for "
+                                "the completion)", param="max_tokens", code="context_length_exceeded")
+        bias = {}
+        if body.logit_bias:
+            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+            self.check_ids(list(bias), "logit_bias")
+        stop_ids = tuple(body.stop_token_ids or ())
+        self.check_ids(list(stop_ids), "stop_token_ids")
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logit_bias=bias, seed=body.seed, ignore_eos=body.ignore_eos,
+            stop_token_ids=stop_ids, logprobs=logprobs,
+        )
+
+    def check_n(self, n: int, prompts: int) -> None:
+        if n > self.backend.max_slots:
+            raise APIError(400, f"n={n} exceeds the server's {self.backend.max_slots} sequence slots", param="n")
+        if n * prompts > self.config.max_waiting:
+            raise APIError(400, f"{n * prompts} choices in one request exceed the queue size "
+                                f"{self.config.max_waiting}", param="n")
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], tuple[int, ...]]:
+        """Prompt token ids and the chat-turn boundaries worth caching (system prompt end, previous turn end)."""
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            text = self.chat_template.render(messages, body.add_generation_prompt, body.continue_final_message)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ids = self.encode(text)
+        points: list[int] = []
+        if self.config.cache_chat_turns and self.cache is not None:
+            n_sys = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")),
+                         len(messages))
+            for k in sorted({n_sys, len(messages) - 1}):
+                if not 0 < k < len(messages):
+                    continue
+                try:
+                    prefix = self.chat_template.render(messages[:k], add_generation_prompt=False)
+                except ChatTemplateError:
+                    continue
+                if not prefix or not text.startswith(prefix):
+                    continue
+                prefix_ids = self.tokenizer.encode(prefix)
+                if 0 < len(prefix_ids) < len(ids) and ids[: len(prefix_ids)] == prefix_ids:
+                    points.append(len(prefix_ids))
+        return ids, tuple(points)
+
+
+def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig | None = None,
+               chat_template: ChatTemplate | None = None, drain_timeout: float = 0.0) -> FastAPI:
+    """The OpenAI-compatible app. The scheduler thread starts and stops with the app's lifespan."""
+    config = config or ServeConfig()
+    server = ServerState(backend, tokenizer, config, chat_template)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.scheduler.shutdown, drain_timeout)
+
+    app = FastAPI(title="fastxlstm", version="0.1.0", lifespan=lifespan)
+    app.state.server = server
+    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, metrics=server.metrics)
+
+    # ------------------------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else http_phrase(exc.status_code)
+        return error_response(exc.status_code, detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, str(exc)[:500])
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, f"internal server error: {type(exc).__name__}")
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {config.api_key}":
+            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
+
+    # ------------------------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health():
+        if not server.scheduler.alive or not server.scheduler.accepting:
+            return error_response(503, "the engine is not running", retry_after=config.retry_after)
+        return {"status": "ok", **server.scheduler.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        cards = [ModelCard(id=config.model_name, created=server.created, max_model_len=config.max_model_len)]
+        return ModelList(data=cards)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        body: CompletionRequest = await parse_body(request, CompletionRequest)  # type: ignore[assignment]
+        server.check_model(body.model)
+        prompts = body.prompts()
+        if len(prompts) > config.max_prompts:
+            raise APIError(400, f"at most {config.max_prompts} prompts per request", param="prompt")
+        server.check_n(body.n, len(prompts))
+        reqs, texts = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = server.encode(p)
+                texts.append(p)
+            else:
+                if not p:
+                    raise APIError(400, "a token-id prompt must not be empty", param="prompt")
+                server.check_ids(p, "prompt")
+                ids = p
+                texts.append(tokenizer.decode(p))
+            params = server.params(body, len(ids), body.max_tokens, 16, body.logprobs)
+            reqs.append(GenerationRequest(ids, params, body.n, timeout=config.request_timeout))
+        call = _Call(server, reqs, body.n, body.stop, body.include_stop_str_in_output)
+        call.submit()
+        cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
+        echo = [texts[i // body.n] if body.echo else "" for i in range(len(call.choices))]
+
+        def lp_obj(entries, offset0: int, text_before: str) -> CompletionLogprobs:
+            out = CompletionLogprobs()
+            pos = offset0
+            for tok_id, lp, top in entries:
+                piece = tokenizer.decode([tok_id], skip_special_tokens=False)
+                out.tokens.append(piece)
+                out.token_logprobs.append(lp)
+                alts: dict[str, float] = {}
+                for t, v in top or []:  # byte fragments can decode alike: keep the likelier one
+                    alts.setdefault(tokenizer.decode([t], skip_special_tokens=False), v)
+                out.top_logprobs.append(alts or None)
+                out.text_offset.append(pos)
+                pos += len(piece)
+            return out
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def stream() -> AsyncIterator[str]:
+                offsets = [len(e) for e in echo]
+                done = 0
+                try:
+                    if body.echo:
+                        for i, e in enumerate(echo):
+                            yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[
+                                CompletionChoice(index=i, text=e)]))
+                    async for u in call.updates():
+                        lp = lp_obj(u.logprobs, offsets[u.index], "") if body.logprobs is not None else None
+                        offsets[u.index] += len(u.delta)
+                        done += u.finish_reason is not None
+                        last = done == len(call.choices) and not include_usage
+                        yield _sse(CompletionResponse(
+                            id=cid, created=created, model=body.model,
+                            choices=[CompletionChoice(index=u.index, text=u.delta, logprobs=lp,
+                                                      finish_reason=u.finish_reason)],
+                            usage=call.usage() if last else None))
+                    if include_usage:
+                        yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[],
+                                                      usage=call.usage()))
+                    yield "data: [DONE]\n\n"
+                except APIError as e:
+                    yield _sse(e.body())
+                    yield "data: [DONE]\n\n"
+                finally:
+                    call.cancel()
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        updates = await _collect(request, call)
+        texts_out = list(echo)
+        lps: list[list] = [[] for _ in call.choices]
+        for u in updates:
+            texts_out[u.index] += u.delta
+            lps[u.index].extend(u.logprobs)
+        choices = [
+            CompletionChoice(index=i, text=texts_out[i], finish_reason=st.finish_reason,
+                             logprobs=lp_obj(lps[i], len(echo[i]), "") if body.logprobs is not None else None)
+            for i, st in enumerate(call.choices)
+        ]
+        return CompletionResponse(id=cid, created=created, model=body.model, choices=choices, usage=call.usage())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)  # type: ignore[assignment]
+        server.check_model(body.model)
+        server.check_n(body.n, 1)
+        ids, points = server.chat_prompt(body)
+        top = body.top_logprobs or 0
+        params = server.params(body, len(ids), body.max_new_tokens, config.default_max_tokens,
+                               top if body.logprobs else None)
+        req = GenerationRequest(ids, params, body.n, cache_points=points,
+                                cache_generation_end=config.cache_chat_turns, timeout=config.request_timeout)
+        call = _Call(server, [req], body.n, body.stop, body.include_stop_str_in_output)
+        call.submit()
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
+
+        def lp_obj(entries) -> ChatLogprobs:
+            content = []
+            for tok_id, lp, alts in entries:
+                piece = tokenizer.decode([tok_id], skip_special_tokens=False)
+                tops = [TopLogprob(token=(s := tokenizer.decode([t], skip_special_tokens=False)), logprob=v,
+                                   bytes=list(s.encode("utf-8", "replace"))) for t, v in (alts or [])]
+                content.append(ChatTokenLogprob(token=piece, logprob=lp, bytes=list(piece.encode("utf-8", "replace")),
+                                                top_logprobs=tops))
+            return ChatLogprobs(content=content)
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def stream() -> AsyncIterator[str]:
+                done = 0
+                try:
+                    for i in range(body.n):
+                        yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[
+                            ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))]))
+                    async for u in call.updates():
+                        done += u.finish_reason is not None
+                        last = done == len(call.choices) and not include_usage
+                        if u.delta or u.logprobs:
+                            yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[
+                                ChatChunkChoice(index=u.index, delta=Delta(content=u.delta),
+                                                logprobs=lp_obj(u.logprobs) if body.logprobs else None)]))
+                        if u.finish_reason is not None:
+                            yield _sse(ChatCompletionChunk(
+                                id=cid, created=created, model=body.model,
+                                choices=[ChatChunkChoice(index=u.index, delta=Delta(),
+                                                         finish_reason=u.finish_reason)],
+                                usage=call.usage() if last else None))
+                    if include_usage:
+                        yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[],
+                                                       usage=call.usage()))
+                    yield "data: [DONE]\n\n"
+                except APIError as e:
+                    yield _sse(e.body())
+                    yield "data: [DONE]\n\n"
+                finally:
+                    call.cancel()
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        updates = await _collect(request, call)
+        texts = [""] * len(call.choices)
+        lps: list[list] = [[] for _ in call.choices]
+        for u in updates:
+            texts[u.index] += u.delta
+            lps[u.index].extend(u.logprobs)
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=st.finish_reason,
+                              logprobs=lp_obj(lps[i]) if body.logprobs else None)
+                   for i, st in enumerate(call.choices)]
+        return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=choices, usage=call.usage())
+
+    return app
+
+
+def build_app(model, tokenizer: Tokenizer, config: ServeConfig | None = None, chat_template: ChatTemplate | None = None,
+              drain_timeout: float = 0.0) -> FastAPI:
+    """App over a loaded model (slots on the model itself)."""
+    config = config or ServeConfig()
+    backend = ModelSlots(model, config.max_slots)
+    return create_app(backend, tokenizer, config, chat_template, drain_timeout)
+
+
+__all__ = ["ServeConfig", "ServerState", "build_app", "create_app", "JSONResponse"]

@@ -1,0 +1,62 @@
+"""``fastxlstm serve``: load a model and serve the OpenAI-compatible API with uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model directory, hub repo id, or random:<preset>")],
+    host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the --model value)")]
+    = None,
+    max_slots: Annotated[int, typer.Option(min=1, help="Concurrent sequences (each holds one recurrent state)")] = 32,
+    max_waiting: Annotated[int, typer.Option(min=1, help="Queued requests before answering 429")] = 256,
+    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled between decode steps")] = 512,
+    max_model_len: Annotated[int, typer.Option(min=2, help="Limit on prompt + completion tokens")] = 32768,
+    prefix_cache_mb: Annotated[int, typer.Option(min=0, help="Prefix-cache size in MiB (0 disables)")] = 2048,
+    request_timeout: Annotated[float, typer.Option(min=0, help="Seconds per request (0: none)")] = 600.0,
+    drain_timeout: Annotated[float, typer.Option(min=0, help="Seconds to finish running requests on shutdown")]
+    = 10.0,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file (overrides the model's)")]
+    = None,
+    api_key: Annotated[str | None, typer.Option(envvar="FASTXLSTM_API_KEY", help="Require this bearer token")]
+    = None,
+    device: str | None = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
+    log_level: str = "info",
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
+    import uvicorn
+
+    from ..checkpoint import load_model_and_tokenizer
+    from ..cli import _dtype, console, fail
+    from .app import ServeConfig, build_app
+    from .chat_template import ChatTemplate
+
+    try:
+        net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused")
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+        fail(str(e))
+    try:
+        template = ChatTemplate.from_model_dir(getattr(net, "source_dir", None))
+        if chat_template is not None:
+            template = ChatTemplate(chat_template.read_text(), template.special_tokens, str(chat_template))
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    if model.startswith("random:"):
+        console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its text is noise.")
+    name = served_model_name or model
+    config = ServeConfig(
+        model_name=name, aliases=(model,), max_slots=max_slots, max_waiting=max_waiting, prefill_chunk=prefill_chunk,
+        max_model_len=max_model_len, prefix_cache_bytes=prefix_cache_mb * 1024**2,
+        request_timeout=request_timeout or None, api_key=api_key,
+    )
+    app = build_app(net, tok, config, template, drain_timeout=drain_timeout)
+    console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1 ({max_slots} slots, device {net.device}, "
+                  f"chat template: {template.origin})")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout or None)

@@ -1,0 +1,43 @@
+"""Prometheus metrics of one server (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("fastxlstm_requests", "HTTP API requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("fastxlstm_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.prefill_tokens = Counter("fastxlstm_prefill_tokens", "Prompt tokens actually prefilled (not cached)",
+                                      registry=r)
+        self.generation_tokens = Counter("fastxlstm_generation_tokens", "Tokens generated", registry=r)
+        self.cache_hits = Counter("fastxlstm_prefix_cache_hits", "Prefix cache lookups that found a prefix", registry=r)
+        self.cache_misses = Counter("fastxlstm_prefix_cache_misses", "Prefix cache lookups that found nothing",
+                                    registry=r)
+        self.cache_hit_tokens = Counter("fastxlstm_prefix_cache_hit_tokens", "Prompt tokens served from the cache",
+                                        registry=r)
+        self.cache_bytes = Gauge("fastxlstm_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r)
+        self.cache_entries = Gauge("fastxlstm_prefix_cache_entries", "States held by the prefix cache", registry=r)
+        self.slots_used = Gauge("fastxlstm_slots_used", "Sequence slots in use", registry=r)
+        self.slots_total = Gauge("fastxlstm_slots_total", "Sequence slots", registry=r)
+        self.waiting = Gauge("fastxlstm_requests_waiting", "Requests queued for a slot", registry=r)
+        self.running = Gauge("fastxlstm_requests_running", "Requests holding slots", registry=r)
+        self.finished = Counter("fastxlstm_sequences_finished", "Finished sequences by reason", ["reason"], registry=r)
+        self.ttft = Histogram("fastxlstm_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("fastxlstm_inter_token_latency_seconds", "Time between tokens of a sequence",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("fastxlstm_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.decode_batch = Histogram("fastxlstm_decode_batch_size", "Sequences per decode step",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.errors = Counter("fastxlstm_request_errors", "Requests failed inside the engine", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,491 @@
+"""Continuous batching: a background thread owns the slots and runs engine steps.
+
+Each loop iteration (1) drops cancelled and timed-out requests and frees their slots, (2) admits
+waiting requests while slots are free (looking up the prefix cache), (3) prefills at most
+``prefill_chunk`` prompt tokens (so a long prompt does not stall running decodes for long),
+(4) runs one batched decode step over every running sequence, then (5) hands the new tokens
+to the requests' asyncio queues. Requests with ``n > 1`` prefill once and fork the state.
+An exception inside one request fails that request only: a failing batched step is retried
+per sequence, and slot states are only committed after a step succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .metrics import Metrics
+from .prefix_cache import ModelState, PrefixCache
+from .sampling import SamplingParams, SequenceSampler
+from .slots import SlotBackend
+
+log = logging.getLogger("fastxlstm.serving")
+
+
+# ------------------------------------------------------------------------------------------------ events
+@dataclass
+class PrefillDone:
+    cached_tokens: int
+
+
+@dataclass
+class TokenEvent:
+    choice: int
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    choice: int
+    reason: str  # "stop" | "length" | "abort"
+
+
+@dataclass
+class ErrorEvent:
+    status: int
+    message: str
+    code: str | None = None
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- requests
+@dataclass
+class _Choice:
+    index: int
+    sampler: SequenceSampler
+    slot: int | None = None
+    generated: list[int] = field(default_factory=list)
+    fed: int = 0  # generated tokens already folded into the slot state
+    done: bool = False
+    cancelled: bool = False
+    last_time: float = 0.0
+
+
+_ids = itertools.count()
+
+
+class GenerationRequest:
+    """One prompt with ``n`` choices, as handed to the scheduler."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, n: int = 1, cache_points: tuple[int, ...] = (),
+                 cache_generation_end: bool = False, timeout: float | None = None):
+        if not prompt:
+            raise ValueError("empty prompt")
+        self.id = next(_ids)
+        self.prompt = list(prompt)
+        self.params = params
+        self.n = n
+        self.cache_points = tuple(sorted(set(p for p in cache_points if 0 < p < len(prompt))))
+        self.cache_generation_end = cache_generation_end and n == 1
+        self.arrival = time.monotonic()
+        self.deadline = self.arrival + timeout if timeout else None
+        self.queue: asyncio.Queue | None = None  # receives (request, [events]) tuples
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.cancelled = False
+        # scheduler-private
+        self.choices: list[_Choice] = []
+        self.pos = 0
+        self.state: ModelState | None = None
+        self.logits: Tensor | None = None
+        self.cached_tokens = 0
+        self.first_token_time: float | None = None
+
+    def cancel(self, choice: int | None = None) -> None:
+        """Stop generating (all choices, or one); the scheduler frees the slots on its next iteration."""
+        if choice is None:
+            self.cancelled = True
+        elif self.choices and 0 <= choice < len(self.choices):
+            self.choices[choice].cancelled = True
+        else:
+            self.cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.choices) and all(c.done for c in self.choices)
+
+
+# --------------------------------------------------------------------------------------------- scheduler
+class Scheduler:
+    """Owns the slots of a :class:`SlotBackend`; run it with :meth:`start`."""
+
+    def __init__(self, backend: SlotBackend, eos_token_id: int | None, cache: PrefixCache | None = None,
+                 metrics: Metrics | None = None, max_waiting: int = 256, prefill_chunk: int = 512):
+        self.backend = backend
+        self.eos_token_id = eos_token_id
+        self.cache = cache
+        self.metrics = metrics or Metrics()
+        self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.free_slots: list[int] = list(range(backend.max_slots - 1, -1, -1))
+        self.waiting: deque[GenerationRequest] = deque()
+        self.prefilling: list[GenerationRequest] = []
+        self.running: list[GenerationRequest] = []
+        self._inbox: list[GenerationRequest] = []
+        self._cv = threading.Condition()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._pending: dict[int, tuple[GenerationRequest, list]] = {}
+        self.steps = 0
+        self.metrics.slots_total.set(backend.max_slots)
+
+    # ------------------------------------------------------------------ public (any thread)
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fastxlstm-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def submit(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop,
+               queue: asyncio.Queue) -> None:
+        """Queue requests (all or none); their events arrive on ``queue`` as ``(request, [events])``.
+        Raises :class:`QueueFull` or :class:`ShuttingDown`."""
+        for req in requests:
+            if req.n > self.backend.max_slots:
+                raise ValueError(f"n={req.n} exceeds the server's {self.backend.max_slots} sequence slots")
+        with self._cv:
+            if not self._accepting or not self.alive:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) + len(self._inbox) + len(requests) > self.max_waiting:
+                raise QueueFull(f"too many requests waiting ({self.max_waiting}); retry later")
+            for req in requests:
+                req.loop, req.queue = loop, queue
+            self._inbox.extend(requests)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"slots_total": self.backend.max_slots, "slots_free": len(self.free_slots),
+                    "waiting": len(self.waiting) + len(self._inbox), "prefilling": len(self.prefilling),
+                    "running": len(self.running), "steps": self.steps}
+
+    def idle(self) -> bool:
+        s = self.stats()
+        return s["waiting"] == 0 and s["prefilling"] == 0 and s["running"] == 0
+
+    def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting; let running requests finish for up to ``drain_timeout`` s; cancel the rest."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify()
+        deadline = time.monotonic() + drain_timeout
+        while self.alive and not self.idle() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ----------------------------------------------------------------------- scheduler thread
+    def _has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                if not self._stop and not self._inbox and not self._has_work():
+                    self._cv.wait(timeout=0.5)
+                self.waiting.extend(self._inbox)
+                self._inbox.clear()
+                stop = self._stop
+            if stop:
+                self._abort_all(ErrorEvent(503, "the server shut down before this request finished", "shutdown"))
+                self._flush()
+                return
+            try:
+                self._iteration()
+            except Exception as e:  # a bug outside any one request: fail what is in flight, keep serving
+                log.error("scheduler iteration failed:\n%s", traceback.format_exc())
+                for req in list(self.prefilling) + list(self.running):
+                    self._fail(req, e)
+            self._flush()
+            self._gauges()
+
+    def _iteration(self) -> None:
+        self._reap()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    # ------------------------------------------------------------------------------ helpers
+    def _post(self, req: GenerationRequest, event) -> None:
+        self._pending.setdefault(req.id, (req, []))[1].append(event)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for req, events in pending.values():
+            if req.loop is None or req.queue is None:
+                continue
+            try:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, (req, events))
+            except RuntimeError:  # the client's event loop is gone
+                pass
+
+    def _gauges(self) -> None:
+        m = self.metrics
+        m.slots_used.set(self.backend.max_slots - len(self.free_slots))
+        m.waiting.set(len(self.waiting))
+        m.running.set(len(self.running) + len(self.prefilling))
+        if self.cache is not None:
+            m.cache_bytes.set(self.cache.bytes)
+            m.cache_entries.set(len(self.cache))
+
+    def _free_slot(self, slot: int) -> None:
+        try:
+            self.backend.release(slot)
+        finally:
+            self.free_slots.append(slot)
+
+    def _release(self, req: GenerationRequest, choice: _Choice, reason: str, cache_state: bool = True) -> None:
+        """Mark a choice done and free its slot (caching the state at the end of a chat turn)."""
+        if choice.done:
+            return
+        choice.done = True
+        if choice.slot is not None:
+            if (cache_state and self.cache is not None and req.cache_generation_end and reason != "abort"
+                    and not req.cancelled and choice.fed > 0):
+                try:
+                    self.cache.insert(req.prompt + choice.generated[: choice.fed], self.backend.read(choice.slot))
+                except Exception:  # caching is an optimisation; never fail a request over it
+                    log.warning("prefix cache insert failed:\n%s", traceback.format_exc())
+            self._free_slot(choice.slot)
+            choice.slot = None
+        self.metrics.finished.labels(reason=reason).inc()
+        if reason != "abort":
+            self.metrics.e2e.observe(time.monotonic() - req.arrival)
+        self._post(req, FinishEvent(choice.index, reason))
+
+    def _drop(self, req: GenerationRequest, notify: bool = True) -> None:
+        for lst in (self.prefilling, self.running):
+            if req in lst:
+                lst.remove(req)
+        if not req.choices:  # still waiting: slots were never reserved
+            return
+        for choice in req.choices:
+            if not choice.done:
+                choice.done = True
+                if choice.slot is not None:
+                    self._free_slot(choice.slot)
+                    choice.slot = None
+                if notify:
+                    self._post(req, FinishEvent(choice.index, "abort"))
+
+    def _fail(self, req: GenerationRequest, exc: BaseException | ErrorEvent) -> None:
+        if isinstance(exc, ErrorEvent):
+            event = exc
+        else:
+            log.error("request %s failed: %s", req.id, "".join(traceback.format_exception(exc)))
+            self.metrics.errors.inc()
+            event = ErrorEvent(500, f"generation failed: {type(exc).__name__}: {exc}", "internal_error")
+        self._drop(req, notify=False)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._post(req, event)
+
+    def _abort_all(self, event: ErrorEvent) -> None:
+        for req in list(self.waiting) + list(self._inbox) + list(self.prefilling) + list(self.running):
+            self._fail(req, event)
+        self.waiting.clear()
+        self._inbox.clear()
+
+    # ------------------------------------------------------------------------------- phases
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for req in list(self.waiting):
+            if req.cancelled:
+                self.waiting.remove(req)
+                self._post(req, ErrorEvent(499, "cancelled", "cancelled"))
+            elif req.deadline is not None and now > req.deadline:
+                self._fail(req, ErrorEvent(408, "the request timed out while waiting for a slot", "timeout"))
+        for req in list(self.prefilling) + list(self.running):
+            if req.cancelled:
+                self._drop(req)
+            elif req.deadline is not None and now > req.deadline:
+                self._fail(req, ErrorEvent(408, "the request timed out", "timeout"))
+            else:
+                for choice in req.choices:
+                    if choice.cancelled and not choice.done:
+                        self._release(req, choice, "stop")
+                if req.finished and req in self.running:
+                    self.running.remove(req)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.free_slots) >= self.waiting[0].n:
+            req = self.waiting.popleft()
+            try:
+                samplers = [SequenceSampler(req.params, req.prompt, self.backend.vocab_size, self.backend.device, i)
+                            for i in range(req.n)]
+            except Exception as e:
+                self._fail(req, e)
+                continue
+            req.choices = [_Choice(i, sampler, slot=self.free_slots.pop()) for i, sampler in enumerate(samplers)]
+            self.metrics.prompt_tokens.inc(len(req.prompt))
+            if self.cache is not None:
+                try:
+                    hit = self.cache.lookup(req.prompt)
+                except Exception:
+                    log.warning("prefix cache lookup failed:\n%s", traceback.format_exc())
+                    hit = None
+                if hit is None:
+                    self.metrics.cache_misses.inc()
+                else:
+                    self.metrics.cache_hits.inc()
+                    self.metrics.cache_hit_tokens.inc(hit.length)
+                    req.state, req.pos, req.logits, req.cached_tokens = hit.state, hit.length, hit.logits, hit.length
+            self.prefilling.append(req)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for req in list(self.prefilling):
+            if budget <= 0:
+                break
+            try:
+                n_prompt = len(req.prompt)
+                while req.pos < n_prompt and budget > 0:
+                    end = min(n_prompt, req.pos + budget)
+                    end = min([end, *(p for p in req.cache_points if p > req.pos)])
+                    req.logits, req.state = self.backend.prefill(req.prompt[req.pos:end], req.state)
+                    self.metrics.prefill_tokens.inc(end - req.pos)
+                    budget -= end - req.pos
+                    req.pos = end
+                    if self.cache is not None and end in req.cache_points:
+                        self.cache.insert(req.prompt[:end], req.state)
+                if req.pos == n_prompt:
+                    if self.cache is not None and req.cached_tokens < n_prompt:
+                        self.cache.insert(req.prompt, req.state, req.logits)
+                    self._start_decoding(req)
+            except Exception as e:
+                self._fail(req, e)
+
+    def _start_decoding(self, req: GenerationRequest) -> None:
+        self.prefilling.remove(req)
+        self.running.append(req)
+        self._post(req, PrefillDone(req.cached_tokens))
+        state, logits = req.state, req.logits
+        req.state = req.logits = None
+        assert state is not None and logits is not None
+        for choice in req.choices:
+            self.backend.load(choice.slot, state)
+        self._sample_and_emit(req.choices, [req] * len(req.choices), logits[None].expand(len(req.choices), -1))
+
+    def _decode(self) -> None:
+        active: list[_Choice] = []
+        owners: list[GenerationRequest] = []
+        for req in self.running:
+            for choice in req.choices:
+                if not choice.done:
+                    active.append(choice)
+                    owners.append(req)
+        if not active:
+            return
+        slots = [c.slot for c in active]
+        tokens = [c.generated[-1] for c in active]
+        try:
+            logits = self.backend.decode(slots, tokens)
+        except Exception:  # find the sequence(s) at fault: retry one by one, fail only those
+            log.warning("batched decode step failed; retrying per sequence:\n%s", traceback.format_exc())
+            kept = []
+            for choice, req in zip(active, owners):
+                if choice.done:
+                    continue
+                try:
+                    kept.append((choice, req, self.backend.decode([choice.slot], [choice.generated[-1]])[0]))
+                except Exception as e:
+                    self._fail(req, e)
+            kept = [k for k in kept if not k[0].done]
+            if not kept:
+                return
+            active, owners = [k[0] for k in kept], [k[1] for k in kept]
+            logits = torch.stack([k[2] for k in kept])
+        self.steps += 1
+        self.metrics.decode_batch.observe(len(active))
+        for choice in active:
+            choice.fed += 1
+        self._sample_and_emit(active, owners, logits)
+
+    def _sample_and_emit(self, choices: list[_Choice], owners: list[GenerationRequest], logits: Tensor) -> None:
+        """Pick the next token of each choice from its ``logits`` row; emit, and finish where due."""
+        picked: list[Tensor | None] = [None] * len(choices)
+        plain = [j for j, c in enumerate(choices) if c.sampler.params.greedy_plain]
+        if plain:
+            idx = torch.tensor(plain, device=logits.device)
+            for j, tok in zip(plain, logits.index_select(0, idx).argmax(dim=-1)):
+                picked[j] = tok
+        failed: set[int] = set()
+        for j, choice in enumerate(choices):
+            if picked[j] is None:
+                try:
+                    picked[j] = choice.sampler.sample(logits[j])
+                except Exception as e:
+                    failed.add(id(owners[j]))
+                    self._fail(owners[j], e)
+        ok = [j for j in range(len(choices)) if id(owners[j]) not in failed and picked[j] is not None]
+        if not ok:
+            return
+        token_t = torch.stack([picked[j] for j in ok])
+        want_lp = [j for j in ok if choices[j].sampler.params.logprobs is not None]
+        lp_info: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if want_lp:
+            rows = torch.log_softmax(logits[want_lp].float(), dim=-1)
+            chosen = rows.gather(1, torch.stack([picked[j] for j in want_lp])[:, None])[:, 0].tolist()
+            k = max(choices[j].sampler.params.logprobs for j in want_lp)
+            top_v, top_i = rows.topk(max(k, 1), dim=-1) if k else (None, None)
+            for r, j in enumerate(want_lp):
+                kj = choices[j].sampler.params.logprobs
+                top = list(zip(top_i[r, :kj].tolist(), top_v[r, :kj].tolist())) if kj else []
+                lp_info[j] = (chosen[r], top)
+        tokens = token_t.tolist()
+        now = time.monotonic()
+        for j, token in zip(ok, tokens):
+            choice, req = choices[j], owners[j]
+            if choice.done:
+                continue
+            choice.sampler.observe(picked[j])
+            choice.generated.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.metrics.ttft.observe(now - req.arrival)
+            elif choice.last_time:
+                self.metrics.itl.observe(now - choice.last_time)
+            choice.last_time = now
+            self.metrics.generation_tokens.inc()
+            lp, top = lp_info.get(j, (None, None))
+            self._post(req, TokenEvent(choice.index, token, lp, top))
+            p = req.params
+            if (token == self.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
+                self._release(req, choice, "stop")
+            elif len(choice.generated) >= p.max_tokens:
+                self._release(req, choice, "length")
+        for req in {id(r): r for r in owners}.values():
+            if req.finished and req in self.running:
+                self.running.remove(req)

@@ -1,0 +1,103 @@
+"""Sequence slots on top of the model: each slot holds one sequence's recurrent state.
+
+The scheduler talks to this narrow interface only (``prefill``, ``load``, ``read``, ``decode``),
+so it can sit on another slot engine later. Slot states are rows of batched state tensors.
+A decode step over the active slots either gathers their rows (few active) or runs the whole
+slot batch (most active, and every live slot is in the step; the free rows compute on stale
+states nobody owns and are overwritten when a sequence takes the slot). A prefill runs with
+batch 1 and never touches a slot until :meth:`load` writes its final state, so padding never
+reaches any sequence's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .prefix_cache import ModelState
+
+
+class SlotBackend(Protocol):
+    """What the scheduler needs from an engine."""
+
+    max_slots: int
+    vocab_size: int
+    device: torch.device
+
+    def prefill(self, tokens: Sequence[int], state: ModelState | None) -> tuple[Tensor, ModelState]:
+        """Run ``tokens`` (batch 1) from ``state`` (None: the zero state); return last logits ``[V]`` and state."""
+
+    def load(self, slot: int, state: ModelState) -> None:
+        """Make ``state`` the state of ``slot``."""
+
+    def read(self, slot: int) -> ModelState:
+        """A copy of the state of ``slot`` (batch 1)."""
+
+    def release(self, slot: int) -> None:
+        """``slot`` no longer holds a sequence."""
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
+        """Feed one token to each slot; return logits ``[len(slots), V]`` and advance their states."""
+
+
+class ModelSlots:
+    """:class:`SlotBackend` over an :class:`~fastxlstm.model.XLSTMForCausalLM` (batched model calls)."""
+
+    def __init__(self, model, max_slots: int, full_batch_fraction: float = 0.5):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        self.model = model
+        self.max_slots = max_slots
+        self.vocab_size = model.config.vocab_size
+        self.device = model.device
+        self.full_batch_fraction = full_batch_fraction
+        with torch.inference_mode():
+            _, probe = model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
+        self.state: ModelState = [
+            tuple(torch.zeros((max_slots, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in layer)
+            for layer in probe
+        ]
+        self.live: set[int] = set()  # slots holding a sequence
+        self.state_bytes_per_slot = sum(t[0].numel() * t.element_size() for layer in self.state for t in layer)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: Sequence[int], state: ModelState | None) -> tuple[Tensor, ModelState]:
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        logits, new_state = self.model(ids, state, last_logits_only=True)
+        return logits[0, -1], new_state
+
+    @torch.inference_mode()
+    def load(self, slot: int, state: ModelState) -> None:
+        for dst_layer, src_layer in zip(self.state, state):
+            for dst, src in zip(dst_layer, src_layer):
+                dst[slot].copy_(src[0])
+        self.live.add(slot)
+
+    def release(self, slot: int) -> None:
+        self.live.discard(slot)
+
+    @torch.inference_mode()
+    def read(self, slot: int) -> ModelState:
+        return [tuple(t[slot: slot + 1].clone() for t in layer) for layer in self.state]
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
+        if len(slots) != len(tokens) or not slots:
+            raise ValueError("decode needs one token per slot and at least one slot")
+        tok = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        if len(slots) >= self.full_batch_fraction * self.max_slots and self.live.issubset(slots):
+            # whole slot batch: free rows get token 0 and compute on states nobody owns
+            full = torch.zeros(self.max_slots, dtype=torch.long, device=self.device).index_copy_(0, idx, tok)
+            logits, new_state = self.model(full[:, None], self.state)
+            self.state = new_state  # committed only after the step succeeded
+            return logits[:, -1].index_select(0, idx)
+        sub = [tuple(t.index_select(0, idx) for t in layer) for layer in self.state]
+        logits, new_sub = self.model(tok[:, None], sub)
+        for layer, new_layer in zip(self.state, new_sub):
+            for t, new in zip(layer, new_layer):
+                t.index_copy_(0, idx, new)
+        return logits[:, -1]

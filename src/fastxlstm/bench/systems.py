@@ -129,7 +129,7 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
         logits = eng.prefill_into_slot(slot0, seeded_tokens(plan.decode_prompt, vocab)[0])
         for layer in eng.states:
             for buf in layer:
-                buf.copy_(buf[0:1].expand_as(buf))
+                buf.copy_(buf[0:1].clone().expand_as(buf))
         slots = [slot0] + [eng.allocate_slot() for _ in range(max_b - 1)]
         params = SamplingParams(max_new_tokens=1 << 30, ignore_eos=True)
         for s in slots:

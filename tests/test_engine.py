@@ -200,3 +200,21 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_slot_backend_adapter_matches_model_slots():
+    from fastxlstm.engine.backend import EngineSlotBackend
+    from fastxlstm.serving.slots import ModelSlots
+
+    fast = EngineSlotBackend(perturbed_model(CFG), max_slots=3)
+    slow = ModelSlots(perturbed_model(CFG), max_slots=3)
+    for be in (fast, slow):
+        for slot, p in ((0, PROMPTS[0]), (2, PROMPTS[2])):
+            _, st = be.prefill(p, None)
+            be.load(slot, st)
+    a = fast.decode([0, 2], [5, 6])
+    b = slow.decode([0, 2], [5, 6])
+    assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+    lf, _ = fast.prefill(PROMPTS[1], fast.read(0))
+    ls, _ = slow.prefill(PROMPTS[1], slow.read(0))
+    assert torch.allclose(lf, ls, atol=2e-5, rtol=1e-4)

@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -45,6 +46,7 @@ def random_shards(directory: Path, vocab: int, tokens: int, seed: int = 0) -> Pa
 
 
 def train(config: str, out_dir: Path, sets: list[str], timeout: float, log: Path) -> dict:
+    shutil.rmtree(out_dir, ignore_errors=True)  # a stale run there would be resumed, not repeated
     cmd = [sys.executable, "-m", "fastxlstm.train", config, "--set", f"out_dir={out_dir}", "--set",
            "log.progress=false"]
     for s in sets:

@@ -218,8 +218,10 @@ def test_sampling_knobs_and_logprobs(tiny, client):
 
 
 # ------------------------------------------------------------------------------------- concurrency
-def test_32_concurrent_streams_match_solo_runs(tiny):
-    """Mixed prompt lengths, fewer slots than clients (queueing), small prefill chunks (interleaving)."""
+@pytest.mark.parametrize("backend", ["engine", "model"])
+def test_32_concurrent_streams_match_solo_runs(tiny, backend):
+    """Mixed prompt lengths, fewer slots than clients (queueing), small prefill chunks (interleaving),
+    on the engine's slots and on plain model calls."""
     _, model, tok = tiny
     words = "The quick brown fox jumps over the lazy dog and xLSTM is a recurrent model".split()
     prompts = [" ".join(words[: 1 + (i * 7) % len(words)]) * (1 + i % 5) for i in range(32)]
@@ -227,7 +229,7 @@ def test_32_concurrent_streams_match_solo_runs(tiny):
     want = [reference(tiny, tok.encode(p), n) for p, n in zip(prompts, lengths)]
     assert len({len(tok.encode(p)) for p in prompts}) > 10
 
-    with start(tiny, max_slots=12, prefill_chunk=24) as srv:
+    with start(tiny, max_slots=12, prefill_chunk=24, backend=backend) as srv:
         aclient = openai.AsyncOpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
 
         async def one(i):
@@ -265,7 +267,8 @@ def test_32_concurrent_streams_match_solo_runs(tiny):
             assert got[i] == exp, f"client {i}"
         stats = wait_idle(srv)
         assert stats["running"] == 0 and stats["waiting"] == 0
-        assert scheduler(srv).backend.live == set()
+        slots = scheduler(srv).backend
+        assert not (slots.engine.active.any() if backend == "engine" else slots.live)
 
 
 # ------------------------------------------------------------------------------------ prefix cache
@@ -357,14 +360,15 @@ def test_queue_full_gets_429_with_retry_after(tiny):
         wait_idle(srv)
 
 
-def test_one_failing_request_does_not_hurt_others(tiny):
+@pytest.mark.parametrize("backend", ["engine", "model"])
+def test_one_failing_request_does_not_hurt_others(tiny, backend):
     """Faults injected in prefill (one prompt) and in decode (whenever one request's forced token is fed)."""
     _, model, tok = tiny
     prompts = ["The quick brown fox", "over the lazy dog", "xLSTM is recurrent", "matrix memory"]
     want = [reference(tiny, tok.encode(p), 16) for p in prompts]
     used = {t for p in prompts for t in generate(model, tok.encode(p), 17)[0].tolist()}
     poison = next(t for t in range(3, 300) if t not in used)
-    with start(tiny, max_slots=8) as srv:
+    with start(tiny, max_slots=8, backend=backend) as srv:
         backend = scheduler(srv).backend
         real_prefill, real_decode = backend.prefill, backend.decode
 
@@ -458,3 +462,41 @@ def test_model_dir_chat_template(tiny, tmp_path):
         r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0)
         assert r.usage.prompt_tokens == len(tok.encode("<user>hi<assistant>"))
         assert r.choices[0].message.content == reference(tiny, tok.encode("<user>hi<assistant>"), 5)[0]
+
+
+def test_fastxlstm_serve_cli(tiny):
+    """``fastxlstm serve`` in a subprocess: health, a chat completion, clean exit on SIGINT."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    path, _, tok = tiny
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--model", str(path), "--port", str(port),
+                             "--served-model-name", "cli-model", "--max-slots", "2", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        msgs = [{"role": "user", "content": "hi"}]
+        r = client.chat.completions.create(model="cli-model", messages=msgs, max_tokens=6, temperature=0)
+        assert r.choices[0].message.content == reference(tiny, tok.encode(ChatTemplate().render(msgs)), 6)[0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "serving cli-model" in out

@@ -63,6 +63,7 @@ class ServeConfig:
     """Limits and knobs of one server."""
 
     model_name: str = "fastxlstm"
+    backend: str = "auto"  # "engine" (fused kernels, CUDA-graph decode), "model" (plain model calls), "auto"
     aliases: tuple[str, ...] = ()
     max_slots: int = 32
     max_waiting: int = 256
@@ -650,8 +651,23 @@ def build_app(model, tokenizer: Tokenizer, config: ServeConfig | None = None, ch
               drain_timeout: float = 0.0) -> FastAPI:
     """App over a loaded model (slots on the model itself)."""
     config = config or ServeConfig()
-    backend = ModelSlots(model, config.max_slots)
-    return create_app(backend, tokenizer, config, chat_template, drain_timeout)
+    return create_app(make_backend(model, config.max_slots, config.backend), tokenizer, config, chat_template,
+                      drain_timeout)
 
 
-__all__ = ["ServeConfig", "ServerState", "build_app", "create_app", "JSONResponse"]
+def make_backend(model, max_slots: int, kind: str = "auto") -> SlotBackend:
+    """The slot backend: the engine's (``engine``, the default when it imports) or plain model calls (``model``)."""
+    if kind not in ("auto", "engine", "model"):
+        raise ValueError(f"backend must be 'auto', 'engine' or 'model', got {kind!r}")
+    if kind in ("auto", "engine"):
+        try:
+            from ..engine.backend import EngineSlotBackend
+        except ImportError:
+            if kind == "engine":
+                raise
+        else:
+            return EngineSlotBackend(model, max_slots)
+    return ModelSlots(model, max_slots)
+
+
+__all__ = ["ServeConfig", "ServerState", "build_app", "create_app", "make_backend", "JSONResponse"]

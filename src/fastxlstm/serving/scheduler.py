@@ -12,6 +12,7 @@ per sequence, and slot states are only committed after a step succeeded.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import threading
@@ -134,7 +135,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
-        self.free_slots: list[int] = list(range(backend.max_slots - 1, -1, -1))
+        self.free_slots: list[int] = list(range(backend.max_slots))  # a heap: lowest slot first
         self.waiting: deque[GenerationRequest] = deque()
         self.prefilling: list[GenerationRequest] = []
         self.running: list[GenerationRequest] = []
@@ -264,7 +265,7 @@ class Scheduler:
         try:
             self.backend.release(slot)
         finally:
-            self.free_slots.append(slot)
+            heapq.heappush(self.free_slots, slot)
 
     def _release(self, req: GenerationRequest, choice: _Choice, reason: str, cache_state: bool = True) -> None:
         """Mark a choice done and free its slot (caching the state at the end of a chat turn)."""
@@ -348,7 +349,8 @@ class Scheduler:
             except Exception as e:
                 self._fail(req, e)
                 continue
-            req.choices = [_Choice(i, sampler, slot=self.free_slots.pop()) for i, sampler in enumerate(samplers)]
+            req.choices = [_Choice(i, sampler, slot=heapq.heappop(self.free_slots))
+                           for i, sampler in enumerate(samplers)]
             self.metrics.prompt_tokens.inc(len(req.prompt))
             if self.cache is not None:
                 try:

@@ -6,11 +6,11 @@ The stabilisers are treated as constants here (every chunk state is stored divid
 the stabiliser. With ``delta_t = dh_t / Den_t`` and the denominator's gradient
 ``nu_t = -sign(den_t) [|den_t| > exp(-m_t)] (dh_t . h_t) / Den_t``:
 
-* ``dC'_c = exp(m_c - M_end(c)) dC'_{c+1} + sum_{t in c} w_t q~_t [delta_t, nu_t]^T`` (reverse
-  recurrence over chunks, :func:`bwd_dstates_kernel`), ``w_t = exp(m_c - M_t)``;
+* ``dC'_c = exp(g_c + m_c - m_{c+1}) dC'_{c+1} + sum_{t in c} w_t q~_t [delta_t, nu_t]^T`` (reverse
+  recurrence over chunks, :func:`bwd_dstates_kernel`), ``w_t = exp(b_t + m_c - m_t)``;
 * ``dq~_t = sum_{s<=t} (delta_t.v_s + nu_t) D_ts k_s + w_t (C_c delta_t + nu_t n_c)``;
 * ``dk_s = sum_{t>=s} (delta_t.v_s + nu_t) D_ts q~_t + e_s (dC_{c+1} v_s + dn_{c+1})``;
-* ``dv_s = sum_{t>=s} (q~_t.k_s) D_ts delta_t + e_s dC_{c+1}^T k_s``, ``e_s = exp(i_s - b_s - M_end(c))``.
+* ``dv_s = sum_{t>=s} (q~_t.k_s) D_ts delta_t + e_s dC_{c+1}^T k_s``, ``e_s = exp((g_c - b_s) + i_s - m_{c+1})``.
 
 The gate gradients follow from ``q.dq`` and ``k.dk`` per token, which the dQ and dK kernels write.
 """
@@ -41,8 +41,7 @@ def bwd_prep_kernel(
     dhh = tl.sum(dh * h, axis=1)
     g = bh * S + offs_t
     den = tl.load(DEN + g, mask=mt, other=1.0)
-    m = tl.load(BB + g, mask=mt, other=0.0) + tl.load(MM + g, mask=mt, other=0.0)
-    floor = tl.exp(-m)
+    floor = tl.exp(-tl.load(MM + g, mask=mt, other=0.0))
     dd = tl.maximum(tl.abs(den), floor) + eps
     inv = 1.0 / dd
     sgn = tl.where(den > 0, 1.0, tl.where(den < 0, -1.0, 0.0))
@@ -54,7 +53,7 @@ def bwd_prep_kernel(
 
 @triton.jit
 def bwd_dstates_kernel(
-    Q, DH, INV, NU, MM, MC, DCN, DNN, DCS, DNS, DC0, DN0,
+    Q, DH, INV, NU, BB, MM, MC, DCN, DNN, DCS, DNS, DC0, DN0,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr, PREC: tl.constexpr, TK,
@@ -86,10 +85,11 @@ def bwd_dstates_kernel(
         t = ci * L + offs_l
         mt = t < S
         mc = tl.load(MC + bh * (NC + 1) + ci)
-        last = tl.minimum(ci * L + L, S) - 1
-        decay = tl.exp(mc - tl.load(MM + g_base + last))
-        Mt = tl.load(MM + g_base + t, mask=mt, other=0.0)
-        w = tl.where(mt, tl.exp(mc - Mt), 0.0) * scale
+        g = tl.load(BB + g_base + tl.minimum(ci * L + L, S) - 1)
+        decay = tl.exp(g + mc - tl.load(MC + bh * (NC + 1) + ci + 1))
+        bt = tl.load(BB + g_base + t, mask=mt, other=0.0)
+        mt_ = tl.load(MM + g_base + t, mask=mt, other=0.0)
+        w = tl.where(mt, tl.exp(bt + mc - mt_), 0.0) * scale
         inv = tl.load(INV + g_base + t, mask=mt, other=0.0)
         nu = tl.load(NU + g_base + t, mask=mt, other=0.0)
         qt = tl.load(q_base + t[:, None] * DQK + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
@@ -122,11 +122,12 @@ def bwd_dq_kernel(
     md = offs_d < DQK
     g_base = bh * S
     dh_base = DH + bh * S * DV
-    Mt = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
+    bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
+    mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
     inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
     nu = tl.load(NU + g_base + offs_t, mask=mt, other=0.0)
     mc = tl.load(MC + bh * (NC + 1) + ci)
-    w = tl.where(mt, tl.exp(mc - Mt), 0.0)
+    w = tl.where(mt, tl.exp(bt + mc - mt_), 0.0)
     s_off = (bh * NC + ci) * DQK
     acc = tl.zeros([BLQ, DQKP], dtype=tl.float32)
     for v0 in range(0, DV, BV):
@@ -159,7 +160,7 @@ def bwd_dq_kernel(
             vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
             sdv += tl.dot(delta, tl.trans(vt), input_precision=PREC)
         keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
-        d = tl.exp(tl.where(keep, (i_s - b_s)[None, :] - Mt[:, None], -float("inf")))
+        d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - mt_[:, None]), -float("inf")))
         p = (sdv + nu[:, None]) * d
         kt = tl.load(k_base + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :], other=0.0)
         acc += tl.dot(p.to(kt.dtype), kt, input_precision=PREC)
@@ -173,7 +174,7 @@ def bwd_dq_kernel(
 
 @triton.jit
 def bwd_dk_kernel(
-    Q, K, V, DH, IG, BB, MM, INV, NU, DCS, DNS, DK, KDK,
+    Q, K, V, DH, IG, BB, MM, MC, INV, NU, DCS, DNS, DK, KDK,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr,
     BLQ: tl.constexpr, BLK: tl.constexpr, BV: tl.constexpr,
@@ -194,8 +195,8 @@ def bwd_dk_kernel(
     q_base = Q + bh * S * DQK
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-    vv = i_s - b_s
-    e = tl.where(ms, tl.exp(vv - tl.load(MM + g_base + c_end - 1)), 0.0)
+    g = tl.load(BB + g_base + c_end - 1)
+    e = tl.where(ms, tl.exp((g - b_s) + i_s - tl.load(MC + bh * (NC + 1) + ci + 1)), 0.0)
     s_off = (bh * NC + ci) * DQK
     acc = tl.zeros([BLK, DQKP], dtype=tl.float32)
     for v0 in range(0, DV, BV):
@@ -213,7 +214,8 @@ def bwd_dk_kernel(
     for t0 in range(j0, c_end, BLQ):
         offs_t = t0 + tl.arange(0, BLQ)
         mt = offs_t < S
-        Mt = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
+        bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
+        mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
         inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
         nu = tl.load(NU + g_base + offs_t, mask=mt, other=0.0)
         svd = tl.zeros([BLK, BLQ], dtype=tl.float32)
@@ -226,7 +228,7 @@ def bwd_dk_kernel(
             delta = (dht.to(tl.float32) * inv[:, None]).to(dht.dtype)
             svd += tl.dot(vt, tl.trans(delta), input_precision=PREC)
         keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
-        d = tl.exp(tl.where(keep, vv[:, None] - Mt[None, :], -float("inf")))
+        d = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - mt_[None, :]), -float("inf")))
         p = (svd + nu[None, :]) * d * scale
         qt = tl.load(q_base + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
         acc += tl.dot(p.to(qt.dtype), qt, input_precision=PREC)
@@ -240,7 +242,7 @@ def bwd_dk_kernel(
 
 @triton.jit
 def bwd_dv_kernel(
-    Q, K, DH, IG, BB, MM, INV, DCS, DV_OUT,
+    Q, K, DH, IG, BB, MM, MC, INV, DCS, DV_OUT,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr,
     BLQ: tl.constexpr, BLK: tl.constexpr, BV: tl.constexpr,
@@ -261,8 +263,8 @@ def bwd_dv_kernel(
     g_base = bh * S
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-    vv = i_s - b_s
-    e = tl.where(ms, tl.exp(vv - tl.load(MM + g_base + c_end - 1)), 0.0)
+    g = tl.load(BB + g_base + c_end - 1)
+    e = tl.where(ms, tl.exp((g - b_s) + i_s - tl.load(MC + bh * (NC + 1) + ci + 1)), 0.0)
     kt = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
                  other=0.0)
     s_off = (bh * NC + ci) * DQK
@@ -278,12 +280,13 @@ def bwd_dv_kernel(
     for t0 in range(j0, c_end, BLQ):
         offs_t = t0 + tl.arange(0, BLQ)
         mt = offs_t < S
-        Mt = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
+        bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
+        mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
         inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
         qt = tl.load(q_base + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
         sc = tl.dot(kt, tl.trans(qt), input_precision=PREC) * scale
         keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
-        d = tl.exp(tl.where(keep, vv[:, None] - Mt[None, :], -float("inf")))
+        d = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - mt_[None, :]), -float("inf")))
         a = sc * d
         dht = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         delta = (dht.to(tl.float32) * inv[:, None]).to(dht.dtype)

@@ -49,7 +49,7 @@ def forward(
         "ns": torch.empty(bh, nc, dqk, device=dev, dtype=f32),
         "mc": torch.empty(bh, nc + 1, device=dev, dtype=f32),
         "b": torch.empty(bh, seq, device=dev, dtype=f32),
-        "M": torch.empty(bh, seq, device=dev, dtype=f32),
+        "M": torch.empty(bh, seq, device=dev, dtype=f32),  # per-token stabiliser m_t
         "cn": torch.empty(bh, dqk, dv, device=dev, dtype=f32),
         "nn": torch.empty(bh, dqk, device=dev, dtype=f32),
         "mn": torch.empty(bh, device=dev, dtype=f32),
@@ -117,7 +117,7 @@ def backward_kernels(
     dn0 = torch.empty(bh, dqk, device=dev, dtype=f32) if need_dinit else inv
     has_df = dcn is not None
     bwd_dstates[lambda meta: (triton.cdiv(dqk, meta["BK"]), triton.cdiv(dv, meta["BV"]), bh)](
-        q, dh, inv, nu, M, mc, dcn if has_df else inv, dnn if has_df else inv, dcs, dns, dc0, dn0,
+        q, dh, inv, nu, b, M, mc, dcn if has_df else inv, dnn if has_df else inv, dcs, dns, dc0, dn0,
         seq, nc, scale,
         DQK=dqk, DV=dv, L=chunk, HAS_DFINAL=has_df, WRITE_DINIT=need_dinit, PREC=prec, TK=tk,
     )
@@ -131,10 +131,10 @@ def backward_kernels(
         q, k, v, dh, i, b, M, mc, inv, nu, cs, ns, dq, qdq, seq, nc, scale, **common,
     )
     bwd_dk[lambda meta: (triton.cdiv(seq, meta["BLK"]), bh)](
-        q, k, v, dh, i, b, M, inv, nu, dcs, dns, dk, kdk, seq, nc, scale, **common,
+        q, k, v, dh, i, b, M, mc, inv, nu, dcs, dns, dk, kdk, seq, nc, scale, **common,
     )
     bwd_dv[lambda meta: (triton.cdiv(seq, meta["BLK"]), triton.cdiv(dv, meta["BV"]), bh)](
-        q, k, dh, i, b, M, inv, dcs, dvv, seq, nc, scale, **common,
+        q, k, dh, i, b, M, mc, inv, dcs, dvv, seq, nc, scale, **common,
     )
     out = {"dq": dq, "dk": dk, "dv": dvv, "qdq": qdq, "kdk": kdk, "gm": gm}
     if need_dinit:

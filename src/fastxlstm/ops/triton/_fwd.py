@@ -1,13 +1,14 @@
 """Forward kernels of the chunkwise mLSTM (two-level tiling as in Tiled Flash Linear Attention).
 
 Notation (per batch*head ``bh``; chunks of ``L`` tokens, the state granularity): ``b_t`` is the
-cumulative sum of ``logsigmoid(f)`` inside the chunk, ``m_c`` the stabiliser of the state entering
-chunk ``c`` and ``M_t = max(m_c, max_{s<=t in chunk}(i_s - b_s))``, so that the per-token stabiliser
-of the reference is ``m_t = b_t + M_t``. The decay weight between query ``t`` and key ``s`` of one
-chunk is ``D_ts = exp(i_s - b_s - M_t)`` (<= 1), that of the incoming state ``exp(m_c - M_t)``.
+cumulative sum of ``logsigmoid(f)`` inside the chunk, ``g`` its value at the chunk's end, ``m_c`` the
+stabiliser of the state entering chunk ``c`` and ``m_t = b_t + max(m_c, max_{s<=t in chunk}(i_s - b_s))``
+the per-token stabiliser of the reference. The decay weight between query ``t`` and key ``s`` of one
+chunk is ``D_ts = exp((b_t - b_s) + (i_s - m_t))`` (<= 1; written so that no large ``b`` is rounded
+before the difference, as in the reference), that of the incoming state ``exp(b_t + m_c - m_t)``.
 
 Kernel 1 (:func:`fwd_states_kernel`) runs the inter-chunk recurrence, one program per
-(DQK tile, DV tile, bh), and materialises the state entering every chunk plus ``b``, ``M``, ``m_c``.
+(DQK tile, DV tile, bh), and materialises the state entering every chunk plus ``b``, ``m_t``, ``m_c``.
 Kernel 2 (:func:`fwd_out_kernel`) computes the outputs, one program per (query tile, DV tile, bh):
 the inter-chunk term from the chunk's state and the intra-chunk causal part over key tiles.
 """
@@ -23,7 +24,7 @@ from ._common import autotune, logsigmoid, max_fn
 @triton.jit
 def fwd_states_kernel(
     K, V, IG, F, C0, N0, M0,  # inputs
-    CS, NS, MC, BB, MM,  # per-chunk states, per-chunk m, per-token b and M
+    CS, NS, MC, BB, MM,  # per-chunk states, per-chunk m, per-token b and m
     CN, NN, MN,  # final state (fp32)
     S, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -61,20 +62,21 @@ def fwd_states_kernel(
         ig = tl.load(IG + g_base + t, mask=mt, other=0.0)
         ls = tl.where(mt, logsigmoid(fg), 0.0)
         b = tl.cumsum(ls, axis=0)
-        vv = tl.where(mt, ig - b, -float("inf"))
+        g = tl.min(tl.where(mt, b, float("inf")), axis=0)  # b at the chunk's last token (b is non-increasing)
         if WRITE_GATES:
-            cm = tl.associative_scan(vv, 0, max_fn)
+            cm = tl.associative_scan(tl.where(mt, ig - b, -float("inf")), 0, max_fn)
             tl.store(BB + g_base + t, b, mask=mt & (t * 0 + pid_k + pid_v == 0))
-            tl.store(MM + g_base + t, tl.maximum(cm, m), mask=mt & (t * 0 + pid_k + pid_v == 0))
-        m_end = tl.maximum(m, tl.max(vv, axis=0))  # M at the chunk's last token
-        decay = tl.exp(m - m_end)
-        e = tl.exp(vv - m_end)  # weight of each token in the next state, <= 1
+            tl.store(MM + g_base + t, b + tl.maximum(cm, m), mask=mt & (t * 0 + pid_k + pid_v == 0))
+        a = tl.where(mt, (g - b) + ig, -float("inf"))  # log weight of each token at the chunk's end
+        m_next = tl.maximum(g + m, tl.max(a, axis=0))
+        decay = tl.exp(g + m - m_next)
+        e = tl.exp(a - m_next)  # weight of each token in the next state, <= 1
         kt = tl.load(k_base + t[:, None] * DQK + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         vt = tl.load(v_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         ke = kt.to(tl.float32) * e[:, None]
         c = decay * c + tl.dot(tl.trans(ke.to(kt.dtype)), vt, input_precision=PREC)
         n = decay * n + tl.sum(ke, axis=0)
-        m = tl.sum(ls, axis=0) + m_end
+        m = m_next
     tl.store(MC + bh * (NC + 1) + NC, m, mask=writer)
     if WRITE_FINAL:
         tl.store(CN + bh * DQK * DV + offs_k[:, None] * DV + offs_v[None, :], c, mask=mkv)
@@ -106,9 +108,9 @@ def fwd_out_kernel(
     q = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :],
                 other=0.0)
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
-    Mt = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
+    mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
     mc = tl.load(MC + bh * (NC + 1) + ci)
-    w = tl.exp(mc - Mt) * scale
+    w = tl.exp(bt + mc - mt_) * scale
     # inter-chunk part: q C_c and q . n_c
     s_off = (bh * NC + ci) * DQK
     cst = tl.load(CS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
@@ -132,11 +134,11 @@ def fwd_out_kernel(
         b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
         sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
         keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
-        d = tl.exp(tl.where(keep, (i_s - b_s)[None, :] - Mt[:, None], -float("inf")))
+        d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - mt_[:, None]), -float("inf")))
         sd = sc * d
         den += tl.sum(sd, axis=1)
         acc += tl.dot(sd.to(vt.dtype), vt, input_precision=PREC)
-    floor = tl.exp(-(bt + Mt))
+    floor = tl.exp(-mt_)
     dd = tl.maximum(tl.abs(den), floor) + eps
     h = acc / dd[:, None]
     tl.store(H + bh * S * DV + offs_t[:, None] * DV + offs_v[None, :], h.to(H.dtype.element_ty),

@@ -1,0 +1,512 @@
+"""mLSTM kernels: GPU accuracy check and benchmark against the official kernels and SDPA.
+
+  python benchmarks/kernels.py --check            # accuracy at the 7B shapes vs a float64 reference
+  python benchmarks/kernels.py --bench            # timings (JSON + markdown table + plot)
+  python benchmarks/kernels.py --bench --quick    # a subset (B=1, S in {8k, 32k}) with a per-kernel breakdown
+
+Shapes: xLSTM 7B cell (NH 8, DQK 256, DV 512), bf16 q/k/v, fp32 gates. Peers in the same run:
+``mlstm-kernels`` (``chunkwise--triton_xl_chunk``, ``chunkwise--triton_limit_chunk``; PyPI) and torch SDPA
+causal attention at Llama-3-8B shapes (32 query heads, 8 KV heads, D 128). Each figure comes with its floor:
+the bytes that must cross HBM (inputs read once, outputs written once) and the FLOPs of the chunkwise
+algorithm (chunk 64, causal half of the intra-chunk part), each over the ceilings measured in this run.
+``--tiny`` runs everything on tiny shapes (CPU interpreter dry run of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fastxlstm.ops.reference import mlstm_chunkwise_reference, mlstm_step_reference  # noqa: E402
+
+NH, DQK, DV = 8, 256, 512
+LLAMA = {"heads": 32, "kv_heads": 8, "d": 128}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def poison(device: torch.device) -> None:
+    """Fill the allocator's free blocks with NaN so that unwritten outputs show up."""
+    if device.type != "cuda":
+        return
+    free = torch.cuda.mem_get_info()[0]
+    size = min(int(free * 0.5), 8 << 30) // 4
+    junk = torch.empty(size, device=device, dtype=torch.float32)
+    junk.fill_(float("nan"))
+    del junk
+
+
+def make_inputs(b, s, dtype, device, seed, with_state=False, dqk=DQK, dv=DV, nh=NH):
+    """Fresh random inputs; gates spread like a trained 7B (input gate mostly negative, forget gate
+    mostly open) but with a wide tail, soft-capped at 15 as in the model."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    q, k = rn(b, nh, s, dqk), rn(b, nh, s, dqk)
+    v = rn(b, nh, s, dv)
+    i = 15 * torch.tanh((rn(b, nh, s) * 4 - 3) / 15)
+    f = 15 * torch.tanh((rn(b, nh, s) * 3 + 4) / 15)
+    out = [t.to(device, dtype) for t in (q, k, v)] + [t.to(device) for t in (i, f)]
+    state = None
+    if with_state:
+        state = (rn(b, nh, dqk, dv).to(device) * 0.3, rn(b, nh, dqk).to(device), rn(b, nh).to(device))
+    return out, state
+
+
+# ----------------------------------------------------------------------------------------- check
+def check(args, device) -> dict:
+    from fastxlstm.ops import triton as T
+
+    results = {"forward": [], "backward": [], "step": []}
+    s_fwd = 8192 if not args.tiny else 100
+    s_odd = 2000 if not args.tiny else 45
+    s_bwd = 2048 if not args.tiny else 64
+    tiny = dict(dqk=24, dv=40, nh=2) if args.tiny else {}
+    seed = int(time.time()) % 100000  # fresh inputs each run
+    kc = dict(kernel_chunk=32) if args.tiny else {}
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if not args.tiny else [torch.float32]
+    for dtype in dtypes:
+        for b, s, with_state in ((1, s_fwd, False), (2, s_odd, True)):
+            (q, k, v, i, f), st = make_inputs(b, s, dtype, device, seed, with_state, **tiny)
+            seed += 1
+            poison(device)
+            h, (c, n, m) = T.mlstm_chunkwise(q, k, v, i, f, st, **kc)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            ref_in = [t.double() for t in (q, k, v, i, f)]
+            hr, (cr, nr, mr) = mlstm_chunkwise_reference(*ref_in, None if st is None else tuple(x.double() for x in st),
+                                                         chunk_size=64)
+            row = {"dtype": str(dtype).split(".")[-1], "B": b, "S": s, "state": with_state,
+                   "h": rel(h, hr), "C": rel(c, cr), "n": rel(n, nr), "m": rel(m, mr),
+                   "nan": bool(torch.isnan(h).any() or torch.isnan(c).any())}
+            results["forward"].append(row)
+            print("fwd", row, flush=True)
+            del h, c, n, m, hr, cr, nr, mr
+    for dtype in ([torch.bfloat16, torch.float32] if not args.tiny else [torch.float32]):
+        for b, s, with_state in ((1, s_bwd, False), (1, s_bwd - 47, True)):
+            (q, k, v, i, f), st = make_inputs(b, s, dtype, device, seed, with_state, **tiny)
+            seed += 1
+            leaves = [q, k, v, i, f] + (list(st) if st is not None else [])
+            ours = [t.detach().clone().requires_grad_() for t in leaves]
+            ref = [t.detach().double().requires_grad_() for t in leaves]
+            poison(device)
+            _weighted_loss(T.mlstm_chunkwise, ours, seed, device, **kc).backward()
+            _weighted_loss(mlstm_chunkwise_reference, ref, seed, device, chunk_size=64).backward()
+            names = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
+            row = {"dtype": str(dtype).split(".")[-1], "B": b, "S": s, "state": with_state}
+            row.update({nm: rel(a.grad, r.grad) for nm, a, r in zip(names, ours, ref)})
+            results["backward"].append(row)
+            print("bwd", row, flush=True)
+    # decode step: functional, in place, and replayed from a CUDA graph
+    for b in ((1, 64) if not args.tiny else (3,)):
+        (q, k, v, i, f), st = make_inputs(b, 8, torch.bfloat16 if not args.tiny else torch.float32, device, seed,
+                                          True, **tiny)
+        seed += 1
+        steps = [tuple(t[:, :, j].contiguous() for t in (q, k, v, i, f)) for j in range(8)]
+        h_fun, s_fun = T.mlstm_step(*steps[0], st)
+        h0, s0 = mlstm_step_reference(*(t.double() for t in steps[0]), tuple(x.double() for x in st))
+        c, n, m = (x.clone().contiguous() for x in st)
+        ref_state = tuple(x.double() for x in st)
+        hbuf = torch.empty(steps[0][2].shape, device=device, dtype=q.dtype)
+        graph = None
+        if device.type == "cuda":
+            static = [torch.empty_like(t) for t in steps[0]]
+            warm = tuple(x.clone() for x in st)
+            T.mlstm_step_(*steps[0], *warm, hbuf)  # compile before capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                T.mlstm_step_(*static, c, n, m, hbuf)
+        errs = []
+        for xs in steps:
+            hr, ref_state = mlstm_step_reference(*(t.double() for t in xs), ref_state)
+            if graph is not None:
+                for dst, src in zip(static, xs):
+                    dst.copy_(src)
+                graph.replay()
+            else:
+                T.mlstm_step_(*xs, c, n, m, hbuf)
+            errs.append(rel(hbuf, hr))
+        row = {"B": b, "graph": graph is not None, "h_max_over_8_steps": max(errs), "C": rel(c, ref_state[0]),
+               "n": rel(n, ref_state[1]), "m": rel(m, ref_state[2]), "functional_h": rel(h_fun, h0),
+               "functional_C": rel(s_fun[0], s0[0])}
+        results["step"].append(row)
+        print("step", row, flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------- bench
+def measure_ceilings(device) -> dict:
+    if device.type != "cuda":
+        return {"copy_GBps": 1.0, "bf16_TFLOPs": 1.0}
+    import triton.testing as tt
+
+    x = torch.empty(1 << 30, device=device, dtype=torch.uint8).random_(0, 255)
+    t = tt.do_bench(functools.partial(torch.Tensor.copy_, torch.empty_like(x), x), warmup=25, rep=200,
+                    return_mode="median")
+    bw = 2 * x.numel() / (t * 1e-3) / 1e9
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t = tt.do_bench(functools.partial(torch.matmul, a, torch.randn_like(a)), warmup=25, rep=200,
+                    return_mode="median")
+    tf = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
+    return {"copy_GBps": bw, "bf16_TFLOPs": tf}
+
+
+def mlstm_floor(b, s, fwd_bwd: bool, ceil: dict, chunk: int = 64) -> dict:
+    tok = b * NH * s
+    io = tok * (2 * DQK * 2 + DV * 2 + 2 * 4) + tok * DV * 2  # q,k,v,i,f in, h out
+    fl = tok * (4 * DQK * DV + chunk * (DQK + DV))
+    if fwd_bwd:
+        io += tok * DV * 2 + tok * (2 * DQK * 2 + DV * 2 + 2 * 4)  # dh in; dq,dk,dv,di,df out
+        fl += tok * (8 * DQK * DV + chunk * (3 * DQK + 2 * DV))
+    t = max(io / (ceil["copy_GBps"] * 1e9), fl / (ceil["bf16_TFLOPs"] * 1e12)) * 1e3
+    return {"bytes": io, "flops": fl, "floor_ms": t}
+
+
+def sdpa_floor(b, s, fwd_bwd: bool, ceil: dict) -> dict:
+    h, kvh, d = LLAMA["heads"], LLAMA["kv_heads"], LLAMA["d"]
+    io = b * s * d * 2 * (h + 2 * kvh + h)
+    fl = 2 * b * h * s * s * d  # causal: half of 4 S^2 D per head
+    if fwd_bwd:
+        io *= 2
+        fl *= 3.5  # backward = 2.5x forward (5 matmuls instead of 2)
+    t = max(io / (ceil["copy_GBps"] * 1e9), fl / (ceil["bf16_TFLOPs"] * 1e12)) * 1e3
+    return {"bytes": io, "flops": fl, "floor_ms": t}
+
+
+def _forward_only(fn, args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _forward_backward(fn, leaves, grad):
+    for t in leaves:
+        t.grad = None
+    fn(*leaves).backward(grad)
+
+
+def _sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def _weighted_loss(fn, xs, seed, device, **kw):
+    """sum of every output times fixed random weights (the same for both implementations)."""
+    h, (c, n, m) = fn(*xs[:5], tuple(xs[5:]) if len(xs) > 5 else None, **kw)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = [torch.randn(t.shape, generator=gen).to(device) for t in (h, c, n, m)]
+    return sum((t.double() * wt.double()).sum() for t, wt in zip((h, c, n, m), w))
+
+
+def timeit(device, fn, *args, budget_s: float = 0.4) -> float:
+    """Median ms of ``fn(*args)``; repetitions adapted to the run time (L2 flushed between runs by do_bench)."""
+    fn = functools.partial(fn, *args)
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton.testing as tt
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = (time.perf_counter() - t0) * 1e3
+    rep = max(3 * one, min(budget_s * 1e3, 60 * one))
+    return tt.do_bench(fn, warmup=max(one, 5), rep=rep, return_mode="median")
+
+
+def impls(tiny: bool):
+    from fastxlstm.ops import triton as T
+
+    out = {}
+    kc = dict(kernel_chunk=32) if tiny else {}
+    for chunk in ((None,) if tiny else (128, 256)):
+        name = "fastxlstm" if chunk is None or chunk == 128 else f"fastxlstm-L{chunk}"
+        kw = dict(kc) if chunk is None else dict(kernel_chunk=chunk)
+        out[name] = lambda q, k, v, i, f, kw=kw: T.mlstm_chunkwise(q, k, v, i, f, **kw)[0]
+    try:
+        from mlstm_kernels.torch import get_mlstm_kernel
+
+        for name in ("chunkwise--triton_xl_chunk", "chunkwise--triton_limit_chunk"):
+            fn = get_mlstm_kernel(name)
+            out[name.split("--")[1]] = lambda q, k, v, i, f, fn=fn: fn(q=q, k=k, v=v, i=i, f=f)
+    except Exception as exc:  # noqa: BLE001
+        print(f"official mlstm-kernels not available: {exc!r}", flush=True)
+    return out
+
+
+def bench(args, device) -> dict:
+    ceil = measure_ceilings(device)
+    print("ceilings", ceil, flush=True)
+    res = {"ceilings": ceil, "chunkwise": [], "sdpa": [], "decode": []}
+    batches = (1,) if args.quick else (1, 8)
+    seqs = (8192, 32768) if args.quick else (2048, 8192, 32768, 65536)
+    if args.tiny:
+        batches, seqs = (1,), (64, 128)
+    kern = impls(args.tiny)
+    tiny = dict(dqk=24, dv=40, nh=2) if args.tiny else {}
+    dtype = torch.bfloat16 if not args.tiny else torch.float32
+    for b in batches:
+        for s in seqs:
+            (q, k, v, i, f), _ = make_inputs(b, s, dtype, device, seed=b * 7 + s, **tiny)
+            dh = torch.randn_like(v)
+            for name, fn in kern.items():
+                row = {"impl": name, "B": b, "S": s}
+                try:
+                    row["fwd_ms"] = timeit(device, _forward_only, fn, (q, k, v, i, f))
+                    leaves = [t.detach().requires_grad_() for t in (q, k, v, i, f)]
+                    row["fwdbwd_ms"] = timeit(device, _forward_backward, fn, leaves, dh)
+                    del leaves
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = repr(exc)[:300]
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+                row["floor_fwd"] = mlstm_floor(b, s, False, ceil)
+                row["floor_fwdbwd"] = mlstm_floor(b, s, True, ceil)
+                res["chunkwise"].append(row)
+                print("chunkwise", {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()
+                                    if not k_.startswith("floor")}, flush=True)
+            del q, k, v, i, f, dh
+            if args.tiny:
+                continue
+            row = {"impl": "sdpa-llama3-8b", "B": b, "S": s}
+            try:
+                hq, hk, d = LLAMA["heads"], LLAMA["kv_heads"], LLAMA["d"]
+                qa = torch.randn(b, hq, s, d, device=device, dtype=torch.bfloat16)
+                ka = torch.randn(b, hk, s, d, device=device, dtype=torch.bfloat16)
+                va = torch.randn(b, hk, s, d, device=device, dtype=torch.bfloat16)
+                row["fwd_ms"] = timeit(device, _forward_only, _sdpa, (qa, ka, va))
+                leaves = [t.detach().requires_grad_() for t in (qa, ka, va)]
+                row["fwdbwd_ms"] = timeit(device, _forward_backward, _sdpa, leaves, torch.randn_like(qa))
+                del qa, ka, va, leaves
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = repr(exc)[:300]
+            row["floor_fwd"] = sdpa_floor(b, s, False, ceil)
+            row["floor_fwdbwd"] = sdpa_floor(b, s, True, ceil)
+            res["sdpa"].append(row)
+            print("sdpa", {k_: v_ for k_, v_ in row.items() if not k_.startswith("floor")}, flush=True)
+            torch.cuda.empty_cache()
+    if not args.tiny and device.type == "cuda":
+        res["decode"] = bench_decode(device, ceil, (1, 8) if args.quick else (1, 8, 64, 256))
+    if args.quick and not args.tiny and device.type == "cuda":
+        res["breakdown"] = breakdown(device)
+    return res
+
+
+def bench_decode(device, ceil, batches) -> list:
+    """32 layers of the 7B cell state updated by one step each, captured in one CUDA graph."""
+
+    rows = []
+    layers = 32
+    try:
+        from mlstm_kernels.torch.recurrent.triton_step import mlstm_recurrent_step__triton_fw as official_step
+    except Exception:  # noqa: BLE001
+        official_step = None
+    for b in batches:
+        (q, k, v, i, f), st = make_inputs(b, 1, torch.bfloat16, device, seed=b, with_state=True)
+        q, k, v = (t[:, :, 0].contiguous() for t in (q, k, v))
+        i, f = (t[:, :, 0].contiguous() for t in (i, f))
+        states = [tuple(x.clone() for x in st) for _ in range(layers)]
+        h = torch.empty(b, NH, DV, device=device, dtype=torch.bfloat16)
+        bytes_state = layers * b * NH * (DQK * DV + DQK + 1) * 4 * 2
+        row = {"B": b, "layers": layers, "state_bytes_rw": bytes_state,
+               "floor_ms": bytes_state / (ceil["copy_GBps"] * 1e9) * 1e3}
+
+        row["fastxlstm_ms"] = graph_time(_our_steps, states, (q, k, v, i, f), h)
+        if official_step is not None:
+            try:
+                i3, f3 = i[..., None], f[..., None]
+                outs = [tuple(x.clone() for x in st) for _ in range(layers)]
+                m3 = [s_[2][..., None].contiguous() for s_ in states]
+                mo3 = [o[2][..., None].contiguous() for o in outs]
+
+                row["official_triton_step_ms"] = graph_time(_official_steps, official_step, states, m3, outs, mo3,
+                                                            (q, k, v, i3, f3))
+                del outs
+            except Exception as exc:  # noqa: BLE001
+                row["official_error"] = repr(exc)[:300]
+        # the 7B decode step's own floor: every weight read once (bf16), or the matmuls at peak
+        params = 6.87e9
+        step_floor = max(params * 2 / (ceil["copy_GBps"] * 1e9), 2 * params * b / (ceil["bf16_TFLOPs"] * 1e12)) * 1e3
+        row["model_step_floor_ms_excl_state"] = step_floor
+        row["share_of_step"] = row["fastxlstm_ms"] / (step_floor + row["fastxlstm_ms"])
+        rows.append(row)
+        print("decode", row, flush=True)
+        del states
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _our_steps(states, x, h):
+    from fastxlstm.ops import triton as T
+
+    for c, n, m in states:
+        T.mlstm_step_(*x, c, n, m, h)
+
+
+def _official_steps(step, states, m3, outs, mo3, x):
+    for (c, n, _), m_, (co, no, _), mo in zip(states, m3, outs, mo3):
+        step(c, n, m_, *x, matC_new=co, vecN_new=no, scaM_new=mo)
+
+
+def graph_time(fn, *args) -> float:
+    import triton.testing as tt
+
+    fn = functools.partial(fn, *args)
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return tt.do_bench(g.replay, warmup=20, rep=200, return_mode="median")
+
+
+def breakdown(device) -> list:
+    """Per-kernel times of ours at B=1, S=8k (after tuning), to see where the time goes."""
+    import triton.testing as tt
+
+    from fastxlstm.ops.triton import _chunkwise as CW
+
+    rows = []
+    for chunk in (128, 256):
+        (q, k, v, i, f), _ = make_inputs(1, 8192, torch.bfloat16, device, seed=3)
+        q3, k3 = q.reshape(NH, -1, DQK).contiguous(), k.reshape(NH, -1, DQK).contiguous()
+        v3 = v.reshape(NH, -1, DV).contiguous()
+        i2, f2 = i.reshape(NH, -1).contiguous(), f.reshape(NH, -1).contiguous()
+        fwd = functools.partial(CW.forward, q3, k3, v3, i2, f2, None, None, None, 1e-6, chunk)
+        out = fwd()
+        t_states = tt.do_bench(functools.partial(fwd, write_gates_only=True), return_mode="median")
+        t_fwd = tt.do_bench(fwd, return_mode="median")
+        cs, ns = CW.recompute_states(k3, v3, i2, f2, None, None, None, out["b"], out["M"], chunk)
+        bwd = functools.partial(CW.backward_kernels, q3, k3, v3, i2, out["h"], torch.randn_like(out["h"]), out["b"],
+                                out["M"], out["den"], out["mc"], cs, ns, None, None, False, 1e-6, chunk)
+        t_bwd = tt.do_bench(bwd, return_mode="median")
+        g = bwd()
+        t_gates = tt.do_bench(functools.partial(CW.gate_grads, i2, f2, out["b"], out["mc"], g["qdq"], g["kdk"],
+                                                g["gm"], None, None, chunk), return_mode="median")
+        row = {"chunk": chunk, "states_ms": t_states, "fwd_total_ms": t_fwd, "bwd_kernels_ms": t_bwd,
+               "gate_grads_ms": t_gates}
+        rows.append(row)
+        print("breakdown", row, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- output
+def table(res: dict) -> str:
+    lines = ["| B | S | impl | fwd ms | fwd floor ms | fwd+bwd ms | fwd+bwd floor ms | fwd vs xl_chunk | "
+             "fwd+bwd vs xl_chunk |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = res.get("chunkwise", []) + res.get("sdpa", [])
+    ref = {(r["B"], r["S"]): r for r in rows if r["impl"] == "triton_xl_chunk" and "fwd_ms" in r}
+    for r in sorted(rows, key=lambda r: (r["B"], r["S"], r["impl"])):
+        x = ref.get((r["B"], r["S"]))
+
+        def ratio(key, r=r, x=x):
+            return f"{x[key] / r[key]:.2f}x" if x and key in r and key in x else "-"
+
+        def ms(key, r=r):
+            return f"{r[key]:.3f}" if key in r else r.get("error", "-")[:40]
+        lines.append(f"| {r['B']} | {r['S']} | {r['impl']} | {ms('fwd_ms')} | {r['floor_fwd']['floor_ms']:.3f} | "
+                     f"{ms('fwdbwd_ms')} | {r['floor_fwdbwd']['floor_ms']:.3f} | {ratio('fwd_ms')} | "
+                     f"{ratio('fwdbwd_ms')} |")
+    if res.get("decode"):
+        lines += ["", "| B | 32-layer step, ms | official triton step, ms | state floor ms | share of a 7B step |",
+                  "|---|---|---|---|---|"]
+        for r in res["decode"]:
+            off = f"{r['official_triton_step_ms']:.4f}" if "official_triton_step_ms" in r else "-"
+            lines.append(f"| {r['B']} | {r['fastxlstm_ms']:.4f} | {off} | {r['floor_ms']:.4f} | "
+                         f"{100 * r['share_of_step']:.1f}% |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return
+    rows = res.get("chunkwise", []) + res.get("sdpa", [])
+    batches = sorted({r["B"] for r in rows})
+    fig, axes = plt.subplots(len(batches), 2, figsize=(11, 4 * len(batches)), squeeze=False)
+    for bi, b in enumerate(batches):
+        for ci, key in enumerate(("fwd_ms", "fwdbwd_ms")):
+            ax = axes[bi][ci]
+            for impl in sorted({r["impl"] for r in rows}):
+                pts = sorted((r["S"], r[key]) for r in rows if r["impl"] == impl and r["B"] == b and key in r)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("ms")
+            ax.set_title(f"B={b} {'forward' if ci == 0 else 'forward+backward'}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU interpreter dry run)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    meta = {"date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "triton": triton.__version__,
+            "autotune": os.environ.get("FASTXLSTM_TRITON_AUTOTUNE", "1")}
+    try:
+        import importlib.metadata as im
+
+        meta["mlstm_kernels"] = im.version("mlstm_kernels")
+    except Exception:  # noqa: BLE001
+        meta["mlstm_kernels"] = None
+    print(meta, flush=True)
+    tag = f"_{args.tag}" if args.tag else ""
+    if args.check:
+        t = time.time()
+        res = {"meta": meta, **check(args, device)}
+        res["seconds"] = time.time() - t
+        (out / f"kernels_check{tag}.json").write_text(json.dumps(res, indent=1))
+    if args.bench:
+        t = time.time()
+        res = {"meta": meta, **bench(args, device)}
+        res["seconds"] = time.time() - t
+        name = "kernels_quick" if args.quick else "kernels"
+        (out / f"{name}{tag}.json").write_text(json.dumps(res, indent=1))
+        md = table(res)
+        (out / f"{name}{tag}.md").write_text(md + "\n")
+        plot(res, out / f"{name}{tag}.png")
+        print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -430,6 +430,9 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        engine = getattr(backend, "engine", None)
+        if engine is not None and hasattr(engine, "warmup"):  # capture CUDA graphs before serving (no-op on CPU)
+            await asyncio.to_thread(engine.warmup)
         server.scheduler.start()
         try:
             yield

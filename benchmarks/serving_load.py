@@ -1,0 +1,266 @@
+"""Serving load test: many concurrent streaming clients against ``fastxlstm serve``.
+
+Measures, in one run on one device:
+  1. the peer: the engine's own batched decode (``Engine.decode_step`` over all slots, CUDA graphs,
+     no server) at batch = --max-slots, tokens/s;
+  2. the server (``python -m fastxlstm serve`` in a subprocess) under --requests streaming
+     completions with --concurrency clients at a time (prompt lengths uniform in
+     [--min-prompt, --max-prompt] tokens, --output-tokens each, greedy, ignore_eos):
+     output throughput, TTFT, inter-token latency (ITL) and TPOT percentiles;
+  3. the prefix cache: chat requests sharing a --system-tokens system prompt, cold vs cached TTFT.
+
+Client requests ask ``logprobs: 0`` so that every token arrives as its own SSE chunk (a random
+model's tokens mostly decode to no text with the byte-level tokenizer), which makes ITL per token.
+
+    PYTHONPATH=src python benchmarks/serving_load.py --model random:xlstm-1.3b --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def summary(values: list[float], scale: float = 1000.0) -> dict:
+    return {"mean": sum(values) / len(values) * scale if values else float("nan"),
+            **{f"p{q}": pct(values, q) * scale for q in (50, 90, 99)}}
+
+
+# ----------------------------------------------------------------------------------------- the peer
+def engine_peer(model_spec: str, slots: int, steps: int, dtype: str) -> dict:
+    """The engine's batched decode without the server: all slots decoding, one CUDA-graph replay per step."""
+    import torch
+
+    from fastxlstm.checkpoint import load
+    from fastxlstm.engine import Engine
+    from fastxlstm.generation.sampling import SamplingParams
+
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    model = load(model_spec, device="cuda", dtype=dt, weight_mode="fused")
+    eng = Engine(model, max_slots=slots)
+    ids = [eng.allocate_slot() for _ in range(slots)]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 259, (128,), generator=g).tolist() for _ in ids]
+    params = SamplingParams(max_new_tokens=10**9, ignore_eos=True)
+    logits = eng.prefill_into_slots(ids, prompts, params=[params] * slots)
+    eng.sample(ids, logits)
+    eng.warmup([slots])
+    out = {}
+    for name, fn in (
+        ("graph_replay", lambda: eng.decode_step(return_outputs=False)),
+        # what the server's scheduler does per step: explicit slots/tokens in, logits out, argmax, one host sync
+        ("scheduler_like", lambda: eng.decode_step(ids, [5] * slots, return_logits=True).logits.argmax(-1).tolist()),
+    ):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        dt_s = time.perf_counter() - t0
+        out[name] = {"step_ms": dt_s / steps * 1000, "tokens_per_s": slots * steps / dt_s}
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the client
+async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    times: list[float] = []
+    usage = None
+    async with client.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            return {"error": r.status_code, "body": (await r.aread()).decode()[:200]}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if "error" in obj:
+                return {"error": obj["error"]}
+            if obj.get("usage"):
+                usage = obj["usage"]
+            for ch in obj.get("choices", []):
+                delta = ch.get("text") or (ch.get("delta") or {}).get("content")
+                if ch.get("logprobs") or delta:
+                    times.append(time.perf_counter())
+    t1 = time.perf_counter()
+    return {"start": t0, "end": t1, "times": times, "usage": usage}
+
+
+async def load_test(base: str, model: str, n: int, concurrency: int, min_p: int, max_p: int, out_tokens: int,
+                    seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz     ,.ETAOINSHRDLU"
+    prompts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(min_p, max_p))) for _ in range(n)]
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        async def one(p: str) -> dict:
+            async with sem:
+                return await stream_one(client, "/v1/completions", {
+                    "model": model, "prompt": p, "max_tokens": out_tokens, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}})
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+    errors = [r for r in results if "error" in r]
+    ok = [r for r in results if "error" not in r]
+    out_tok = sum(r["usage"]["completion_tokens"] for r in ok)
+    in_tok = sum(r["usage"]["prompt_tokens"] for r in ok)
+    ttft = [r["times"][0] - r["start"] for r in ok if r["times"]]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in ok if len(r["times"]) > 1]
+    e2e = [r["end"] - r["start"] for r in ok]
+    return {"requests": n, "concurrency": concurrency, "errors": len(errors), "error_samples": errors[:3],
+            "wall_s": wall, "prompt_tokens": in_tok, "completion_tokens": out_tok,
+            "output_tokens_per_s": out_tok / wall, "total_tokens_per_s": (in_tok + out_tok) / wall,
+            "requests_per_s": len(ok) / wall, "ttft_ms": summary(ttft), "itl_ms": summary(itl),
+            "tpot_ms": summary(tpot), "e2e_s": summary(e2e, 1.0)}
+
+
+async def prefix_test(base: str, model: str, system_tokens: int, n: int, concurrency: int) -> dict:
+    rng = random.Random(1)
+    system = "".join(rng.choice("abcdefghij klmnop") for _ in range(system_tokens))
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        async def ask(i: int) -> dict:
+            body = {"model": model, "messages": [{"role": "system", "content": system},
+                                                 {"role": "user", "content": f"question number {i}?"}],
+                    "max_tokens": 16, "temperature": 0, "stream": True, "logprobs": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
+            return await stream_one(client, "/v1/chat/completions", body)
+
+        cold = await ask(-1)
+        sem = asyncio.Semaphore(concurrency)
+
+        async def warm(i):
+            async with sem:
+                return await ask(i)
+
+        rest = await asyncio.gather(*(warm(i) for i in range(n)))
+    ttft = [r["times"][0] - r["start"] for r in rest if "error" not in r and r["times"]]
+    cached = [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in rest if "error" not in r]
+    return {"system_prompt_tokens": cold["usage"]["prompt_tokens"], "cold_ttft_ms": (cold["times"][0] - cold["start"])
+            * 1000, "cold_cached_tokens": cold["usage"]["prompt_tokens_details"]["cached_tokens"],
+            "warm_requests": n, "warm_concurrency": concurrency, "warm_ttft_ms": summary(ttft),
+            "warm_cached_tokens_mean": sum(cached) / max(1, len(cached)),
+            "warm_prompt_tokens_mean": sum(r["usage"]["prompt_tokens"] for r in rest if "error" not in r) / max(
+                1, len(rest))}
+
+
+def metrics_snapshot(base: str) -> dict:
+    want = ("fastxlstm_prefix_cache_hits_total", "fastxlstm_prefix_cache_misses_total",
+            "fastxlstm_prefill_tokens_total", "fastxlstm_prompt_tokens_total", "fastxlstm_generation_tokens_total",
+            "fastxlstm_slots_used", "fastxlstm_requests_running")
+    out = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        name = line.split(" ")[0]
+        if name in want:
+            out[name] = float(line.split(" ")[1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="random:xlstm-1.3b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-slots", type=int, default=64)
+    ap.add_argument("--min-prompt", type=int, default=64)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--output-tokens", type=int, default=256)
+    ap.add_argument("--system-tokens", type=int, default=2000)
+    ap.add_argument("--peer-steps", type=int, default=100)
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result: dict = {"benchmark": "serving_load", "date": time.strftime("%Y-%m-%d"), "device": device,
+                    "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": args.model,
+                    "dtype": args.dtype, "max_slots": args.max_slots, "torch": torch.__version__}
+    if not args.skip_peer and torch.cuda.is_available():
+        t = time.perf_counter()
+        result["engine_peer"] = engine_peer(args.model, args.max_slots, args.peer_steps, args.dtype)
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"peer done in {time.perf_counter() - t:.1f}s: {result['engine_peer']}", flush=True)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "fastxlstm", "serve", "--model", args.model, "--port", str(port),
+           "--served-model-name", "bench", "--max-slots", str(args.max_slots), "--max-waiting", str(4 * args.requests),
+           "--dtype", args.dtype, "--log-level", "warning"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        result["server_start_s"] = time.perf_counter() - t
+        print(f"server up in {result['server_start_s']:.1f}s", flush=True)
+        asyncio.run(load_test(base, "bench", 16, 16, args.min_prompt, args.max_prompt, 16, seed=99))  # warm-up
+        result["load"] = asyncio.run(load_test(base, "bench", args.requests, args.concurrency, args.min_prompt,
+                                               args.max_prompt, args.output_tokens))
+        print(json.dumps(result["load"], indent=1), flush=True)
+        before = metrics_snapshot(base)
+        result["prefix_cache"] = asyncio.run(prefix_test(base, "bench", args.system_tokens, 32, 8))
+        after = metrics_snapshot(base)
+        result["prefix_cache"]["metrics_delta"] = {k: after[k] - before.get(k, 0) for k in after}
+        print(json.dumps(result["prefix_cache"], indent=1), flush=True)
+        result["metrics_end"] = after
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if "engine_peer" in result:
+        peer = result["engine_peer"]["graph_replay"]["tokens_per_s"]
+        result["server_over_engine_decode"] = result["load"]["output_tokens_per_s"] / peer
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    ld = result["load"]
+    print(f"\n{args.model} on {device}: {ld['requests']} requests, {ld['concurrency']} concurrent: "
+          f"{ld['output_tokens_per_s']:.0f} output tok/s, TTFT p50 {ld['ttft_ms']['p50']:.0f} ms "
+          f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL p50 {ld['itl_ms']['p50']:.1f} ms p99 {ld['itl_ms']['p99']:.1f} ms")
+    if "server_over_engine_decode" in result:
+        print(f"server / engine batched decode: {result['server_over_engine_decode']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -66,9 +66,14 @@ def _rope_cache(seq: int, head_dim: int, theta: float, device: torch.device) -> 
     return ang.cos(), ang.sin()
 
 
+def _up(x: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[..., :h/2], x[..., h/2:]) of ``x [B,NH,S,DH]`` (the Llama/NeoX half layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = _up(x).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
 
@@ -80,7 +85,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = _up(x)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -151,7 +156,8 @@ class LlamaForCausalLM(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
-        return self.lm_head(self.norm(x)).float(), None
+        logits = self.lm_head(self.norm(x))
+        return (logits if logits.dtype == torch.float64 else logits.float()), None
 
     def loss(self, input_ids: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
         logits, _ = self(input_ids)

@@ -22,5 +22,7 @@ case $mode in
     python3 benchmarks/inference.py --systems fastxlstm --prompt-lengths 2048,8192,32768,65536,131072 \
       --deadline 300 --out-dir "$OUT" --tag ours "$@" ;;
   full)
-    python3 benchmarks/inference.py --out-dir "$OUT" --tag inference "$@" ;;
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -4
+    python3 benchmarks/inference.py --out-dir "$OUT" --tag inference \
+      --deadlines fastxlstm=95,official=115,hf-xlstm=55,llama=210 "$@" ;;
 esac

@@ -17,6 +17,17 @@ def _ints(text: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from e
 
 
+def _deadlines(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, _, sec = item.partition("=")
+        try:
+            out[name.strip()] = float(sec)
+        except ValueError as e:
+            raise typer.BadParameter(f"expected name=seconds, got {item!r}") from e
+    return out
+
+
 def bench(
     model: Annotated[str, typer.Option(help="fastxlstm model: directory, hub id or random:<preset>")] = (
         "random:xlstm-7b"),
@@ -28,6 +39,7 @@ def bench(
     decode_steps: Annotated[int, typer.Option(min=4)] = 48,
     prefill_chunk: Annotated[int, typer.Option(min=64, help="fastxlstm prefill chunk (tokens)")] = 4096,
     deadline: Annotated[float, typer.Option(help="seconds per system")] = 300.0,
+    deadlines: Annotated[str, typer.Option(help="per-system seconds, e.g. llama=240,hf-xlstm=60")] = "",
     out_dir: Annotated[Path, typer.Option(help="where inference.json and inference.png go")] = Path(
         "benchmarks/results"),
     tag: Annotated[str, typer.Option(help="file name stem of the results")] = "inference",
@@ -45,7 +57,7 @@ def bench(
         raise typer.BadParameter(f"unknown systems {bad}; choose from {', '.join(ORDER)}")
     plan = Plan(batch_sizes=_ints(batch_sizes), prompt_lengths=_ints(prompt_lengths),
                 generate_lengths=_ints(generate_lengths), decode_steps=decode_steps, model=model, small=small,
-                prefill_chunk=prefill_chunk, deadline_s=deadline)
+                prefill_chunk=prefill_chunk, deadline_s=deadline, deadlines=_deadlines(deadlines))
     command = "fastxlstm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     results = run(plan, chosen, out_dir, tag=tag, command=command)
     png = plot(results, out_dir / f"{tag}.png")

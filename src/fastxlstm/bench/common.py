@@ -29,6 +29,10 @@ class Plan:
     small: bool = False  # smoke test: tiny configs for every system
     prefill_chunk: int = 4096
     deadline_s: float = 300.0  # per system
+    deadlines: dict[str, float] = field(default_factory=dict)  # per-system overrides
+
+    def deadline_for(self, system: str) -> float:
+        return float(self.deadlines.get(system, self.deadline_s))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:

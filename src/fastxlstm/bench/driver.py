@@ -48,7 +48,7 @@ def run(plan: Plan, systems: list[str], out_dir: str | Path, tag: str = "inferen
         cmd = [sys.executable, "-m", "fastxlstm.bench.worker", system, json.dumps(asdict(plan)), str(part)]
         print(f"[bench] {system} ...", flush=True)
         try:
-            proc = subprocess.run(cmd, env=_env_for(system), timeout=plan.deadline_s + 90)
+            proc = subprocess.run(cmd, env=_env_for(system), timeout=plan.deadline_for(system) + 30)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"

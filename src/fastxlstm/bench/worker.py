@@ -12,7 +12,7 @@ from .common import Plan, Recorder, device_name
 def main(argv: list[str] | None = None) -> int:
     system, plan_json, out = (argv or sys.argv[1:])[:3]
     plan = Plan.from_dict(json.loads(plan_json))
-    rec = Recorder(system, out, plan.deadline_s)
+    rec = Recorder(system, out, plan.deadline_for(system))
     rec.set("device", device_name())
     try:
         from .systems import SYSTEMS

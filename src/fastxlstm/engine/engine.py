@@ -99,7 +99,9 @@ class Engine:
         self._params: list[SamplingParams | None] = [None] * n
         self._running: set[int] = set()
         self._read_pos = [0] * n
-        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        # (bucket, mode) -> (graph, its logits, the captured function). The function is kept alive
+        # because the graph reads tensors it owns (e.g. the row indices) on every replay.
+        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, Tensor, object]] = {}
         self._pool = None
 
     # ------------------------------------------------------------------------ slots
@@ -340,8 +342,8 @@ class Engine:
             if self._pool is None:
                 self._pool = graph.pool()
             self.active.copy_(saved)
-            self._graphs[key] = (graph, out)
-        return self._graphs[key]
+            self._graphs[key] = (graph, out, fn)
+        return self._graphs[key][:2]
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, modes: Sequence[str] = ("greedy",)) -> None:
         """Capture the CUDA graphs of the given batch buckets ahead of time (no-op on CPU)."""

@@ -73,13 +73,16 @@ if HAS_TRITON:
         tl.store(y_ptr + row * sy + cols, y, mask=mask)
 
     @triton.jit
-    def _gates_kernel(p_ptr, a_ptr, i_ptr, f_ptr, sp, cap, NH: tl.constexpr, BLOCK: tl.constexpr,
+    def _gates_kernel(p_ptr, b_ptr, a_ptr, i_ptr, f_ptr, sp, cap, NH: tl.constexpr, BLOCK: tl.constexpr,
                       HAS_CAP: tl.constexpr, HAS_ACTIVE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK)
         mask = h < NH
         ig = tl.load(p_ptr + row * sp + h, mask=mask, other=0.0).to(tl.float32)
         fg = tl.load(p_ptr + row * sp + NH + h, mask=mask, other=0.0).to(tl.float32)
+        # the bias add rounds to the activation dtype, as the model's linear layer does
+        ig = (ig + tl.load(b_ptr + h, mask=mask, other=0.0)).to(p_ptr.dtype.element_ty).to(tl.float32)
+        fg = (fg + tl.load(b_ptr + NH + h, mask=mask, other=0.0)).to(p_ptr.dtype.element_ty).to(tl.float32)
         if HAS_CAP:
             ig = cap * _tanh(ig / cap)
             fg = cap * _tanh(fg / cap)
@@ -166,18 +169,22 @@ def add_rmsnorm(x: Tensor, delta: Tensor | None, weight: Tensor | None, eps: flo
     return y + bias if bias is not None else y
 
 
-def gates(pre: Tensor, num_heads: int, cap: float | None, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Soft-capped float32 gates ``(i, f)`` ``[N, NH]`` from ``pre = [i | f]`` preactivations ``[N, 2NH]``."""
+def gates(pre: Tensor, num_heads: int, cap: float | None, active: Tensor | None = None,
+          bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Soft-capped float32 gates ``(i, f)`` ``[N, NH]`` from ``pre = [i | f]`` preactivations ``[N, 2NH]``
+    (plus the float32 ``bias [2NH]``, rounded to pre's dtype as a linear layer's output is)."""
     n = pre.shape[0]
+    if bias is None:
+        bias = torch.zeros(2 * num_heads, device=pre.device, dtype=torch.float32)
     if use_triton(pre) and pre.stride(-1) == 1:
         i = torch.empty(n, num_heads, device=pre.device, dtype=torch.float32)
         f = torch.empty_like(i)
         act = active if active is not None else i
-        _gates_kernel[(n,)](pre, act, i, f, pre.stride(0), float(cap or 1.0), NH=num_heads,
+        _gates_kernel[(n,)](pre, bias, act, i, f, pre.stride(0), float(cap or 1.0), NH=num_heads,
                             BLOCK=_next_pow2(num_heads), HAS_CAP=cap is not None, HAS_ACTIVE=active is not None,
                             num_warps=1)
         return i, f
-    g = pre.float()
+    g = (pre.float() + bias).to(pre.dtype).float()
     if cap is not None:
         g = cap * torch.tanh(g / cap)
     i, f = g[:, :num_heads], g[:, num_heads:]

@@ -102,8 +102,8 @@ def select_step(backend: str, device: torch.device) -> tuple[str, StepFn]:
 @dataclass
 class LayerWeights:
     norm_mlstm: Tensor
-    w_in: Tensor          # [2*qk + 2*v + 2*NH, D]: q | k | v | o | i | f
-    b_in: Tensor | None
+    w_in: Tensor          # [2*qk + 2*v + 2*NH, D]: q | k | v | o | i | f (no bias: see gate_bias)
+    gate_bias: Tensor     # float32 [2*NH]: i | f gate biases, added in the gate kernel
     mh_norm: Tensor
     w_out: Tensor
     b_out: Tensor | None
@@ -156,20 +156,16 @@ def fuse_weights(model: XLSTMForCausalLM) -> list[LayerWeights]:
         w_in = _cat_rows([t.detach() for t in mats])
         nh = cfg.num_heads
         gate_bias = (torch.cat([layer.igate_preact.bias, layer.fgate_preact.bias]) if not layer.fused
-                     else layer.ifgate_preact.bias).detach()
-        b_in = torch.cat([torch.zeros(w_in.shape[0] - 2 * nh, dtype=w_in.dtype, device=w_in.device), gate_bias])
-        # (b_in is small: a fresh copy each time, and the model's gate biases become views of it)
+                     else layer.ifgate_preact.bias).detach().float()
+        assert gate_bias.numel() == 2 * nh
         parts = w_in.split(sizes, dim=0)
         if layer.fused:
             _param_view(layer.qkv_opreact, "weight", parts[0])
             _param_view(layer.ifgate_preact, "weight", parts[1])
-            _param_view(layer.ifgate_preact, "bias", b_in[-2 * nh:])
         else:
             for mod, t in zip((layer.q, layer.k, layer.v, layer.ogate_preact, layer.igate_preact,
                                layer.fgate_preact), parts):
                 _param_view(mod, "weight", t)
-            _param_view(layer.igate_preact, "bias", b_in[-2 * nh:-nh])
-            _param_view(layer.fgate_preact, "bias", b_in[-nh:])
         if ffn.fused:
             w_up = ffn.proj_up_gate_z.weight.detach()
         else:
@@ -178,7 +174,7 @@ def fuse_weights(model: XLSTMForCausalLM) -> list[LayerWeights]:
             _param_view(ffn.proj_up_gate, "weight", g)
             _param_view(ffn.proj_up, "weight", u)
         out.append(LayerWeights(
-            norm_mlstm=block.norm_mlstm.weight.detach(), w_in=w_in, b_in=b_in,
+            norm_mlstm=block.norm_mlstm.weight.detach(), w_in=w_in, gate_bias=gate_bias,
             mh_norm=layer.multihead_norm.weight.detach(), w_out=layer.out_proj.weight.detach(), b_out=None,
             norm_ffn=block.norm_ffn.weight.detach(), w_up=w_up, b_up=None,
             w_down=ffn.proj_down.weight.detach(), b_down=None,
@@ -218,9 +214,9 @@ class Runner:
 
     def _mlstm_seq(self, lw: LayerWeights, y: Tensor, b: int, s: int, state: State | None) -> tuple[Tensor, State]:
         cfg = self.config
-        proj = F.linear(y, lw.w_in, lw.b_in)  # [b*s, P]
+        proj = F.linear(y, lw.w_in)  # [b*s, P]
         q, k, v, o, g = proj.split(self.splits, dim=-1)
-        i, f = K.gates(g, self.nh, cfg.gate_soft_cap)
+        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, bias=lw.gate_bias)
         q = q.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
         k = k.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
         v = v.reshape(b, s, self.nh, self.dv).transpose(1, 2)
@@ -235,9 +231,9 @@ class Runner:
                     active: Tensor | None) -> Tensor:
         cfg = self.config
         bsz = y.shape[0]
-        proj = F.linear(y, lw.w_in, lw.b_in)
+        proj = F.linear(y, lw.w_in)
         q, k, v, o, g = proj.split(self.splits, dim=-1)
-        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, active)
+        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, active, bias=lw.gate_bias)
         h = self.step_fn(q.reshape(bsz, self.nh, self.dqk), k.reshape(bsz, self.nh, self.dqk),
                          v.reshape(bsz, self.nh, self.dv), i, f, c, n, m, cfg.eps)
         return K.mhnorm_ogate(h, o, lw.mh_norm, cfg.norm_eps)

@@ -34,16 +34,20 @@ Slot-level API (what a server builds on), ``engine = Engine(model, max_slots=64)
 * ``get_slot_state(slot) -> list[(C, n, m)]`` (copies, float32, leading dim 1) and
   ``set_slot_state(slot, state)``; ``warmup(batch_sizes)`` captures graphs ahead of time.
 
+``EngineSlotBackend(model, max_slots)`` (``fastxlstm.engine.backend``) adapts the Engine to the serving
+scheduler's ``SlotBackend`` protocol (``prefill/load/read/release/decode``).
+
 Sampling (``fastxlstm.generation.sampling.SamplingParams``): greedy / temperature / top-k / top-p /
 min-p / repetition penalty / per-request seed, all per slot, all on the GPU inside the graph; a seeded
 request draws the same tokens whatever batch it runs in (counter-based RNG keyed by seed and step).
 """
 
 from ..generation.sampling import SamplingParams
+from .backend import EngineSlotBackend
 from .engine import DecodeOutput, Engine, SlotRead
 from .llm import LLM, GenerationResult
 from .runner import Runner
 from .state import SequenceState
 
-__all__ = ["LLM", "DecodeOutput", "Engine", "GenerationResult", "Runner", "SamplingParams", "SequenceState",
-           "SlotRead"]
+__all__ = ["LLM", "DecodeOutput", "Engine", "EngineSlotBackend", "GenerationResult", "Runner", "SamplingParams",
+           "SequenceState", "SlotRead"]

@@ -227,3 +227,24 @@ def test_train_rejects_data_with_a_larger_vocabulary(data, tmp_path):
     c = TrainConfig.load(cfg, ["model.overrides={embedding_dim: 32, num_blocks: 1, num_heads: 2, vocab_size: 32}"])
     with pytest.raises(ValueError, match="vocab_size 32"):
         run(c)
+
+
+def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
+    plain = tiny_config(tmp_path / "a.yaml", data, tmp_path / "a", train={"steps": 4})
+    ac = tiny_config(tmp_path / "b.yaml", data, tmp_path / "b", train={"steps": 4, "activation_checkpointing": True})
+    run(TrainConfig.load(plain))
+    run(TrainConfig.load(ac))
+    a, b = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5)
+
+
+def test_llama_baseline_trains_and_exports(data, tmp_path):
+    cfg = tiny_config(tmp_path / "l.yaml", data, tmp_path / "l", train={"steps": 30}, eval={"every": 30},
+                      export={"enabled": True})
+    summary = run(TrainConfig.load(cfg, ["model.arch=llama"]))
+    losses = [v for _, v in read_losses(tmp_path / "l")]
+    assert summary["arch"] == "llama" and sum(losses[-5:]) / 5 < losses[0] - 1.0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "l" / "final" / "model.safetensors"))
+    assert sum(t.numel() for t in weights.values()) == summary["parameters"]

@@ -61,3 +61,15 @@ def test_shipped_model_generates_text_greedily():
             logits, state = model(nxt, state)
     text = tok.decode(out)
     assert len(text.strip()) > 5 and any(c.isalpha() for c in text)
+
+
+def test_shipped_model_loads_in_transformers_with_the_same_logits():
+    from transformers import xLSTMForCausalLM
+
+    ours = load(MODEL)
+    hf = xLSTMForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    ids = torch.randint(3, ours.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, _ = ours(ids)
+        b = hf(ids, use_cache=False).logits
+    assert (a - b).abs().max().item() < 1e-4

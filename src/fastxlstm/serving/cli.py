@@ -26,6 +26,8 @@ def serve(
     = None,
     api_key: Annotated[str | None, typer.Option(envvar="FASTXLSTM_API_KEY", help="Require this bearer token")]
     = None,
+    backend: Annotated[str, typer.Option(help="Slot backend: engine (fused kernels, CUDA graphs), model, auto")]
+    = "auto",
     device: str | None = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
     log_level: str = "info",
@@ -54,9 +56,12 @@ def serve(
     config = ServeConfig(
         model_name=name, aliases=(model,), max_slots=max_slots, max_waiting=max_waiting, prefill_chunk=prefill_chunk,
         max_model_len=max_model_len, prefix_cache_bytes=prefix_cache_mb * 1024**2,
-        request_timeout=request_timeout or None, api_key=api_key,
+        request_timeout=request_timeout or None, api_key=api_key, backend=backend,
     )
-    app = build_app(net, tok, config, template, drain_timeout=drain_timeout)
+    try:
+        app = build_app(net, tok, config, template, drain_timeout=drain_timeout)
+    except ValueError as e:
+        fail(str(e))
     console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1 ({max_slots} slots, device {net.device}, "
                   f"chat template: {template.origin})")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout or None)

@@ -2,8 +2,8 @@
 # model) and `make test` (the CPU test suite). Both create .venv and install what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEFAULT_MODEL ?= models/xlstm-default
-PROMPT ?= Once upon a time
+DEFAULT_MODEL ?= models/xlstm-shakespeare-10m
+PROMPT ?= ROMEO.
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint install clean
@@ -18,7 +18,8 @@ install: $(STAMP)
 
 run: $(STAMP)
 	@if [ -f "$(DEFAULT_MODEL)/config.json" ]; then \
-		$(VENV)/bin/fastxlstm generate --model $(DEFAULT_MODEL) --prompt "$(PROMPT)" --max-new-tokens 80; \
+		$(VENV)/bin/fastxlstm generate --model $(DEFAULT_MODEL) --prompt "$(PROMPT)" --max-new-tokens 120 \
+			--temperature 0.8 --top-p 0.95 --seed 0; \
 	else \
 		echo "NOTE: no trained default model in $(DEFAULT_MODEL) yet; generating with a small RANDOMLY"; \
 		echo "      initialised model built by this command (xlstm-tiny): its output is noise."; \

@@ -8,6 +8,7 @@ from pathlib import Path
 LABELS = {"fastxlstm": "fastxlstm", "official": "official xlstm+mlstm_kernels", "hf-xlstm": "HF xLSTM",
           "llama": "HF Llama-3.1-8B (static+compile)"}
 PEERS = ("official", "hf-xlstm", "llama")
+COLORS = {"fastxlstm": "tab:blue", "official": "tab:orange", "hf-xlstm": "tab:green", "llama": "tab:red"}
 
 
 def _rows(sysdata: dict, kind: str, key: str, value: str) -> dict:
@@ -31,7 +32,8 @@ def plot(results: dict, path: str | Path) -> Path | None:
         for name, data in results["systems"].items():
             pts = sorted(_rows(data, kind, key, val).items())
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(name, name))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(name, name),
+                        color=COLORS.get(name))
         ax.set_xscale("log", base=2)
         if logy:
             ax.set_yscale("log")

@@ -239,7 +239,7 @@ def impls(tiny: bool):
 
     out = {}
     kc = dict(kernel_chunk=32) if tiny else {}
-    for chunk in ((None,) if tiny else (128, 256)):
+    for chunk in ((None,) if tiny else (128, 64)):
         name = "fastxlstm" if chunk is None or chunk == 128 else f"fastxlstm-L{chunk}"
         kw = dict(kc) if chunk is None else dict(kernel_chunk=chunk)
         out[name] = lambda q, k, v, i, f, kw=kw: T.mlstm_chunkwise(q, k, v, i, f, **kw)[0]
@@ -380,32 +380,33 @@ def graph_time(fn, *args) -> float:
 
 
 def breakdown(device) -> list:
-    """Per-kernel times of ours at B=1, S=8k (after tuning), to see where the time goes."""
-    import triton.testing as tt
+    """Per-kernel CUDA times of ours (forward + backward at B=1, S=8k, after tuning), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
 
-    from fastxlstm.ops.triton import _chunkwise as CW
+    from fastxlstm.ops import triton as T
 
     rows = []
-    for chunk in (128, 256):
+    for chunk in (64, 128):
         (q, k, v, i, f), _ = make_inputs(1, 8192, torch.bfloat16, device, seed=3)
-        q3, k3 = q.reshape(NH, -1, DQK).contiguous(), k.reshape(NH, -1, DQK).contiguous()
-        v3 = v.reshape(NH, -1, DV).contiguous()
-        i2, f2 = i.reshape(NH, -1).contiguous(), f.reshape(NH, -1).contiguous()
-        fwd = functools.partial(CW.forward, q3, k3, v3, i2, f2, None, None, None, 1e-6, chunk)
-        out = fwd()
-        t_states = tt.do_bench(functools.partial(fwd, write_gates_only=True), return_mode="median")
-        t_fwd = tt.do_bench(fwd, return_mode="median")
-        cs, ns = CW.recompute_states(k3, v3, i2, f2, None, None, None, out["b"], out["M"], chunk)
-        bwd = functools.partial(CW.backward_kernels, q3, k3, v3, i2, out["h"], torch.randn_like(out["h"]), out["b"],
-                                out["M"], out["den"], out["mc"], cs, ns, None, None, False, 1e-6, chunk)
-        t_bwd = tt.do_bench(bwd, return_mode="median")
-        g = bwd()
-        t_gates = tt.do_bench(functools.partial(CW.gate_grads, i2, f2, out["b"], out["mc"], g["qdq"], g["kdk"],
-                                                g["gm"], None, None, chunk), return_mode="median")
-        row = {"chunk": chunk, "states_ms": t_states, "fwd_total_ms": t_fwd, "bwd_kernels_ms": t_bwd,
-               "gate_grads_ms": t_gates}
-        rows.append(row)
-        print("breakdown", row, flush=True)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, i, f)]
+        dh = torch.randn_like(v)
+        fn = functools.partial(T.mlstm_chunkwise, kernel_chunk=chunk)
+        for _ in range(3):
+            fn(*leaves)[0].backward(dh)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn(*leaves)[0].backward(dh)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            if ev.device_type.name == "CUDA" or getattr(ev, "self_device_time_total", 0) > 0:
+                t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+                if t > 0:
+                    rows.append({"chunk": chunk, "kernel": ev.key[:60], "us_per_call": t / max(ev.count, 1),
+                                 "calls_per_iter": ev.count / 5})
+        mine = [r for r in rows if r["chunk"] == chunk]
+        for r in sorted(mine, key=lambda r: -r["us_per_call"] * r["calls_per_iter"]):
+            print("breakdown", r, flush=True)
     return rows
 
 

@@ -1,18 +1,20 @@
 """Backward kernels of the chunkwise mLSTM.
 
 The stabilisers are treated as constants here (every chunk state is stored divided by
-``exp(m_c)``, so they cancel exactly); what ``m`` changes through ``eps`` and the
-``exp(-m_t)`` floor is added in :mod:`._chunkwise` as a per-token term routed along the argmax of
-the stabiliser. With ``delta_t = dh_t / Den_t`` and the denominator's gradient
+``exp(m_c)``, so they cancel exactly); what ``m`` changes through ``eps`` and the ``exp(-m_t)``
+floor is a per-token term ``gm_t`` routed along the argmax of the stabiliser by the gate kernels.
+With ``delta_t = dh_t / Den_t`` and the denominator's gradient
 ``nu_t = -sign(den_t) [|den_t| > exp(-m_t)] (dh_t . h_t) / Den_t``:
 
 * ``dC'_c = exp(g_c + m_c - m_{c+1}) dC'_{c+1} + sum_{t in c} w_t q~_t [delta_t, nu_t]^T`` (reverse
   recurrence over chunks, :func:`bwd_dstates_kernel`), ``w_t = exp(b_t + m_c - m_t)``;
-* ``dq~_t = sum_{s<=t} (delta_t.v_s + nu_t) D_ts k_s + w_t (C_c delta_t + nu_t n_c)``;
-* ``dk_s = sum_{t>=s} (delta_t.v_s + nu_t) D_ts q~_t + e_s (dC_{c+1} v_s + dn_{c+1})``;
-* ``dv_s = sum_{t>=s} (q~_t.k_s) D_ts delta_t + e_s dC_{c+1}^T k_s``, ``e_s = exp((g_c - b_s) + i_s - m_{c+1})``.
-
-The gate gradients follow from ``q.dq`` and ``k.dk`` per token, which the dQ and dK kernels write.
+* ``dq~_t = sum_{s<=t} (delta_t.v_s + nu_t) D_ts k_s + w_t (C_c delta_t + nu_t n_c)`` (:func:`bwd_dq_kernel`);
+* ``dk_s = sum_{t>=s} (delta_t.v_s + nu_t) D_ts q~_t + e_s (dC_{c+1} v_s + dn_{c+1})`` and
+  ``dv_s = sum_{t>=s} (q~_t.k_s) D_ts delta_t + e_s dC_{c+1}^T k_s`` with ``e_s = exp(a_s - m_{c+1})``
+  (:func:`bwd_dk_kernel`, :func:`bwd_dv_kernel`: one program per key tile, looping over DV);
+* gates: ``d logsigmoid(f_u) = Lambda + sum_{t>=u} (q_t.dq_t - k_t.dk_t)``, ``di_s = k_s.dk_s``
+  (``Lambda = <dC_N, C_N> + <dn_N, n_N>``), plus the routed ``gm`` (:func:`bwd_gates_a_kernel`,
+  :func:`bwd_gates_b_kernel`, :func:`bwd_gates_c_kernel`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from ._common import autotune
 
 @triton.jit
 def bwd_prep_kernel(
-    DH, H, DEN, BB, MM, INV, NU, GM, S, eps,
+    DH, H, DEN, MM, INV, NU, GM, S, eps,
     DV: tl.constexpr, DVP: tl.constexpr, BT: tl.constexpr,
 ):
-    """Per token: 1/Den, nu (the denominator's gradient) and the eps/floor term of dm."""
+    """Per token: 1/Den, nu (the denominator's gradient) and gm (the eps/floor term of dm)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     offs_t = pid * BT + tl.arange(0, BT)
@@ -42,8 +44,7 @@ def bwd_prep_kernel(
     g = bh * S + offs_t
     den = tl.load(DEN + g, mask=mt, other=1.0)
     floor = tl.exp(-tl.load(MM + g, mask=mt, other=0.0))
-    dd = tl.maximum(tl.abs(den), floor) + eps
-    inv = 1.0 / dd
+    inv = 1.0 / (tl.maximum(tl.abs(den), floor) + eps)
     sgn = tl.where(den > 0, 1.0, tl.where(den < 0, -1.0, 0.0))
     nu = tl.where(tl.abs(den) > floor, -sgn * dhh * inv, 0.0)
     tl.store(INV + g, inv, mask=mt)
@@ -53,7 +54,7 @@ def bwd_prep_kernel(
 
 @triton.jit
 def bwd_dstates_kernel(
-    Q, DH, INV, NU, BB, MM, MC, DCN, DNN, DCS, DNS, DC0, DN0,
+    Q, DH, INV, NU, BB, MM, MC, GC, DCN, DNN, DCS, DNS, DC0, DN0,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr, PREC: tl.constexpr, TK,
@@ -85,19 +86,18 @@ def bwd_dstates_kernel(
         t = ci * L + offs_l
         mt = t < S
         mc = tl.load(MC + bh * (NC + 1) + ci)
-        g = tl.load(BB + g_base + tl.minimum(ci * L + L, S) - 1)
-        decay = tl.exp(g + mc - tl.load(MC + bh * (NC + 1) + ci + 1))
+        decay = tl.exp(tl.load(GC + bh * NC + ci) + mc - tl.load(MC + bh * (NC + 1) + ci + 1))
         bt = tl.load(BB + g_base + t, mask=mt, other=0.0)
-        mt_ = tl.load(MM + g_base + t, mask=mt, other=0.0)
-        w = tl.where(mt, tl.exp(bt + mc - mt_), 0.0) * scale
+        m_t = tl.load(MM + g_base + t, mask=mt, other=0.0)
+        w = tl.where(mt, tl.exp(bt + mc - m_t), 0.0) * scale
         inv = tl.load(INV + g_base + t, mask=mt, other=0.0)
         nu = tl.load(NU + g_base + t, mask=mt, other=0.0)
-        qt = tl.load(q_base + t[:, None] * DQK + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
+        qt = tl.load(q_base + t[None, :] * DQK + offs_k[:, None], mask=mt[None, :] & mk[:, None], other=0.0)
         dht = tl.load(dh_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        qw = qt.to(tl.float32) * w[:, None]
+        qw = qt.to(tl.float32) * w[None, :]
         delta = (dht.to(tl.float32) * inv[:, None]).to(qt.dtype)
-        gc = decay * gc + tl.dot(tl.trans(qw.to(qt.dtype)), delta, input_precision=PREC)
-        gn = decay * gn + tl.sum(qw * nu[:, None], axis=0)
+        gc = decay * gc + tl.dot(qw.to(qt.dtype), delta, input_precision=PREC)
+        gn = decay * gn + tl.sum(qw * nu[None, :], axis=1)
     if WRITE_DINIT:
         tl.store(DC0 + bh * DQK * DV + offs_k[:, None] * DV + offs_v[None, :], gc, mask=mkv)
         tl.store(DN0 + bh * DQK + offs_k, gn, mask=mk & (offs_k * 0 + pid_v == 0))
@@ -108,7 +108,7 @@ def bwd_dq_kernel(
     Q, K, V, DH, IG, BB, MM, MC, INV, NU, CS, NS, DQ, QDQ,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr,
-    BLQ: tl.constexpr, BLK: tl.constexpr, BV: tl.constexpr,
+    BLQ: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, STATE_F32: tl.constexpr, TK,
 ):
     pid_q = tl.program_id(0)
@@ -118,52 +118,44 @@ def bwd_dq_kernel(
     c0 = ci * L
     offs_t = q0 + tl.arange(0, BLQ)
     mt = offs_t < S
+    offs_s = c0 + tl.arange(0, L)
+    ms = offs_s < S
     offs_d = tl.arange(0, DQKP)
     md = offs_d < DQK
     g_base = bh * S
-    dh_base = DH + bh * S * DV
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
-    mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
+    m_t = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
     inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
     nu = tl.load(NU + g_base + offs_t, mask=mt, other=0.0)
     mc = tl.load(MC + bh * (NC + 1) + ci)
-    w = tl.where(mt, tl.exp(bt + mc - mt_), 0.0)
+    w = tl.where(mt, tl.exp(bt + mc - m_t), 0.0)
     s_off = (bh * NC + ci) * DQK
-    acc = tl.zeros([BLQ, DQKP], dtype=tl.float32)
+    dh_base = DH + bh * S * DV
+    v_base = V + bh * S * DV
+    pacc = tl.zeros([BLQ, L], dtype=tl.float32)
+    dqi = tl.zeros([BLQ, DQKP], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mv = offs_v < DV
         dht = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        delta = dht.to(tl.float32) * inv[:, None]
+        vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
         cst = tl.load(CS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
                       other=0.0)
+        delta = (dht.to(tl.float32) * inv[:, None]).to(dht.dtype)
+        pacc += tl.dot(delta, tl.trans(vt), input_precision=PREC)
         if STATE_F32:
-            acc += tl.dot(delta, tl.trans(cst), input_precision=PREC)
+            dqi += tl.dot(delta.to(tl.float32), tl.trans(cst), input_precision=PREC)
         else:
-            acc += tl.dot(delta.to(dht.dtype), tl.trans(cst))
+            dqi += tl.dot(delta, tl.trans(cst))
+    i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
+    b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
+    keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
+    d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - m_t[:, None]), -float("inf")))
+    p = (pacc + nu[:, None]) * d
+    kc = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
+                 other=0.0)
     nst = tl.load(NS + s_off + offs_d, mask=md, other=0.0)
-    acc = (acc + nu[:, None] * nst[None, :]) * w[:, None]
-    k_base = K + bh * S * DQK
-    v_base = V + bh * S * DV
-    for j0 in range(c0, q0 + BLQ, BLK):
-        offs_s = j0 + tl.arange(0, BLK)
-        ms = offs_s < S
-        i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
-        b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-        sdv = tl.zeros([BLQ, BLK], dtype=tl.float32)
-        for v0 in range(0, DV, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            mv = offs_v < DV
-            dht = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :],
-                          other=0.0)
-            delta = (dht.to(tl.float32) * inv[:, None]).to(dht.dtype)
-            vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-            sdv += tl.dot(delta, tl.trans(vt), input_precision=PREC)
-        keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
-        d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - mt_[:, None]), -float("inf")))
-        p = (sdv + nu[:, None]) * d
-        kt = tl.load(k_base + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :], other=0.0)
-        acc += tl.dot(p.to(kt.dtype), kt, input_precision=PREC)
+    acc = (dqi + nu[:, None] * nst[None, :]) * w[:, None] + tl.dot(p.to(kc.dtype), kc, input_precision=PREC)
     dq = acc * scale
     ptr = bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :]
     mtd = mt[:, None] & md[None, :]
@@ -174,78 +166,70 @@ def bwd_dq_kernel(
 
 @triton.jit
 def bwd_dk_kernel(
-    Q, K, V, DH, IG, BB, MM, MC, INV, NU, DCS, DNS, DK, KDK,
+    Q, K, V, DH, IG, BB, MM, AA, MC, INV, NU, DCS, DNS, DK, KDK,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr,
-    BLQ: tl.constexpr, BLK: tl.constexpr, BV: tl.constexpr,
+    BLK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, STATE_F32: tl.constexpr, TK,
 ):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     j0 = pid_s * BLK
     ci = j0 // L
-    c_end = tl.minimum(ci * L + L, S)
-    offs_s = j0 + tl.arange(0, BLK)
+    c0 = ci * L
+    offs_s = j0 + tl.arange(0, BLK)  # this program's keys
     ms = offs_s < S
+    offs_t = c0 + tl.arange(0, L)  # the chunk's queries
+    mt = offs_t < S
     offs_d = tl.arange(0, DQKP)
     md = offs_d < DQK
     g_base = bh * S
+    inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
+    s_off = (bh * NC + ci) * DQK
     dh_base = DH + bh * S * DV
     v_base = V + bh * S * DV
-    q_base = Q + bh * S * DQK
-    i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
-    b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-    g = tl.load(BB + g_base + c_end - 1)
-    e = tl.where(ms, tl.exp((g - b_s) + i_s - tl.load(MC + bh * (NC + 1) + ci + 1)), 0.0)
-    s_off = (bh * NC + ci) * DQK
-    acc = tl.zeros([BLK, DQKP], dtype=tl.float32)
+    pacc = tl.zeros([BLK, L], dtype=tl.float32)
+    dki = tl.zeros([BLK, DQKP], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         offs_v = v0 + tl.arange(0, BV)
         mv = offs_v < DV
-        vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
+        vs = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
+        dhc = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         dcs = tl.load(DCS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
                       other=0.0)
+        deltac = (dhc.to(tl.float32) * inv[:, None]).to(dhc.dtype)
+        pacc += tl.dot(vs, tl.trans(deltac), input_precision=PREC)
         if STATE_F32:
-            acc += tl.dot(vt.to(tl.float32), tl.trans(dcs), input_precision=PREC)
+            dki += tl.dot(vs.to(tl.float32), tl.trans(dcs), input_precision=PREC)
         else:
-            acc += tl.dot(vt, tl.trans(dcs.to(vt.dtype)))
+            dki += tl.dot(vs, tl.trans(dcs))
+    i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
+    b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
+    e = tl.where(ms, tl.exp(tl.load(AA + g_base + offs_s, mask=ms, other=-float("inf"))
+                            - tl.load(MC + bh * (NC + 1) + ci + 1)), 0.0)
+    bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
+    m_t = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
+    nu = tl.load(NU + g_base + offs_t, mask=mt, other=0.0)
+    keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
+    dT = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - m_t[None, :]), -float("inf")))
+    pt = (pacc + nu[None, :]) * dT * scale
+    qc = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :],
+                 other=0.0)
     dns = tl.load(DNS + s_off + offs_d, mask=md, other=0.0)
-    acc = (acc + dns[None, :]) * e[:, None]
-    for t0 in range(j0, c_end, BLQ):
-        offs_t = t0 + tl.arange(0, BLQ)
-        mt = offs_t < S
-        bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
-        mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
-        inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
-        nu = tl.load(NU + g_base + offs_t, mask=mt, other=0.0)
-        svd = tl.zeros([BLK, BLQ], dtype=tl.float32)
-        for v0 in range(0, DV, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            mv = offs_v < DV
-            vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-            dht = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :],
-                          other=0.0)
-            delta = (dht.to(tl.float32) * inv[:, None]).to(dht.dtype)
-            svd += tl.dot(vt, tl.trans(delta), input_precision=PREC)
-        keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
-        d = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - mt_[None, :]), -float("inf")))
-        p = (svd + nu[None, :]) * d * scale
-        qt = tl.load(q_base + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
-        acc += tl.dot(p.to(qt.dtype), qt, input_precision=PREC)
-    dk = acc
+    dk = (dki + dns[None, :]) * e[:, None] + tl.dot(pt.to(qc.dtype), qc, input_precision=PREC)
     ptr = bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :]
     msd = ms[:, None] & md[None, :]
     tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=msd)
-    k = tl.load(K + ptr, mask=msd, other=0.0).to(tl.float32)
-    tl.store(KDK + g_base + offs_s, tl.sum(k * dk, axis=1), mask=ms)
+    ks = tl.load(K + ptr, mask=msd, other=0.0).to(tl.float32)
+    tl.store(KDK + g_base + offs_s, tl.sum(ks * dk, axis=1), mask=ms)
 
 
 @triton.jit
 def bwd_dv_kernel(
-    Q, K, DH, IG, BB, MM, MC, INV, DCS, DV_OUT,
+    Q, K, DH, IG, BB, MM, AA, MC, INV, DCS, DVO,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr,
-    BLQ: tl.constexpr, BLK: tl.constexpr, BV: tl.constexpr,
+    BLK: tl.constexpr, BV: tl.constexpr, NVP: tl.constexpr,
     PREC: tl.constexpr, STATE_F32: tl.constexpr, TK,
 ):
     pid_s = tl.program_id(0)
@@ -253,46 +237,129 @@ def bwd_dv_kernel(
     bh = tl.program_id(2).to(tl.int64)
     j0 = pid_s * BLK
     ci = j0 // L
-    c_end = tl.minimum(ci * L + L, S)
+    c0 = ci * L
     offs_s = j0 + tl.arange(0, BLK)
     ms = offs_s < S
+    offs_t = c0 + tl.arange(0, L)
+    mt = offs_t < S
     offs_d = tl.arange(0, DQKP)
     md = offs_d < DQK
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    mv = offs_v < DV
     g_base = bh * S
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-    g = tl.load(BB + g_base + c_end - 1)
-    e = tl.where(ms, tl.exp((g - b_s) + i_s - tl.load(MC + bh * (NC + 1) + ci + 1)), 0.0)
-    kt = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
+    e = tl.where(ms, tl.exp(tl.load(AA + g_base + offs_s, mask=ms, other=-float("inf"))
+                            - tl.load(MC + bh * (NC + 1) + ci + 1)), 0.0)
+    bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
+    m_t = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
+    inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
+    ks = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
                  other=0.0)
+    qc = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :],
+                 other=0.0)
+    keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
+    dT = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - m_t[None, :]), -float("inf")))
+    at = (tl.dot(ks, tl.trans(qc), input_precision=PREC) * scale * dT).to(ks.dtype)
     s_off = (bh * NC + ci) * DQK
-    dcs = tl.load(DCS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
-                  other=0.0)
-    if STATE_F32:
-        acc = tl.dot(kt.to(tl.float32), dcs, input_precision=PREC)
-    else:
-        acc = tl.dot(kt, dcs.to(kt.dtype))
-    acc = acc * e[:, None]
-    q_base = Q + bh * S * DQK
     dh_base = DH + bh * S * DV
-    for t0 in range(j0, c_end, BLQ):
-        offs_t = t0 + tl.arange(0, BLQ)
-        mt = offs_t < S
-        bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
-        mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
-        inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
-        qt = tl.load(q_base + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
-        sc = tl.dot(kt, tl.trans(qt), input_precision=PREC) * scale
-        keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
-        d = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - mt_[None, :]), -float("inf")))
-        a = sc * d
-        dht = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        delta = (dht.to(tl.float32) * inv[:, None]).to(dht.dtype)
-        acc += tl.dot(a.to(dht.dtype), delta, input_precision=PREC)
-    tl.store(DV_OUT + bh * S * DV + offs_s[:, None] * DV + offs_v[None, :], acc.to(DV_OUT.dtype.element_ty),
-             mask=ms[:, None] & mv[None, :])
+    part = (DV + NVP - 1) // NVP
+    v_end = pid_v * part + part
+    for v0 in range(pid_v * part, v_end, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mv = (offs_v < DV) & (offs_v < v_end)
+        dhc = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        dcs = tl.load(DCS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
+                      other=0.0)
+        deltac = (dhc.to(tl.float32) * inv[:, None]).to(dhc.dtype)
+        if STATE_F32:
+            dvt = tl.dot(ks.to(tl.float32), dcs, input_precision=PREC)
+        else:
+            dvt = tl.dot(ks, dcs)
+        dvt = dvt * e[:, None] + tl.dot(at, deltac, input_precision=PREC)
+        tl.store(DVO + bh * S * DV + offs_s[:, None] * DV + offs_v[None, :], dvt.to(DVO.dtype.element_ty),
+                 mask=ms[:, None] & mv[None, :])
+
+
+# ----------------------------------------------------------------------------- gate gradients
+@triton.jit
+def _argmax_combine(v1, i1, v2, i2):
+    right = v2 >= v1
+    return tl.where(right, v2, v1), tl.where(right, i2, i1)
+
+
+@triton.jit
+def _affine_combine(o1, k1, o2, k2):
+    return o2 + k2 * o1, k2 * k1
+
+
+@triton.jit
+def _chunk_argmax(IG, BB, MC, bh, ci, S, NC, L: tl.constexpr):
+    """For each token of chunk ``ci``: whether its stabiliser is attained inside the chunk (``win``),
+    and then at which local index (``arg``); otherwise by the state entering the chunk."""
+    loc = tl.arange(0, L)
+    t = ci * L + loc
+    mt = t < S
+    vv = tl.where(mt, tl.load(IG + bh * S + t, mask=mt, other=0.0) - tl.load(BB + bh * S + t, mask=mt, other=0.0),
+                  -float("inf"))
+    cm, arg = tl.associative_scan((vv, loc), 0, _argmax_combine)
+    win = (cm >= tl.load(MC + bh * (NC + 1) + ci)) & mt
+    last = tl.minimum(S - ci * L, L) - 1
+    return t, mt, win, arg, loc == last
+
+
+@triton.jit
+def bwd_gates_a_kernel(IG, BB, MC, GM, QDQ, KDK, OWN, WL, QK, S, NC, L: tl.constexpr):
+    """Per chunk: the stabiliser gradient that leaves the chunk (``OWN``), whether the chunk's last token
+    passes on what arrives from later chunks (``WL`` = 0) and the chunk's sum of q.dq - k.dk."""
+    ci = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t, mt, win, arg, is_last = _chunk_argmax(IG, BB, MC, bh, ci, S, NC, L)
+    gm = tl.load(GM + bh * S + t, mask=mt, other=0.0)
+    qk = tl.load(QDQ + bh * S + t, mask=mt, other=0.0) - tl.load(KDK + bh * S + t, mask=mt, other=0.0)
+    tl.store(OWN + bh * NC + ci, tl.sum(tl.where(win, 0.0, gm), axis=0))
+    tl.store(WL + bh * NC + ci, tl.sum(tl.where(is_last & win, 1.0, 0.0), axis=0))
+    tl.store(QK + bh * NC + ci, tl.sum(qk, axis=0))
+
+
+@triton.jit
+def bwd_gates_b_kernel(OWN, WL, QK, GINIT, GALL, QALL, DM0, NC, NCP: tl.constexpr):
+    """Reverse scans over chunks: ``G_c = OWN_c + (1 - WL_c) G_{c+1}`` (``G_NC`` = dm_N - Lambda) and the
+    suffix sums of q.dq - k.dk; ``G_0`` is the gradient of the initial m through the stabiliser."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, NCP)
+    mj = j < NC
+    c = NC - 1 - j
+    o = tl.load(OWN + bh * NC + c, mask=mj, other=0.0)
+    k = 1.0 - tl.load(WL + bh * NC + c, mask=mj, other=0.0)
+    po, pk = tl.associative_scan((o, k), 0, _affine_combine)
+    init = tl.load(GINIT + bh)
+    g = po + pk * init
+    tl.store(GALL + bh * (NC + 1) + c, g, mask=mj)
+    tl.store(GALL + bh * (NC + 1) + NC, init)
+    q = tl.cumsum(tl.load(QK + bh * NC + c, mask=mj, other=0.0), axis=0)
+    tl.store(QALL + bh * (NC + 1) + c, q, mask=mj)
+    tl.store(QALL + bh * (NC + 1) + NC, 0.0)
+    tl.store(DM0 + bh, tl.sum(tl.where(c == 0, g, 0.0), axis=0))
+
+
+@triton.jit
+def bwd_gates_c_kernel(IG, F, BB, MC, GM, QDQ, KDK, GALL, QALL, LAM, DI, DF, S, NC, L: tl.constexpr):
+    """di and df of each token of a chunk."""
+    ci = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t, mt, win, arg, is_last = _chunk_argmax(IG, BB, MC, bh, ci, S, NC, L)
+    loc = tl.arange(0, L)
+    gm = tl.load(GM + bh * S + t, mask=mt, other=0.0)
+    gm = gm + tl.where(is_last, tl.load(GALL + bh * (NC + 1) + ci + 1), 0.0)
+    kdk = tl.load(KDK + bh * S + t, mask=mt, other=0.0)
+    qdq = tl.load(QDQ + bh * S + t, mask=mt, other=0.0)
+    routed = (arg[:, None] == loc[None, :]) & win[:, None]  # [token, receiving index]
+    e = tl.sum(tl.where(routed, gm[:, None], 0.0), axis=0)
+    x = tl.where(mt, qdq - kdk + gm - e, 0.0)
+    suffix = tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x
+    dls = suffix + tl.load(QALL + bh * (NC + 1) + ci + 1) + tl.load(LAM + bh)
+    f = tl.load(F + bh * S + t, mask=mt, other=0.0)
+    tl.store(DI + bh * S + t, kdk + e, mask=mt)
+    tl.store(DF + bh * S + t, dls / (1.0 + tl.exp(f)), mask=mt)
 
 
 def _cfgs(items):
@@ -302,22 +369,43 @@ def _cfgs(items):
 bwd_dstates = autotune(
     _cfgs([
         ({"BK": 64, "BV": 128}, 8, 2),
-        ({"BK": 64, "BV": 64}, 8, 2),
+        ({"BK": 64, "BV": 64}, 4, 2),
+        ({"BK": 64, "BV": 64}, 8, 3),
         ({"BK": 128, "BV": 64}, 8, 2),
-        ({"BK": 64, "BV": 64}, 4, 1),
     ]),
     key=["DQK", "DV", "L", "TK"],
     interpret_config=triton.Config({"BK": 16, "BV": 16}),
 )(bwd_dstates_kernel)
 
-_PAR = _cfgs([
-    ({"BLQ": 64, "BLK": 64, "BV": 64}, 8, 2),
-    ({"BLQ": 64, "BLK": 64, "BV": 64}, 8, 1),
-    ({"BLQ": 64, "BLK": 64, "BV": 128}, 8, 2),
-    ({"BLQ": 32, "BLK": 64, "BV": 128}, 4, 2),
-])
-_PAR_INTERP = triton.Config({"BLQ": 16, "BLK": 16, "BV": 16})
+bwd_dq = autotune(
+    _cfgs([
+        ({"BLQ": 64, "BV": 32}, 8, 3),
+        ({"BLQ": 64, "BV": 64}, 8, 2),
+        ({"BLQ": 64, "BV": 64}, 4, 2),
+        ({"BLQ": 32, "BV": 64}, 4, 2),
+    ]),
+    key=["DQK", "DV", "L", "TK"],
+    interpret_config=triton.Config({"BLQ": 16, "BV": 16}),
+)(bwd_dq_kernel)
 
-bwd_dq = autotune(_PAR, key=["DQK", "DV", "L", "TK"], interpret_config=_PAR_INTERP)(bwd_dq_kernel)
-bwd_dk = autotune(_PAR, key=["DQK", "DV", "L", "TK"], interpret_config=_PAR_INTERP)(bwd_dk_kernel)
-bwd_dv = autotune(_PAR, key=["DQK", "DV", "L", "TK"], interpret_config=_PAR_INTERP)(bwd_dv_kernel)
+bwd_dk = autotune(
+    _cfgs([
+        ({"BLK": 64, "BV": 32}, 8, 3),
+        ({"BLK": 64, "BV": 64}, 8, 2),
+        ({"BLK": 64, "BV": 32}, 8, 2),
+        ({"BLK": 32, "BV": 64}, 4, 2),
+    ]),
+    key=["DQK", "DV", "L", "TK"],
+    interpret_config=triton.Config({"BLK": 16, "BV": 16}),
+)(bwd_dk_kernel)
+
+bwd_dv = autotune(
+    _cfgs([
+        ({"BLK": 64, "BV": 32, "NVP": 1}, 8, 2),
+        ({"BLK": 64, "BV": 32, "NVP": 2}, 8, 2),
+        ({"BLK": 64, "BV": 64, "NVP": 1}, 8, 2),
+        ({"BLK": 64, "BV": 64, "NVP": 2}, 8, 2),
+    ]),
+    key=["DQK", "DV", "L", "TK"],
+    interpret_config=triton.Config({"BLK": 16, "BV": 16, "NVP": 2}),
+)(bwd_dv_kernel)

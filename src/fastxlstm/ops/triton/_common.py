@@ -36,10 +36,17 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dot_settings(dtype)[1] else dtype
 
 
+def _fits(cfg: triton.Config, args: dict) -> bool:
+    """Row tiles of the intra-chunk kernels must not be longer than the chunk."""
+    chunk = args.get("L")
+    return chunk is None or all(cfg.kwargs.get(k, 0) <= chunk for k in ("BLQ", "BLK"))
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
-    """``triton.autotune`` with results cached on disk where this Triton supports it. In the
-    interpreter ``interpret_config`` (small tiles, so that small test shapes span several) is used;
-    with ``FASTXLSTM_TRITON_AUTOTUNE=0`` the first config that fits the GPU's resources."""
+    """``triton.autotune`` with results cached on disk where this Triton supports it (configs whose row
+    tiles exceed the chunk are pruned). In the interpreter ``interpret_config`` (small tiles, so that
+    small test shapes span several) is used; with ``FASTXLSTM_TRITON_AUTOTUNE=0`` the first config that
+    fits the chunk and the GPU's resources."""
     if INTERPRET:
         def deco(fn):
             def launcher(grid, *args, **kwargs):
@@ -54,9 +61,10 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
             def launcher(grid, *args, **kwargs):
                 sig = tuple(str(a.dtype) for a in args if hasattr(a, "dtype")) + tuple(
                     (k, v) for k, v in sorted(kwargs.items()) if k in key)
-                start = chosen.get(sig, 0)
-                for idx in range(start, len(configs)):
+                for idx in range(chosen.get(sig, 0), len(configs)):
                     cfg = configs[idx]
+                    if not _fits(cfg, kwargs):
+                        continue
                     meta = dict(kwargs, **cfg.kwargs)
                     try:
                         out = fn[grid(meta) if callable(grid) else grid](
@@ -69,11 +77,15 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
             return _Indexable(launcher)
         return deco
 
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if _fits(c, {**named_args, **kwargs})]
+
     def deco(fn):
         try:
-            return triton.autotune(configs=configs, key=key, cache_results=True)(fn)
+            return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                   cache_results=True)(fn)
         except TypeError:  # older Triton without cache_results
-            return triton.autotune(configs=configs, key=key)(fn)
+            return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
     return deco
 
 

@@ -1,16 +1,22 @@
 """Forward kernels of the chunkwise mLSTM (two-level tiling as in Tiled Flash Linear Attention).
 
 Notation (per batch*head ``bh``; chunks of ``L`` tokens, the state granularity): ``b_t`` is the
-cumulative sum of ``logsigmoid(f)`` inside the chunk, ``g`` its value at the chunk's end, ``m_c`` the
-stabiliser of the state entering chunk ``c`` and ``m_t = b_t + max(m_c, max_{s<=t in chunk}(i_s - b_s))``
-the per-token stabiliser of the reference. The decay weight between query ``t`` and key ``s`` of one
-chunk is ``D_ts = exp((b_t - b_s) + (i_s - m_t))`` (<= 1; written so that no large ``b`` is rounded
-before the difference, as in the reference), that of the incoming state ``exp(b_t + m_c - m_t)``.
+cumulative sum of ``logsigmoid(f)`` inside the chunk, ``g`` its value at the chunk's end,
+``a_s = (g - b_s) + i_s`` the log weight of token ``s`` in the next chunk state, ``m_c`` the
+stabiliser of the state entering chunk ``c`` (``m_{c+1} = max(g + m_c, max_s a_s)``, as in the
+reference) and ``m_t = b_t + max(m_c, max_{s<=t in chunk}(i_s - b_s))`` the per-token stabiliser.
+The decay weight between query ``t`` and key ``s`` of one chunk is
+``D_ts = exp((b_t - b_s) + (i_s - m_t))`` (<= 1; written so that no large ``b`` is rounded before
+the difference, as in the reference), that of the incoming state ``exp(b_t + m_c - m_t)``.
 
-Kernel 1 (:func:`fwd_states_kernel`) runs the inter-chunk recurrence, one program per
-(DQK tile, DV tile, bh), and materialises the state entering every chunk plus ``b``, ``m_t``, ``m_c``.
-Kernel 2 (:func:`fwd_out_kernel`) computes the outputs, one program per (query tile, DV tile, bh):
-the inter-chunk term from the chunk's state and the intra-chunk causal part over key tiles.
+1. :func:`fwd_gates_kernel` -- per chunk, in parallel: ``b``, ``a``, the running max of ``i - b``,
+   ``g`` and ``max a``.
+2. :func:`fwd_states_kernel` -- the inter-chunk recurrence, one program per (DQK tile, DV tile, bh);
+   everything it loads is independent of the carried state, so the loads pipeline. Writes the state
+   entering every chunk, ``m_c`` and the final state.
+3. :func:`fwd_out_kernel` -- outputs, one program per (query tile, bh[, DV part]): the scores of the
+   query tile against its whole chunk are computed once, then reused for every DV tile together with
+   the chunk state.
 """
 
 from __future__ import annotations
@@ -22,13 +28,33 @@ from ._common import autotune, logsigmoid, max_fn
 
 
 @triton.jit
+def fwd_gates_kernel(IG, F, BB, AA, CM, GC, AC, S, NC, L: tl.constexpr):
+    ci = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t = ci * L + tl.arange(0, L)
+    mt = t < S
+    fg = tl.load(F + bh * S + t, mask=mt, other=0.0)
+    ig = tl.load(IG + bh * S + t, mask=mt, other=0.0)
+    ls = tl.where(mt, logsigmoid(fg), 0.0)
+    b = tl.cumsum(ls, axis=0)
+    g = tl.min(tl.where(mt, b, float("inf")), axis=0)  # b at the chunk's last token (b is non-increasing)
+    a = tl.where(mt, (g - b) + ig, -float("inf"))
+    cm = tl.associative_scan(tl.where(mt, ig - b, -float("inf")), 0, max_fn)
+    tl.store(BB + bh * S + t, b, mask=mt)
+    tl.store(AA + bh * S + t, a, mask=mt)
+    tl.store(CM + bh * S + t, cm, mask=mt)
+    tl.store(GC + bh * NC + ci, g)
+    tl.store(AC + bh * NC + ci, tl.max(a, axis=0))
+
+
+@triton.jit
 def fwd_states_kernel(
-    K, V, IG, F, C0, N0, M0,  # inputs
-    CS, NS, MC, BB, MM,  # per-chunk states, per-chunk m, per-token b and m
-    CN, NN, MN,  # final state (fp32)
+    K, V, AA, GC, AC, C0, N0, M0,  # inputs
+    CS, NS, MC,  # per-chunk states (entering each chunk) and stabilisers m_c (NC + 1 of them)
+    CN, NN,  # final state (fp32)
     S, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_INIT: tl.constexpr, WRITE_FINAL: tl.constexpr, WRITE_GATES: tl.constexpr, PREC: tl.constexpr, TK,
+    HAS_INIT: tl.constexpr, WRITE_FINAL: tl.constexpr, PREC: tl.constexpr, TK,
 ):
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -50,7 +76,6 @@ def fwd_states_kernel(
         m = tl.sum(tl.zeros([BK], dtype=tl.float32), axis=0)
     k_base = K + bh * S * DQK
     v_base = V + bh * S * DV
-    g_base = bh * S
     for ci in range(NC):
         s_off = (bh * NC + ci) * DQK
         tl.store(CS + s_off * DV + offs_k[:, None] * DV + offs_v[None, :], c.to(CS.dtype.element_ty), mask=mkv)
@@ -58,92 +83,89 @@ def fwd_states_kernel(
         tl.store(MC + bh * (NC + 1) + ci, m, mask=writer)
         t = ci * L + offs_l
         mt = t < S
-        fg = tl.load(F + g_base + t, mask=mt, other=0.0)
-        ig = tl.load(IG + g_base + t, mask=mt, other=0.0)
-        ls = tl.where(mt, logsigmoid(fg), 0.0)
-        b = tl.cumsum(ls, axis=0)
-        g = tl.min(tl.where(mt, b, float("inf")), axis=0)  # b at the chunk's last token (b is non-increasing)
-        if WRITE_GATES:
-            cm = tl.associative_scan(tl.where(mt, ig - b, -float("inf")), 0, max_fn)
-            tl.store(BB + g_base + t, b, mask=mt & (t * 0 + pid_k + pid_v == 0))
-            tl.store(MM + g_base + t, b + tl.maximum(cm, m), mask=mt & (t * 0 + pid_k + pid_v == 0))
-        a = tl.where(mt, (g - b) + ig, -float("inf"))  # log weight of each token at the chunk's end
-        m_next = tl.maximum(g + m, tl.max(a, axis=0))
+        a = tl.load(AA + bh * S + t, mask=mt, other=-float("inf"))
+        kt = tl.load(k_base + t[None, :] * DQK + offs_k[:, None], mask=mt[None, :] & mk[:, None], other=0.0)
+        vt = tl.load(v_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        g = tl.load(GC + bh * NC + ci)
+        m_next = tl.maximum(g + m, tl.load(AC + bh * NC + ci))
         decay = tl.exp(g + m - m_next)
         e = tl.exp(a - m_next)  # weight of each token in the next state, <= 1
-        kt = tl.load(k_base + t[:, None] * DQK + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        vt = tl.load(v_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        ke = kt.to(tl.float32) * e[:, None]
-        c = decay * c + tl.dot(tl.trans(ke.to(kt.dtype)), vt, input_precision=PREC)
-        n = decay * n + tl.sum(ke, axis=0)
+        ve = (vt.to(tl.float32) * e[:, None]).to(vt.dtype)
+        c = decay * c + tl.dot(kt, ve, input_precision=PREC)
+        n = decay * n + tl.sum(kt.to(tl.float32) * e[None, :], axis=1)
         m = m_next
     tl.store(MC + bh * (NC + 1) + NC, m, mask=writer)
     if WRITE_FINAL:
         tl.store(CN + bh * DQK * DV + offs_k[:, None] * DV + offs_v[None, :], c, mask=mkv)
         tl.store(NN + bh * DQK + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
-        tl.store(MN + bh, m, mask=writer)
 
 
 @triton.jit
 def fwd_out_kernel(
-    Q, K, V, IG, BB, MM, CS, NS, MC, H, DEN,
+    Q, K, V, IG, BB, CM, CS, NS, MC, H, MM, DEN,
     S, NC, scale, eps,
     DQK: tl.constexpr, DV: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr,
-    BLQ: tl.constexpr, BLK: tl.constexpr, BV: tl.constexpr,
+    BLQ: tl.constexpr, BV: tl.constexpr, NVP: tl.constexpr,
     PREC: tl.constexpr, STATE_F32: tl.constexpr, TK,
 ):
     pid_q = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_v = tl.program_id(1)  # which of the NVP parts of DV this program writes
     bh = tl.program_id(2).to(tl.int64)
     q0 = pid_q * BLQ
     ci = q0 // L
     c0 = ci * L
     offs_t = q0 + tl.arange(0, BLQ)
     mt = offs_t < S
+    offs_s = c0 + tl.arange(0, L)
+    ms = offs_s < S
     offs_d = tl.arange(0, DQKP)
     md = offs_d < DQK
-    offs_v = pid_v * BV + tl.arange(0, BV)
-    mv = offs_v < DV
     g_base = bh * S
     q = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :],
                 other=0.0)
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
-    mt_ = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
     mc = tl.load(MC + bh * (NC + 1) + ci)
-    w = tl.exp(bt + mc - mt_) * scale
-    # inter-chunk part: q C_c and q . n_c
+    m_t = bt + tl.maximum(tl.load(CM + g_base + offs_t, mask=mt, other=0.0), mc)
+    w = tl.exp(bt + mc - m_t) * scale
+    # scores of the query tile against the whole chunk (keys after the query are masked)
+    kc = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
+                 other=0.0)
+    i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
+    b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
+    keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
+    d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - m_t[:, None]), -float("inf")))
+    sd = tl.dot(q, tl.trans(kc), input_precision=PREC) * scale * d
     s_off = (bh * NC + ci) * DQK
-    cst = tl.load(CS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
-                  other=0.0)
-    if STATE_F32:
-        acc = tl.dot(q.to(tl.float32), cst, input_precision=PREC)
-    else:
-        acc = tl.dot(q, cst.to(q.dtype))
-    nst = tl.load(NS + s_off + offs_d, mask=md, other=0.0)
-    den = tl.sum(q.to(tl.float32) * nst[None, :], axis=1) * w
-    acc = acc * w[:, None]
-    # intra-chunk part over key tiles up to the diagonal
-    k_base = K + bh * S * DQK
+    qn = tl.zeros([BLQ], dtype=tl.float32)
+    for d0 in tl.static_range(0, DQKP, 64):  # q . n_c in fp32, a slice at a time (few registers)
+        offs_e = d0 + tl.arange(0, 64)
+        me = offs_e < DQK
+        qs = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_e[None, :], mask=mt[:, None] & me[None, :],
+                     other=0.0)
+        qn += tl.sum(qs.to(tl.float32) * tl.load(NS + s_off + offs_e, mask=me, other=0.0)[None, :], axis=1)
+    den = tl.sum(sd, axis=1) + qn * w
+    dd = tl.maximum(tl.abs(den), tl.exp(-m_t)) + eps
+    sdq = sd.to(q.dtype)
     v_base = V + bh * S * DV
-    for j0 in range(c0, q0 + BLQ, BLK):
-        offs_s = j0 + tl.arange(0, BLK)
-        ms = offs_s < S
-        kt = tl.load(k_base + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :], other=0.0)
+    h_base = H + bh * S * DV
+    part = (DV + NVP - 1) // NVP
+    v_end = pid_v * part + part
+    for v0 in range(pid_v * part, v_end, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mv = (offs_v < DV) & (offs_v < v_end)
+        cst = tl.load(CS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
+                      other=0.0)
         vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-        i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
-        b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-        sc = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
-        keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
-        d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - mt_[:, None]), -float("inf")))
-        sd = sc * d
-        den += tl.sum(sd, axis=1)
-        acc += tl.dot(sd.to(vt.dtype), vt, input_precision=PREC)
-    floor = tl.exp(-mt_)
-    dd = tl.maximum(tl.abs(den), floor) + eps
-    h = acc / dd[:, None]
-    tl.store(H + bh * S * DV + offs_t[:, None] * DV + offs_v[None, :], h.to(H.dtype.element_ty),
-             mask=mt[:, None] & mv[None, :])
-    tl.store(DEN + g_base + offs_t, den, mask=mt & (offs_t * 0 + pid_v == 0))
+        if STATE_F32:
+            acc = tl.dot(q.to(tl.float32), cst, input_precision=PREC)
+        else:
+            acc = tl.dot(q, cst.to(q.dtype))
+        acc = acc * w[:, None] + tl.dot(sdq, vt, input_precision=PREC)
+        tl.store(h_base + offs_t[:, None] * DV + offs_v[None, :], (acc / dd[:, None]).to(H.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+    first = offs_t * 0 + pid_v == 0
+    tl.store(MM + g_base + offs_t, m_t, mask=mt & first)
+    tl.store(DEN + g_base + offs_t, den, mask=mt & first)
 
 
 def _cfgs(items):
@@ -155,9 +177,9 @@ def _cfgs(items):
 fwd_states = autotune(
     _cfgs([
         ({"BK": 64, "BV": 128}, 8, 2),
+        ({"BK": 64, "BV": 64}, 4, 2),
+        ({"BK": 64, "BV": 64}, 8, 3),
         ({"BK": 128, "BV": 64}, 8, 2),
-        ({"BK": 64, "BV": 64}, 8, 2),
-        ({"BK": 64, "BV": 64}, 4, 1),
     ]),
     key=["DQK", "DV", "L", "TK"],
     interpret_config=triton.Config({"BK": 16, "BV": 16}),
@@ -165,11 +187,11 @@ fwd_states = autotune(
 
 fwd_out = autotune(
     _cfgs([
-        ({"BLQ": 64, "BLK": 64, "BV": 64}, 8, 2),
-        ({"BLQ": 64, "BLK": 64, "BV": 64}, 8, 1),
-        ({"BLQ": 64, "BLK": 64, "BV": 128}, 8, 1),
-        ({"BLQ": 64, "BLK": 64, "BV": 128}, 8, 2),
+        ({"BLQ": 64, "BV": 32, "NVP": 1}, 8, 2),
+        ({"BLQ": 64, "BV": 64, "NVP": 1}, 8, 2),
+        ({"BLQ": 64, "BV": 32, "NVP": 2}, 8, 2),
+        ({"BLQ": 128, "BV": 64, "NVP": 1}, 8, 2),
     ]),
     key=["DQK", "DV", "L", "TK"],
-    interpret_config=triton.Config({"BLQ": 16, "BLK": 16, "BV": 16}),
+    interpret_config=triton.Config({"BLQ": 16, "BV": 16, "NVP": 2}),
 )(fwd_out_kernel)

@@ -36,20 +36,15 @@ from .scheduler import (
 from .schemas import (
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    Delta,
     ModelCard,
     ModelList,
-    TopLogprob,
     Usage,
 )
 from .slots import ModelSlots, SlotBackend
@@ -67,7 +62,7 @@ class ServeConfig:
     aliases: tuple[str, ...] = ()
     max_slots: int = 32
     max_waiting: int = 256
-    prefill_chunk: int = 512
+    prefill_chunk: int = 2048  # prompt tokens prefilled per scheduler iteration (between two decode steps)
     max_model_len: int = 32768
     default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
     prefix_cache_bytes: int = 2 * 1024**3
@@ -197,7 +192,8 @@ def _now() -> int:
 
 
 def _sse(obj: BaseModel | dict) -> str:
-    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(obj)
+    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(
+        obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
 
 
@@ -254,42 +250,66 @@ class _Call:
             req.cancel()
         self.server.scheduler.wake()
 
+    def _apply(self, req: GenerationRequest, events: list, out: dict[int, _Update]) -> None:
+        """Fold one request's events into ``out`` (one merged update per choice)."""
+        special = {self.server.tokenizer.eos_token_id, *req.params.stop_token_ids}
+        base = self.offsets[req.id]
+
+        def update(idx: int) -> _Update:
+            u = out.get(idx)
+            if u is None:
+                u = out[idx] = _Update(idx, "", [], None)
+            return u
+
+        for ev in events:
+            if isinstance(ev, TokenEvent):
+                st = self.choices[base + ev.choice]
+                if st.finish_reason is not None:
+                    continue
+                st.tokens += 1
+                delta = st.text.add(ev.token, special=ev.token in special)
+                u = update(base + ev.choice)
+                u.delta += delta
+                if ev.logprob is not None:
+                    u.logprobs.append((ev.token, ev.logprob, ev.top_logprobs))
+                if st.text.stopped:
+                    st.finish_reason = u.finish_reason = "stop"
+                    req.cancel(ev.choice)
+                    self.server.scheduler.wake()
+                    self.remaining -= 1
+            elif isinstance(ev, FinishEvent):
+                st = self.choices[base + ev.choice]
+                if st.finish_reason is not None:
+                    continue
+                u = update(base + ev.choice)
+                u.delta += st.text.finish()
+                st.finish_reason = u.finish_reason = "stop" if st.text.stopped else ev.reason
+                self.remaining -= 1
+            elif isinstance(ev, PrefillDone):
+                self.cached_tokens += ev.cached_tokens
+            elif isinstance(ev, ErrorEvent):
+                self.cancel()
+                raise APIError(ev.status, ev.message, code=ev.code)
+
+    async def batches(self) -> AsyncIterator[list[_Update]]:
+        """Updates as they come; whatever queued up meanwhile is merged into one update per choice, so a
+        client (or an event loop) that falls behind gets fewer, larger chunks instead of a growing backlog."""
+        self.remaining = len(self.choices)
+        while self.remaining:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            merged: dict[int, _Update] = {}
+            for req, events in items:
+                self._apply(req, events, merged)
+            batch = [u for u in merged.values() if u.delta or u.logprobs or u.finish_reason is not None]
+            if batch:
+                yield batch
+
     async def updates(self) -> AsyncIterator[_Update]:
-        remaining = len(self.choices)
-        special = {self.server.tokenizer.eos_token_id}
-        while remaining:
-            req, events = await self.queue.get()
-            stop_ids = set(req.params.stop_token_ids)
-            for ev in events:
-                if isinstance(ev, TokenEvent):
-                    st = self.choices[self.offsets[req.id] + ev.choice]
-                    if st.finish_reason is not None:
-                        continue
-                    st.tokens += 1
-                    is_special = ev.token in special or ev.token in stop_ids
-                    delta = st.text.add(ev.token, special=is_special)
-                    lps = [(ev.token, ev.logprob, ev.top_logprobs)] if ev.logprob is not None else []
-                    if st.text.stopped:
-                        st.finish_reason = "stop"
-                        req.cancel(ev.choice)
-                        self.server.scheduler.wake()
-                        remaining -= 1
-                        yield _Update(self.offsets[req.id] + ev.choice, delta, lps, "stop")
-                    elif delta or lps:
-                        yield _Update(self.offsets[req.id] + ev.choice, delta, lps, None)
-                elif isinstance(ev, FinishEvent):
-                    st = self.choices[self.offsets[req.id] + ev.choice]
-                    if st.finish_reason is not None:
-                        continue
-                    tail = st.text.finish()
-                    st.finish_reason = "stop" if st.text.stopped else ev.reason
-                    remaining -= 1
-                    yield _Update(self.offsets[req.id] + ev.choice, tail, [], st.finish_reason)
-                elif isinstance(ev, PrefillDone):
-                    self.cached_tokens += ev.cached_tokens
-                elif isinstance(ev, ErrorEvent):
-                    self.cancel()
-                    raise APIError(ev.status, ev.message, code=ev.code)
+        async for batch in self.batches():
+            for u in batch:
+                yield u
 
 
 async def _watch_disconnect(request: Request, call: _Call) -> None:
@@ -513,18 +533,18 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
         cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
         echo = [texts[i // body.n] if body.echo else "" for i in range(len(call.choices))]
 
-        def lp_obj(entries, offset0: int, text_before: str) -> CompletionLogprobs:
-            out = CompletionLogprobs()
+        def lp_dict(entries, offset0: int) -> dict:
+            out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             pos = offset0
             for tok_id, lp, top in entries:
                 piece = tokenizer.decode([tok_id], skip_special_tokens=False)
-                out.tokens.append(piece)
-                out.token_logprobs.append(lp)
+                out["tokens"].append(piece)
+                out["token_logprobs"].append(lp)
                 alts: dict[str, float] = {}
                 for t, v in top or []:  # byte fragments can decode alike: keep the likelier one
                     alts.setdefault(tokenizer.decode([t], skip_special_tokens=False), v)
-                out.top_logprobs.append(alts or None)
-                out.text_offset.append(pos)
+                out["top_logprobs"].append(alts or None)
+                out["text_offset"].append(pos)
                 pos += len(piece)
             return out
 
@@ -533,25 +553,26 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
 
             async def stream() -> AsyncIterator[str]:
                 offsets = [len(e) for e in echo]
+                head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
                 done = 0
                 try:
                     if body.echo:
-                        for i, e in enumerate(echo):
-                            yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[
-                                CompletionChoice(index=i, text=e)]))
-                    async for u in call.updates():
-                        lp = lp_obj(u.logprobs, offsets[u.index], "") if body.logprobs is not None else None
-                        offsets[u.index] += len(u.delta)
-                        done += u.finish_reason is not None
-                        last = done == len(call.choices) and not include_usage
-                        yield _sse(CompletionResponse(
-                            id=cid, created=created, model=body.model,
-                            choices=[CompletionChoice(index=u.index, text=u.delta, logprobs=lp,
-                                                      finish_reason=u.finish_reason)],
-                            usage=call.usage() if last else None))
+                        yield "".join(_sse({**head, "choices": [{"index": i, "text": e, "logprobs": None,
+                                                                 "finish_reason": None}]})
+                                      for i, e in enumerate(echo))
+                    async for batch in call.batches():
+                        out = []
+                        for u in batch:
+                            lp = lp_dict(u.logprobs, offsets[u.index]) if body.logprobs is not None else None
+                            offsets[u.index] += len(u.delta)
+                            done += u.finish_reason is not None
+                            last = done == len(call.choices) and not include_usage
+                            out.append(_sse({**head, "choices": [{"index": u.index, "text": u.delta, "logprobs": lp,
+                                                                  "finish_reason": u.finish_reason}],
+                                             "usage": call.usage().model_dump() if last else None}))
+                        yield "".join(out)
                     if include_usage:
-                        yield _sse(CompletionResponse(id=cid, created=created, model=body.model, choices=[],
-                                                      usage=call.usage()))
+                        yield _sse({**head, "choices": [], "usage": call.usage().model_dump()})
                     yield "data: [DONE]\n\n"
                 except APIError as e:
                     yield _sse(e.body())
@@ -570,7 +591,8 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
             lps[u.index].extend(u.logprobs)
         choices = [
             CompletionChoice(index=i, text=texts_out[i], finish_reason=st.finish_reason,
-                             logprobs=lp_obj(lps[i], len(echo[i]), "") if body.logprobs is not None else None)
+                             logprobs=CompletionLogprobs(**lp_dict(lps[i], len(echo[i])))
+                             if body.logprobs is not None else None)
             for i, st in enumerate(call.choices)
         ]
         return CompletionResponse(id=cid, created=created, model=body.model, choices=choices, usage=call.usage())
@@ -591,41 +613,44 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
         call.submit()
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
 
-        def lp_obj(entries) -> ChatLogprobs:
+        def lp_dict(entries) -> dict:
             content = []
             for tok_id, lp, alts in entries:
                 piece = tokenizer.decode([tok_id], skip_special_tokens=False)
-                tops = [TopLogprob(token=(s := tokenizer.decode([t], skip_special_tokens=False)), logprob=v,
-                                   bytes=list(s.encode("utf-8", "replace"))) for t, v in (alts or [])]
-                content.append(ChatTokenLogprob(token=piece, logprob=lp, bytes=list(piece.encode("utf-8", "replace")),
-                                                top_logprobs=tops))
-            return ChatLogprobs(content=content)
+                tops = []
+                for t, v in alts or []:
+                    alt = tokenizer.decode([t], skip_special_tokens=False)
+                    tops.append({"token": alt, "logprob": v, "bytes": list(alt.encode("utf-8", "replace"))})
+                content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8", "replace")),
+                                "top_logprobs": tops})
+            return {"content": content}
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+
+            def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, usage=None) -> str:
+                return _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                                  "finish_reason": finish_reason}], "usage": usage})
 
             async def stream() -> AsyncIterator[str]:
                 done = 0
                 try:
-                    for i in range(body.n):
-                        yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[
-                            ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))]))
-                    async for u in call.updates():
-                        done += u.finish_reason is not None
-                        last = done == len(call.choices) and not include_usage
-                        if u.delta or u.logprobs:
-                            yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[
-                                ChatChunkChoice(index=u.index, delta=Delta(content=u.delta),
-                                                logprobs=lp_obj(u.logprobs) if body.logprobs else None)]))
-                        if u.finish_reason is not None:
-                            yield _sse(ChatCompletionChunk(
-                                id=cid, created=created, model=body.model,
-                                choices=[ChatChunkChoice(index=u.index, delta=Delta(),
-                                                         finish_reason=u.finish_reason)],
-                                usage=call.usage() if last else None))
+                    yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n))
+                    async for batch in call.batches():
+                        out = []
+                        for u in batch:
+                            done += u.finish_reason is not None
+                            last = done == len(call.choices) and not include_usage
+                            if u.delta or u.logprobs:
+                                out.append(chunk(u.index, {"content": u.delta},
+                                                 lp_dict(u.logprobs) if body.logprobs else None))
+                            if u.finish_reason is not None:
+                                out.append(chunk(u.index, {}, None, u.finish_reason,
+                                                 call.usage().model_dump() if last else None))
+                        yield "".join(out)
                     if include_usage:
-                        yield _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=[],
-                                                       usage=call.usage()))
+                        yield _sse({**head, "choices": [], "usage": call.usage().model_dump()})
                     yield "data: [DONE]\n\n"
                 except APIError as e:
                     yield _sse(e.body())
@@ -643,7 +668,7 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
             texts[u.index] += u.delta
             lps[u.index].extend(u.logprobs)
         choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]), finish_reason=st.finish_reason,
-                              logprobs=lp_obj(lps[i]) if body.logprobs else None)
+                              logprobs=ChatLogprobs(**lp_dict(lps[i])) if body.logprobs else None)
                    for i, st in enumerate(call.choices)]
         return ChatCompletionResponse(id=cid, created=created, model=body.model, choices=choices, usage=call.usage())
 

@@ -16,7 +16,7 @@ def serve(
     = None,
     max_slots: Annotated[int, typer.Option(min=1, help="Concurrent sequences (each holds one recurrent state)")] = 32,
     max_waiting: Annotated[int, typer.Option(min=1, help="Queued requests before answering 429")] = 256,
-    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled between decode steps")] = 512,
+    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled between decode steps")] = 2048,
     max_model_len: Annotated[int, typer.Option(min=2, help="Limit on prompt + completion tokens")] = 32768,
     prefix_cache_mb: Annotated[int, typer.Option(min=0, help="Prefix-cache size in MiB (0 disables)")] = 2048,
     request_timeout: Annotated[float, typer.Option(min=0, help="Seconds per request (0: none)")] = 600.0,

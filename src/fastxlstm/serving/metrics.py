@@ -31,7 +31,8 @@ class Metrics:
         self.finished = Counter("fastxlstm_sequences_finished", "Finished sequences by reason", ["reason"], registry=r)
         self.ttft = Histogram("fastxlstm_time_to_first_token_seconds", "Arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("fastxlstm_inter_token_latency_seconds", "Time between tokens of a sequence",
+        self.itl = Histogram("fastxlstm_inter_token_latency_seconds",
+                             "Time between consecutive token emissions (decode steps) while sequences run",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("fastxlstm_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS,
                              registry=r)

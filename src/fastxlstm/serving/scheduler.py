@@ -77,7 +77,6 @@ class _Choice:
     fed: int = 0  # generated tokens already folded into the slot state
     done: bool = False
     cancelled: bool = False
-    last_time: float = 0.0
 
 
 _ids = itertools.count()
@@ -146,6 +145,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._pending: dict[int, tuple[GenerationRequest, list]] = {}
         self.steps = 0
+        self._last_decode = 0.0
         self.metrics.slots_total.set(backend.max_slots)
 
     # ------------------------------------------------------------------ public (any thread)
@@ -243,12 +243,16 @@ class Scheduler:
         self._pending.setdefault(req.id, (req, []))[1].append(event)
 
     def _flush(self) -> None:
+        """Hand this iteration's events to the event loop(s): one thread-safe wake-up per loop."""
         pending, self._pending = self._pending, {}
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
         for req, events in pending.values():
             if req.loop is None or req.queue is None:
                 continue
+            by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, events))
+        for loop, items in by_loop.values():
             try:
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, (req, events))
+                loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the client's event loop is gone
                 pass
 
@@ -409,6 +413,7 @@ class Scheduler:
                     active.append(choice)
                     owners.append(req)
         if not active:
+            self._last_decode = 0.0
             return
         slots = [c.slot for c in active]
         tokens = [c.generated[-1] for c in active]
@@ -430,6 +435,10 @@ class Scheduler:
             active, owners = [k[0] for k in kept], [k[1] for k in kept]
             logits = torch.stack([k[2] for k in kept])
         self.steps += 1
+        now = time.monotonic()
+        if self._last_decode:  # consecutive steps: every running sequence waited this long for its token
+            self.metrics.itl.observe(now - self._last_decode)
+        self._last_decode = now
         self.metrics.decode_batch.observe(len(active))
         for choice in active:
             choice.fed += 1
@@ -437,57 +446,68 @@ class Scheduler:
 
     def _sample_and_emit(self, choices: list[_Choice], owners: list[GenerationRequest], logits: Tensor) -> None:
         """Pick the next token of each choice from its ``logits`` row; emit, and finish where due."""
-        picked: list[Tensor | None] = [None] * len(choices)
+        n = len(choices)
         plain = [j for j, c in enumerate(choices) if c.sampler.params.greedy_plain]
-        if plain:
-            idx = torch.tensor(plain, device=logits.device)
-            for j, tok in zip(plain, logits.index_select(0, idx).argmax(dim=-1)):
-                picked[j] = tok
-        failed: set[int] = set()
-        for j, choice in enumerate(choices):
-            if picked[j] is None:
-                try:
-                    picked[j] = choice.sampler.sample(logits[j])
-                except Exception as e:
-                    failed.add(id(owners[j]))
-                    self._fail(owners[j], e)
-        ok = [j for j in range(len(choices)) if id(owners[j]) not in failed and picked[j] is not None]
-        if not ok:
-            return
-        token_t = torch.stack([picked[j] for j in ok])
-        want_lp = [j for j in ok if choices[j].sampler.params.logprobs is not None]
+        if len(plain) == n:
+            token_t = logits.argmax(dim=-1)
+            ok = list(range(n))
+        else:
+            picked: list[Tensor | None] = [None] * n
+            if plain:
+                idx = torch.tensor(plain, device=logits.device)
+                for j, tok in zip(plain, logits.index_select(0, idx).argmax(dim=-1)):
+                    picked[j] = tok
+            failed: set[int] = set()
+            for j, choice in enumerate(choices):
+                if picked[j] is None and id(owners[j]) not in failed:
+                    try:
+                        picked[j] = choice.sampler.sample(logits[j])
+                    except Exception as e:
+                        failed.add(id(owners[j]))
+                        self._fail(owners[j], e)
+            ok = [j for j in range(n) if id(owners[j]) not in failed and picked[j] is not None]
+            if not ok:
+                return
+            token_t = torch.stack([picked[j] for j in ok])
+        want_lp = [r for r, j in enumerate(ok) if choices[j].sampler.params.logprobs is not None]
         lp_info: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want_lp:
-            rows = torch.log_softmax(logits[want_lp].float(), dim=-1)
-            chosen = rows.gather(1, torch.stack([picked[j] for j in want_lp])[:, None])[:, 0].tolist()
-            k = max(choices[j].sampler.params.logprobs for j in want_lp)
-            top_v, top_i = rows.topk(max(k, 1), dim=-1) if k else (None, None)
-            for r, j in enumerate(want_lp):
+            rows_idx = [ok[r] for r in want_lp]
+            rows = torch.log_softmax(logits[rows_idx].float(), dim=-1)
+            chosen = rows.gather(1, token_t[want_lp][:, None])[:, 0].tolist()
+            k = max(choices[j].sampler.params.logprobs for j in rows_idx)
+            top_v, top_i = (rows.topk(k, dim=-1) if k else (None, None))
+            top_v = top_v.tolist() if k else None
+            top_i = top_i.tolist() if k else None
+            for r, j in enumerate(rows_idx):
                 kj = choices[j].sampler.params.logprobs
-                top = list(zip(top_i[r, :kj].tolist(), top_v[r, :kj].tolist())) if kj else []
-                lp_info[j] = (chosen[r], top)
-        tokens = token_t.tolist()
+                lp_info[j] = (chosen[r], list(zip(top_i[r][:kj], top_v[r][:kj])) if kj else [])
+        tokens = token_t.tolist()  # the one host sync of the step
         now = time.monotonic()
+        self.metrics.generation_tokens.inc(len(tokens))
+        eos = self.eos_token_id
         for j, token in zip(ok, tokens):
             choice, req = choices[j], owners[j]
             if choice.done:
                 continue
-            choice.sampler.observe(picked[j])
+            choice.sampler.observe(token)
             choice.generated.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.metrics.ttft.observe(now - req.arrival)
-            elif choice.last_time:
-                self.metrics.itl.observe(now - choice.last_time)
-            choice.last_time = now
-            self.metrics.generation_tokens.inc()
             lp, top = lp_info.get(j, (None, None))
             self._post(req, TokenEvent(choice.index, token, lp, top))
             p = req.params
-            if (token == self.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
+            if (token == eos and not p.ignore_eos) or token in p.stop_token_ids:
                 self._release(req, choice, "stop")
             elif len(choice.generated) >= p.max_tokens:
                 self._release(req, choice, "length")
         for req in {id(r): r for r in owners}.values():
             if req.finished and req in self.running:
                 self.running.remove(req)
+
+
+def _deliver(items: list) -> None:
+    """(Runs in the event loop.) Put each request's events into its queue."""
+    for req, events in items:
+        req.queue.put_nowait((req, events))

@@ -1,0 +1,95 @@
+"""Serving-stack overhead without a GPU: the server with a stand-in engine whose decode step takes
+--step-ms with the GIL released (as a GPU wait does) and costs nothing else.
+
+The peer is that stand-in's own ceiling, ``slots / step`` tokens/s; the ratio server/peer is the share
+of engine throughput that the HTTP layer, the scheduler and detokenisation leave. The load client
+(``benchmarks/serving_load.py``'s) runs in a separate process.
+
+    PYTHONPATH=src python benchmarks/serving_overhead.py --out benchmarks/results/serving_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastxlstm.serving.app import ServeConfig, create_app
+from fastxlstm.serving.testing import ServerThread
+from fastxlstm.tokenizer import Tokenizer
+
+
+class SimulatedEngine:
+    """A :class:`~fastxlstm.serving.slots.SlotBackend` whose steps only wait (GIL released)."""
+
+    def __init__(self, max_slots: int, step_s: float, prefill_token_s: float, vocab: int = 512):
+        self.max_slots, self.vocab_size, self.device = max_slots, vocab, torch.device("cpu")
+        self.step_s, self.prefill_token_s = step_s, prefill_token_s
+        self.table = torch.randn(512, vocab, generator=torch.Generator().manual_seed(0))
+        self.state = [(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2))]
+
+    def prefill(self, tokens, state):
+        time.sleep(self.prefill_token_s * len(tokens))
+        return self.table[len(tokens) % 512], self.state
+
+    def load(self, slot, state):
+        pass
+
+    def read(self, slot):
+        return self.state
+
+    def release(self, slot):
+        pass
+
+    def decode(self, slots, tokens):
+        time.sleep(self.step_s)
+        return self.table.index_select(0, torch.tensor([t % 512 for t in tokens]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--step-ms", type=float, default=5.0)
+    ap.add_argument("--prefill-us-per-token", type=float, default=10.0)
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+
+    backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
+    app = create_app(backend, Tokenizer.byte_level(),
+                     ServeConfig(model_name="bench", max_slots=args.slots, max_waiting=4 * args.requests))
+    bench_dir = Path(__file__).resolve().parent
+    with ServerThread(app) as srv:
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", (
+            f"import asyncio, json, sys; sys.path.insert(0, {str(bench_dir)!r}); from serving_load import load_test; "
+            f"print(json.dumps(asyncio.run(load_test({srv.base_url!r}, 'bench', {args.requests}, {args.slots}, "
+            f"8, 64, {args.output_tokens}))))")], check=True, capture_output=True, text=True).stdout
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    load = json.loads(out.strip().splitlines()[-1])
+    peer = args.slots / (args.step_ms / 1000)
+    result = {
+        "benchmark": "serving_overhead", "date": time.strftime("%Y-%m-%d"),
+        "device": f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+                  "simulated engine step", "command": " ".join(["python", *sys.argv]),
+        "step_ms": args.step_ms, "slots": args.slots, "peer_tokens_per_s": peer, "load": load,
+        "server_over_peer": load["output_tokens_per_s"] / peer,
+        "server_cpu_us_per_token": cpu / load["completion_tokens"] * 1e6, "wall_s": wall,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{load['output_tokens_per_s']:.0f} tok/s vs simulated engine {peer:.0f} tok/s "
+          f"({result['server_over_peer']:.2f}); TTFT p50 {load['ttft_ms']['p50']:.0f} ms, "
+          f"ITL p50 {load['itl_ms']['p50']:.1f} ms p99 {load['itl_ms']['p99']:.1f} ms; "
+          f"server CPU {result['server_cpu_us_per_token']:.0f} us/token")
+
+
+if __name__ == "__main__":
+    main()

@@ -71,7 +71,7 @@ def mlstm_chunkwise(
         c0 = initial_state[0].float().reshape(bh, dqk, dv).contiguous()
         n0 = initial_state[1].float().reshape(bh, dqk).contiguous()
         m0 = initial_state[2].float().reshape(bh).contiguous()
-    chunk = kernel_chunk_for(seq, kernel_chunk)
+    chunk = kernel_chunk_for(seq, kernel_chunk, q.dtype)
     tensors = (q, k, v, i, f) + (tuple(initial_state) if initial_state is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         h, cn, nn, mn = MLSTMChunkwiseFn.apply(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)

@@ -57,7 +57,7 @@ def bwd_dstates_kernel(
     Q, DH, INV, NU, BB, MM, MC, GC, DCN, DNN, DCS, DNS, DC0, DN0,
     S, NC, scale,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr, PREC: tl.constexpr, TK,
+    HAS_DFINAL: tl.constexpr, WRITE_DINIT: tl.constexpr, PREC: tl.constexpr, TK, PREFETCH: tl.constexpr = True,
 ):
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -77,21 +77,44 @@ def bwd_dstates_kernel(
     q_base = Q + bh * S * DQK
     dh_base = DH + bh * S * DV
     g_base = bh * S
+    # per-token coefficients of the next chunk (going backwards) are loaded one iteration ahead (PREFETCH)
+    t_nx = (NC - 1) * L + offs_l
+    mt_nx = t_nx < S
+    mc_nx = tl.load(MC + bh * (NC + 1) + NC - 1)
+    decay_nx = tl.exp(tl.load(GC + bh * NC + NC - 1) + mc_nx - tl.load(MC + bh * (NC + 1) + NC))
+    w_nx = tl.where(mt_nx, tl.exp(tl.load(BB + g_base + t_nx, mask=mt_nx, other=0.0) + mc_nx
+                                  - tl.load(MM + g_base + t_nx, mask=mt_nx, other=0.0)), 0.0)
+    inv_nx = tl.load(INV + g_base + t_nx, mask=mt_nx, other=0.0)
+    nu_nx = tl.load(NU + g_base + t_nx, mask=mt_nx, other=0.0)
     for cc in range(NC):
         ci = NC - 1 - cc
+        if PREFETCH:
+            decay, w, inv, nu = decay_nx, w_nx * scale, inv_nx, nu_nx
+            pv = ci >= 1
+            t_nx = (ci - 1) * L + offs_l
+            mt_nx = (t_nx < S) & (t_nx >= 0)
+            mc_nx = tl.load(MC + bh * (NC + 1) + ci - 1, mask=pv, other=0.0)
+            decay_nx = tl.exp(tl.load(GC + bh * NC + ci - 1, mask=pv, other=0.0) + mc_nx
+                              - tl.load(MC + bh * (NC + 1) + ci, mask=pv, other=0.0))
+            w_nx = tl.where(mt_nx, tl.exp(tl.load(BB + g_base + t_nx, mask=mt_nx, other=0.0) + mc_nx
+                                          - tl.load(MM + g_base + t_nx, mask=mt_nx, other=0.0)), 0.0)
+            inv_nx = tl.load(INV + g_base + t_nx, mask=mt_nx, other=0.0)
+            nu_nx = tl.load(NU + g_base + t_nx, mask=mt_nx, other=0.0)
+        else:
+            t_c = ci * L + offs_l
+            mt_c = t_c < S
+            mc_c = tl.load(MC + bh * (NC + 1) + ci)
+            decay = tl.exp(tl.load(GC + bh * NC + ci) + mc_c - tl.load(MC + bh * (NC + 1) + ci + 1))
+            w = tl.where(mt_c, tl.exp(tl.load(BB + g_base + t_c, mask=mt_c, other=0.0) + mc_c
+                                      - tl.load(MM + g_base + t_c, mask=mt_c, other=0.0)), 0.0) * scale
+            inv = tl.load(INV + g_base + t_c, mask=mt_c, other=0.0)
+            nu = tl.load(NU + g_base + t_c, mask=mt_c, other=0.0)
         s_off = (bh * NC + ci) * DQK
         tl.store(DCS + s_off * DV + offs_k[:, None] * DV + offs_v[None, :], gc.to(DCS.dtype.element_ty),
                  mask=mkv)
         tl.store(DNS + s_off + offs_k, gn, mask=mk & (offs_k * 0 + pid_v == 0))
         t = ci * L + offs_l
         mt = t < S
-        mc = tl.load(MC + bh * (NC + 1) + ci)
-        decay = tl.exp(tl.load(GC + bh * NC + ci) + mc - tl.load(MC + bh * (NC + 1) + ci + 1))
-        bt = tl.load(BB + g_base + t, mask=mt, other=0.0)
-        m_t = tl.load(MM + g_base + t, mask=mt, other=0.0)
-        w = tl.where(mt, tl.exp(bt + mc - m_t), 0.0) * scale
-        inv = tl.load(INV + g_base + t, mask=mt, other=0.0)
-        nu = tl.load(NU + g_base + t, mask=mt, other=0.0)
         qt = tl.load(q_base + t[None, :] * DQK + offs_k[:, None], mask=mt[None, :] & mk[:, None], other=0.0)
         dht = tl.load(dh_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
         qw = qt.to(tl.float32) * w[None, :]
@@ -368,13 +391,14 @@ def _cfgs(items):
 
 bwd_dstates = autotune(
     _cfgs([
-        ({"BK": 64, "BV": 128}, 8, 2),
-        ({"BK": 64, "BV": 64}, 4, 2),
-        ({"BK": 64, "BV": 64}, 8, 3),
-        ({"BK": 128, "BV": 64}, 8, 2),
+        ({"BK": 64, "BV": 64, "PREFETCH": True}, 4, 2),
+        ({"BK": 64, "BV": 64, "PREFETCH": False}, 8, 3),
+        ({"BK": 64, "BV": 64, "PREFETCH": True}, 8, 3),
+        ({"BK": 64, "BV": 128, "PREFETCH": False}, 8, 2),
+        ({"BK": 64, "BV": 64, "PREFETCH": False}, 4, 1),
     ]),
     key=["DQK", "DV", "L", "TK"],
-    interpret_config=triton.Config({"BK": 16, "BV": 16}),
+    interpret_config=triton.Config({"BK": 16, "BV": 16, "PREFETCH": True}),
 )(bwd_dstates_kernel)
 
 bwd_dq = autotune(
@@ -383,6 +407,7 @@ bwd_dq = autotune(
         ({"BLQ": 64, "BV": 64}, 8, 2),
         ({"BLQ": 64, "BV": 64}, 4, 2),
         ({"BLQ": 32, "BV": 64}, 4, 2),
+        ({"BLQ": 64, "BV": 32}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
     key=["DQK", "DV", "L", "TK"],
     interpret_config=triton.Config({"BLQ": 16, "BV": 16}),
@@ -394,6 +419,7 @@ bwd_dk = autotune(
         ({"BLK": 64, "BV": 64}, 8, 2),
         ({"BLK": 64, "BV": 32}, 8, 2),
         ({"BLK": 32, "BV": 64}, 4, 2),
+        ({"BLK": 64, "BV": 32}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
     key=["DQK", "DV", "L", "TK"],
     interpret_config=triton.Config({"BLK": 16, "BV": 16}),
@@ -405,6 +431,7 @@ bwd_dv = autotune(
         ({"BLK": 64, "BV": 32, "NVP": 2}, 8, 2),
         ({"BLK": 64, "BV": 64, "NVP": 1}, 8, 2),
         ({"BLK": 64, "BV": 64, "NVP": 2}, 8, 2),
+        ({"BLK": 64, "BV": 32, "NVP": 1}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
     key=["DQK", "DV", "L", "TK"],
     interpret_config=triton.Config({"BLK": 16, "BV": 16, "NVP": 2}),

@@ -32,12 +32,14 @@ def _tune_key(bh: int, s: int) -> int:
     return pow2(bh, 1) * 1_000_000 + pow2(s, 1)
 
 
-def kernel_chunk_for(seq: int, requested: int | None) -> int:
+def kernel_chunk_for(seq: int, requested: int | None, dtype: torch.dtype = torch.bfloat16) -> int:
     if requested is not None:
         if requested < 16 or requested & (requested - 1) or requested > 256 or (not INTERPRET and requested < 64):
             raise ValueError(f"kernel_chunk must be a power of two in [64, 256] ([16, 256] in the interpreter), "
                              f"got {requested}")
         return requested
+    if dtype == torch.float32 and not INTERPRET:
+        return 64  # fp32 tiles of a 128-token chunk do not fit in shared memory at DQK 256
     return DEFAULT_KERNEL_CHUNK
 
 

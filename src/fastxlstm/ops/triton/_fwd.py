@@ -76,18 +76,26 @@ def fwd_states_kernel(
         m = tl.sum(tl.zeros([BK], dtype=tl.float32), axis=0)
     k_base = K + bh * S * DQK
     v_base = V + bh * S * DV
+    # the gate values of the next chunk are loaded one iteration ahead (they gate the dot)
+    a_nx = tl.load(AA + bh * S + offs_l, mask=offs_l < S, other=-float("inf"))
+    g_nx = tl.load(GC + bh * NC)
+    am_nx = tl.load(AC + bh * NC)
     for ci in range(NC):
+        a, g, amax = a_nx, g_nx, am_nx
+        nxt = ci + 1 < NC
+        t_nx = (ci + 1) * L + offs_l
+        a_nx = tl.load(AA + bh * S + t_nx, mask=t_nx < S, other=-float("inf"))  # t_nx >= S past the end
+        g_nx = tl.load(GC + bh * NC + ci + 1, mask=nxt, other=0.0)
+        am_nx = tl.load(AC + bh * NC + ci + 1, mask=nxt, other=0.0)
         s_off = (bh * NC + ci) * DQK
         tl.store(CS + s_off * DV + offs_k[:, None] * DV + offs_v[None, :], c.to(CS.dtype.element_ty), mask=mkv)
         tl.store(NS + s_off + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
         tl.store(MC + bh * (NC + 1) + ci, m, mask=writer)
         t = ci * L + offs_l
         mt = t < S
-        a = tl.load(AA + bh * S + t, mask=mt, other=-float("inf"))
         kt = tl.load(k_base + t[None, :] * DQK + offs_k[:, None], mask=mt[None, :] & mk[:, None], other=0.0)
         vt = tl.load(v_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        g = tl.load(GC + bh * NC + ci)
-        m_next = tl.maximum(g + m, tl.load(AC + bh * NC + ci))
+        m_next = tl.maximum(g + m, amax)
         decay = tl.exp(g + m - m_next)
         e = tl.exp(a - m_next)  # weight of each token in the next state, <= 1
         ve = (vt.to(tl.float32) * e[:, None]).to(vt.dtype)
@@ -176,10 +184,10 @@ def _cfgs(items):
 # inside the kernels.
 fwd_states = autotune(
     _cfgs([
-        ({"BK": 64, "BV": 128}, 8, 2),
         ({"BK": 64, "BV": 64}, 4, 2),
         ({"BK": 64, "BV": 64}, 8, 3),
-        ({"BK": 128, "BV": 64}, 8, 2),
+        ({"BK": 64, "BV": 128}, 8, 2),
+        ({"BK": 64, "BV": 64}, 4, 1),
     ]),
     key=["DQK", "DV", "L", "TK"],
     interpret_config=triton.Config({"BK": 16, "BV": 16}),
@@ -191,6 +199,7 @@ fwd_out = autotune(
         ({"BLQ": 64, "BV": 64, "NVP": 1}, 8, 2),
         ({"BLQ": 64, "BV": 32, "NVP": 2}, 8, 2),
         ({"BLQ": 128, "BV": 64, "NVP": 1}, 8, 2),
+        ({"BLQ": 64, "BV": 32, "NVP": 1}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
     key=["DQK", "DV", "L", "TK"],
     interpret_config=triton.Config({"BLQ": 16, "BV": 16, "NVP": 2}),

@@ -37,9 +37,16 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fits(cfg: triton.Config, args: dict) -> bool:
-    """Row tiles of the intra-chunk kernels must not be longer than the chunk."""
+    """Row tiles of the intra-chunk kernels must not be longer than the chunk; single-stage configs exist
+    for fp32 inputs only (their tiles do not fit in shared memory otherwise; with bf16 inputs such a config
+    of the output kernel faulted under Triton 3.6 on the H100, 2026-11-24)."""
     chunk = args.get("L")
-    return chunk is None or all(cfg.kwargs.get(k, 0) <= chunk for k in ("BLQ", "BLK"))
+    if chunk is not None and any(cfg.kwargs.get(k, 0) > chunk for k in ("BLQ", "BLK")):
+        return False
+    lead = args.get("Q", args.get("K"))
+    if cfg.num_stages == 1 and ("BLQ" in cfg.kwargs or "BLK" in cfg.kwargs):
+        return getattr(lead, "dtype", None) == torch.float32
+    return True
 
 
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
@@ -63,7 +70,7 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
                     (k, v) for k, v in sorted(kwargs.items()) if k in key)
                 for idx in range(chosen.get(sig, 0), len(configs)):
                     cfg = configs[idx]
-                    if not _fits(cfg, kwargs):
+                    if not _fits(cfg, {**dict(zip(fn.arg_names, args)), **kwargs}):
                         continue
                     meta = dict(kwargs, **cfg.kwargs)
                     try:

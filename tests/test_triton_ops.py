@@ -61,7 +61,8 @@ def _inputs(seed, b, nh, s, dqk, dv, gates="normal", with_state=False):
 def _weighted(fn, xs, seed, **kw):
     h, (c, n, m) = fn(*xs[:5], tuple(xs[5:]) if len(xs) > 5 else None, **kw)
     g = torch.Generator().manual_seed(seed + 999)
-    return sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in (h, c, n, m))
+    return sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)).sum()
+               for t in (h, c, n, m))
 
 
 FWD_CASES = {

@@ -53,11 +53,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--work", default="/tmp/fastxlstm-fsdp")
     ap.add_argument("--timeout", type=float, default=200)
+    ap.add_argument("--backend", default="check", choices=["check", "auto", "reference"],
+                    help="mLSTM backend; 'check' uses Triton only if it matches the reference first")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "fsdp.log"
-    backend, note = pick_backend(log)
+    backend = pick_backend(log)[0] if args.backend == "check" else args.backend
     data = random_shards(work / "random-50304", 50304, 8_000_000)
     sets = [f"data.path={data}", f"train.steps={args.steps}", "log.every=5", "eval.every=0", "checkpoint.every=0",
             "export.enabled=false", "data.seq_len=2048", "train.micro_batch_size=16", f"model.backend={backend}"]

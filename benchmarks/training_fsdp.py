@@ -12,38 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_gpu import ROOT, environment, pick_backend, random_shards  # noqa: E402
-
-
-def run(nproc: int, sets: list[str], out_dir: Path, log: Path, timeout: float) -> dict:
-    shutil.rmtree(out_dir, ignore_errors=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, "-m", "fastxlstm.train", "configs/xlstm-125m.yaml", "--set", f"out_dir={out_dir}",
-           "--set", "log.progress=false"]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0",
-           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    t0 = time.perf_counter()
-    with log.open("a") as fh:
-        fh.write(f"\n$ {' '.join(cmd)}\n")
-        fh.flush()
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    result = {"gpus": nproc, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
-    summary = out_dir / "summary.json"
-    if summary.exists():
-        result.update(json.loads(summary.read_text()))
-    return result
+from training_gpu import environment, pick_backend, random_shards, train  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +38,7 @@ def main() -> None:
             "export.enabled=false", "data.seq_len=2048", "train.micro_batch_size=16", f"model.backend={backend}"]
     results = {"env": environment(), "backend": backend, "command": " ".join(sys.argv), "runs": []}
     for n in sorted({1, args.gpus}):
-        results["runs"].append(run(n, sets, work / f"run-{n}", log, args.timeout))
+        results["runs"].append(train("configs/xlstm-125m.yaml", work / f"run-{n}", sets, args.timeout, log, nproc=n))
         (out / "training_fsdp.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     base = next((r.get("tokens_per_s") for r in results["runs"] if r["gpus"] == 1), None)
     print(f"backend={backend}")

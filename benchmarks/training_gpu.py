@@ -45,13 +45,18 @@ def random_shards(directory: Path, vocab: int, tokens: int, seed: int = 0) -> Pa
     return directory
 
 
-def train(config: str, out_dir: Path, sets: list[str], timeout: float, log: Path) -> dict:
+def train(config: str, out_dir: Path, sets: list[str], timeout: float, log: Path, nproc: int = 1) -> dict:
+    """One training process (``nproc > 1``: torchrun with FSDP2 on ``nproc`` GPUs); its summary."""
     shutil.rmtree(out_dir, ignore_errors=True)  # a stale run there would be resumed, not repeated
-    cmd = [sys.executable, "-m", "fastxlstm.train", config, "--set", f"out_dir={out_dir}", "--set",
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "fastxlstm.train", config, "--set", f"out_dir={out_dir}", "--set",
            "log.progress=false"]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1",
+           # NVLink multicast stays off on shared multi-GPU hosts
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     t0 = time.perf_counter()
     with log.open("a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
@@ -60,7 +65,7 @@ def train(config: str, out_dir: Path, sets: list[str], timeout: float, log: Path
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    result = {"config": config, "sets": sets, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
+    result = {"config": config, "sets": sets, "gpus": nproc, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1)}
     summary = out_dir / "summary.json"
     if summary.exists():
         result.update(json.loads(summary.read_text()))

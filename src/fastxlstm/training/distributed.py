@@ -57,8 +57,13 @@ def setup(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local_rank, dev)
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = True) -> None:
+    """Tear the process group down; with ``synchronize``, once every rank got here (an early
+    destroy on one gloo rank can abort a peer still in its last collective). Pass False on an
+    error path, where the other ranks may never arrive."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

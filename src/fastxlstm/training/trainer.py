@@ -318,6 +318,9 @@ def _steady(rates: list[float]) -> float | None:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train with ``cfg`` in this process (one of ``torchrun``'s, or the only one)."""
     try:
-        return Trainer(cfg).train()
-    finally:
-        cleanup()
+        result = Trainer(cfg).train()
+    except BaseException:
+        cleanup(synchronize=False)
+        raise
+    cleanup()
+    return result

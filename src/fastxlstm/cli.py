@@ -1,4 +1,4 @@
-"""Command line: ``fastxlstm generate``, ``fastxlstm info`` (other areas register sub-commands here)."""
+"""Command line: ``fastxlstm generate|info|serve|bench|data|train``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .bench.cli import bench as bench_cmd
+from .serving.cli import serve as serve_cmd
+from .training.cli import data_app, train_cmd
 
 app = typer.Typer(help="fastxlstm: fast xLSTM inference, serving and training.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -108,17 +112,10 @@ def info(model: ModelOpt) -> None:
     Console().print(table)
 
 
-from .training.cli import data_app, train_cmd  # noqa: E402  (training sub-commands)
-
+# Sub-commands owned by other areas (their modules import only typer at load time).
 app.add_typer(data_app, name="data")
 app.command("train")(train_cmd)
-
-from .serving.cli import serve as serve_cmd  # noqa: E402  (OpenAI-compatible server)
-
 app.command("serve")(serve_cmd)
-
-from .bench.cli import bench as bench_cmd  # noqa: E402  (inference benchmarks)
-
 app.command("bench")(bench_cmd)
 
 

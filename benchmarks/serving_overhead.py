@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -59,36 +60,49 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--stream-interval-ms", type=float, default=0.0, help="ServeConfig.stream_interval_ms")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="intra-op threads for the host-side tensor ops (on a GPU these run on the device; on a "
+                         "2-core box extra OpenMP workers spin against the load client)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
 
     backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
     app = create_app(backend, Tokenizer.byte_level(),
-                     ServeConfig(model_name="bench", max_slots=args.slots, max_waiting=4 * args.requests))
+                     ServeConfig(model_name="bench", max_slots=args.slots, max_waiting=4 * args.requests,
+                                 stream_interval_ms=args.stream_interval_ms))
     bench_dir = Path(__file__).resolve().parent
     with ServerThread(app) as srv:
         c0, t0 = time.process_time(), time.perf_counter()
+        k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([sys.executable, "-c", (
             f"import asyncio, json, sys; sys.path.insert(0, {str(bench_dir)!r}); from serving_load import load_test; "
             f"print(json.dumps(asyncio.run(load_test({srv.base_url!r}, 'bench', {args.requests}, {args.slots}, "
             f"8, 64, {args.output_tokens}))))")], check=True, capture_output=True, text=True).stdout
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
     load = json.loads(out.strip().splitlines()[-1])
     peer = args.slots / (args.step_ms / 1000)
     result = {
         "benchmark": "serving_overhead", "date": time.strftime("%Y-%m-%d"),
         "device": f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
                   "simulated engine step", "command": " ".join(["python", *sys.argv]),
-        "step_ms": args.step_ms, "slots": args.slots, "peer_tokens_per_s": peer, "load": load,
+        "step_ms": args.step_ms, "torch_threads": args.torch_threads,
+        "stream_interval_ms": args.stream_interval_ms, "slots": args.slots,
+        "peer_tokens_per_s": peer, "load": load,
         "server_over_peer": load["output_tokens_per_s"] / peer,
-        "server_cpu_us_per_token": cpu / load["completion_tokens"] * 1e6, "wall_s": wall,
+        "server_cpu_us_per_token": cpu / load["completion_tokens"] * 1e6,
+        "client_cpu_us_per_token": client_cpu / load["completion_tokens"] * 1e6, "wall_s": wall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{load['output_tokens_per_s']:.0f} tok/s vs simulated engine {peer:.0f} tok/s "
           f"({result['server_over_peer']:.2f}); TTFT p50 {load['ttft_ms']['p50']:.0f} ms, "
           f"ITL p50 {load['itl_ms']['p50']:.1f} ms p99 {load['itl_ms']['p99']:.1f} ms; "
-          f"server CPU {result['server_cpu_us_per_token']:.0f} us/token")
+          f"server CPU {result['server_cpu_us_per_token']:.0f} us/token, "
+          f"client CPU {result['client_cpu_us_per_token']:.0f} us/token")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,30 @@ def test_stop_strings(tiny, client):
     assert r.choices[0].text == full[: full.index(stop) + len(stop)]
 
 
+def test_stream_interval_exact_text_stops_and_fewer_chunks(tiny):
+    """Tokens handed over several decode steps at a time: same text, same stop and token counts, fewer chunks."""
+    tok = tiny[2]
+    prompt = "The quick brown fox"
+    full, n_full = reference(tiny, tok.encode(prompt), 40)
+    stop = full[5:8]
+    with start(tiny, stream_interval_ms=40) as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
+        for stops, want, reason in (([stop], full[: full.index(stop)], "stop"), (None, full, None)):
+            chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                                                    stop=stops, stream=True, logprobs=0,
+                                                    stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            assert text == want
+            reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert reasons == [reason or ("stop" if n_full < 40 else "length")]
+            tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+            assert len(tokens) == chunks[-1].usage.completion_tokens
+            if reason is None:
+                assert chunks[-1].usage.completion_tokens == n_full
+                assert sum(1 for c in chunks if c.choices) < n_full  # several tokens per chunk
+        wait_idle(srv)
+
+
 def test_n_and_seeds(tiny, client):
     tok = tiny[2]
     prompt = "xLSTM is"

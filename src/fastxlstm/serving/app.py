@@ -63,6 +63,8 @@ class ServeConfig:
     max_slots: int = 32
     max_waiting: int = 256
     prefill_chunk: int = 2048  # prompt tokens prefilled per scheduler iteration (between two decode steps)
+    stream_interval_ms: float = 0.0  # >0: hand a request's tokens to the HTTP side at most this often (first
+    # token, finish and errors go at once): fewer, larger SSE chunks, up to this much extra latency per token
     max_model_len: int = 32768
     default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
     prefix_cache_bytes: int = 2 * 1024**3
@@ -191,10 +193,31 @@ def _now() -> int:
     return int(time.time())
 
 
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def _sse(obj: BaseModel | dict) -> str:
-    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(
-        obj, ensure_ascii=False, separators=(",", ":"))
+    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else _dumps(obj)
     return f"data: {data}\n\n"
+
+
+class SSEChunks:
+    """Per-token SSE chunks of one streamed response, built from a pre-serialised head: only the fields that
+    change (text piece, logprobs, finish reason, usage) go through ``json.dumps``. The result is byte for byte
+    ``_sse({**head, "choices": [{"index": index, **fields}], "usage": usage})``."""
+
+    def __init__(self, head: dict):
+        self.prefix = "data: " + _dumps(head)[:-1] + ',"choices":[{"index":'
+
+    def chunk(self, index: int, fields: str, usage: dict | None = None) -> str:
+        """``fields``: the choice's other members, pre-serialised, each starting with a comma."""
+        return f'{self.prefix}{index}{fields}}}],"usage":{"null" if usage is None else _dumps(usage)}}}\n\n'
+
+    @staticmethod
+    def field(key: str, value) -> str:
+        """``,"key":value`` (the key must need no JSON escaping)."""
+        return f',"{key}":null' if value is None else f',"{key}":{_dumps(value)}'
 
 
 @dataclass
@@ -352,9 +375,18 @@ class ServerState:
         self.metrics = Metrics()
         self.cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
         self.scheduler = Scheduler(backend, tokenizer.eos_token_id, self.cache, self.metrics,
-                                   max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk)
+                                   max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
+                                   stream_interval=config.stream_interval_ms / 1000)
         self.created = _now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
+        self._pieces: dict[int, str] = {}
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token on its own (special tokens included), memoised per token id."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     # ------------------------------------------------------------------ request -> generation requests
     def check_model(self, name: str) -> None:
@@ -537,12 +569,12 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
             out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             pos = offset0
             for tok_id, lp, top in entries:
-                piece = tokenizer.decode([tok_id], skip_special_tokens=False)
+                piece = server.piece(tok_id)
                 out["tokens"].append(piece)
                 out["token_logprobs"].append(lp)
                 alts: dict[str, float] = {}
                 for t, v in top or []:  # byte fragments can decode alike: keep the likelier one
-                    alts.setdefault(tokenizer.decode([t], skip_special_tokens=False), v)
+                    alts.setdefault(server.piece(t), v)
                 out["top_logprobs"].append(alts or None)
                 out["text_offset"].append(pos)
                 pos += len(piece)
@@ -554,6 +586,8 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
             async def stream() -> AsyncIterator[str]:
                 offsets = [len(e) for e in echo]
                 head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
+                sse, field = SSEChunks(head), SSEChunks.field
+                want_lp = body.logprobs is not None
                 done = 0
                 try:
                     if body.echo:
@@ -563,13 +597,13 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
                     async for batch in call.batches():
                         out = []
                         for u in batch:
-                            lp = lp_dict(u.logprobs, offsets[u.index]) if body.logprobs is not None else None
+                            lp = lp_dict(u.logprobs, offsets[u.index]) if want_lp else None
                             offsets[u.index] += len(u.delta)
                             done += u.finish_reason is not None
                             last = done == len(call.choices) and not include_usage
-                            out.append(_sse({**head, "choices": [{"index": u.index, "text": u.delta, "logprobs": lp,
-                                                                  "finish_reason": u.finish_reason}],
-                                             "usage": call.usage().model_dump() if last else None}))
+                            out.append(sse.chunk(u.index, field("text", u.delta) + field("logprobs", lp)
+                                                 + field("finish_reason", u.finish_reason),
+                                                 call.usage().model_dump() if last else None))
                         yield "".join(out)
                     if include_usage:
                         yield _sse({**head, "choices": [], "usage": call.usage().model_dump()})
@@ -616,10 +650,10 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
         def lp_dict(entries) -> dict:
             content = []
             for tok_id, lp, alts in entries:
-                piece = tokenizer.decode([tok_id], skip_special_tokens=False)
+                piece = server.piece(tok_id)
                 tops = []
                 for t, v in alts or []:
-                    alt = tokenizer.decode([t], skip_special_tokens=False)
+                    alt = server.piece(t)
                     tops.append({"token": alt, "logprob": v, "bytes": list(alt.encode("utf-8", "replace"))})
                 content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8", "replace")),
                                 "top_logprobs": tops})
@@ -629,9 +663,11 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
 
+            sse, field = SSEChunks(head), SSEChunks.field
+
             def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, usage=None) -> str:
-                return _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                  "finish_reason": finish_reason}], "usage": usage})
+                return sse.chunk(index, field("delta", delta) + field("logprobs", logprobs)
+                                 + field("finish_reason", finish_reason), usage)
 
             async def stream() -> AsyncIterator[str]:
                 done = 0

@@ -4,7 +4,9 @@ Each loop iteration (1) drops cancelled and timed-out requests and frees their s
 waiting requests while slots are free (looking up the prefix cache), (3) prefills at most
 ``prefill_chunk`` prompt tokens (so a long prompt does not stall running decodes for long),
 (4) runs one batched decode step over every running sequence, then (5) hands the new tokens
-to the requests' asyncio queues. Requests with ``n > 1`` prefill once and fork the state.
+to the requests' asyncio queues (with ``stream_interval`` > 0, a request's tokens are handed over at
+most once per interval -- fewer, larger chunks and event-loop wake-ups for a bounded extra latency;
+its first token, its end and errors go at once). Requests with ``n > 1`` prefill once and fork the state.
 An exception inside one request fails that request only: a failing batched step is retried
 per sequence, and slot states are only committed after a step succeeded.
 """
@@ -107,6 +109,7 @@ class GenerationRequest:
         self.logits: Tensor | None = None
         self.cached_tokens = 0
         self.first_token_time: float | None = None
+        self.last_delivery = 0.0  # when the scheduler last handed this request's events over
 
     def cancel(self, choice: int | None = None) -> None:
         """Stop generating (all choices, or one); the scheduler frees the slots on its next iteration."""
@@ -127,13 +130,17 @@ class Scheduler:
     """Owns the slots of a :class:`SlotBackend`; run it with :meth:`start`."""
 
     def __init__(self, backend: SlotBackend, eos_token_id: int | None, cache: PrefixCache | None = None,
-                 metrics: Metrics | None = None, max_waiting: int = 256, prefill_chunk: int = 512):
+                 metrics: Metrics | None = None, max_waiting: int = 256, prefill_chunk: int = 512,
+                 stream_interval: float = 0.0):
         self.backend = backend
         self.eos_token_id = eos_token_id
         self.cache = cache
         self.metrics = metrics or Metrics()
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
+        if stream_interval < 0:
+            raise ValueError(f"stream_interval must be >= 0, got {stream_interval}")
+        self.stream_interval = stream_interval  # seconds between two hand-overs of one request's tokens
         self.free_slots: list[int] = list(range(backend.max_slots))  # a heap: lowest slot first
         self.waiting: deque[GenerationRequest] = deque()
         self.prefilling: list[GenerationRequest] = []
@@ -215,13 +222,14 @@ class Scheduler:
         while True:
             with self._cv:
                 if not self._stop and not self._inbox and not self._has_work():
-                    self._cv.wait(timeout=0.5)
+                    # held-back tokens (stream_interval) still go out on time when nothing else runs
+                    self._cv.wait(timeout=self.stream_interval if self._pending else 0.5)
                 self.waiting.extend(self._inbox)
                 self._inbox.clear()
                 stop = self._stop
             if stop:
                 self._abort_all(ErrorEvent(503, "the server shut down before this request finished", "shutdown"))
-                self._flush()
+                self._flush(force=True)
                 return
             try:
                 self._iteration()
@@ -229,26 +237,37 @@ class Scheduler:
                 log.error("scheduler iteration failed:\n%s", traceback.format_exc())
                 for req in list(self.prefilling) + list(self.running):
                     self._fail(req, e)
-            self._flush()
+            self._flush(force=not self._has_work())
             self._gauges()
 
     def _iteration(self) -> None:
         self._reap()
         self._admit()
         self._prefill()
+        if self._pending:  # first tokens (and errors) go out before the decode step, not after it
+            self._flush()
         self._decode()
 
     # ------------------------------------------------------------------------------ helpers
     def _post(self, req: GenerationRequest, event) -> None:
         self._pending.setdefault(req.id, (req, []))[1].append(event)
 
-    def _flush(self) -> None:
-        """Hand this iteration's events to the event loop(s): one thread-safe wake-up per loop."""
+    def _flush(self, force: bool = False) -> None:
+        """Hand the events due to the event loop(s): one thread-safe wake-up per loop. With a stream
+        interval, a request's tokens wait until the interval since its last hand-over has passed, unless
+        ``force`` or anything but tokens is among its events."""
         pending, self._pending = self._pending, {}
+        now = time.monotonic()
+        interval = 0.0 if force else self.stream_interval
         by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
-        for req, events in pending.values():
+        for key, (req, events) in pending.items():
             if req.loop is None or req.queue is None:
                 continue
+            if (interval and now - req.last_delivery < interval and req.first_token_time is not None
+                    and all(type(ev) is TokenEvent for ev in events)):
+                self._pending[key] = (req, events)  # not due yet
+                continue
+            req.last_delivery = now
             by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, events))
         for loop, items in by_loop.values():
             try:

@@ -71,7 +71,9 @@ def main() -> None:
     backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
     app = create_app(backend, Tokenizer.byte_level(),
                      ServeConfig(model_name="bench", max_slots=args.slots, max_waiting=4 * args.requests,
-                                 stream_interval_ms=args.stream_interval_ms))
+                                 # only when set, so the script also runs against code from before the option
+                                 **({"stream_interval_ms": args.stream_interval_ms}
+                                    if args.stream_interval_ms else {})))
     bench_dir = Path(__file__).resolve().parent
     with ServerThread(app) as srv:
         c0, t0 = time.process_time(), time.perf_counter()

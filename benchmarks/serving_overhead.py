@@ -39,6 +39,18 @@ class SimulatedEngine:
         time.sleep(self.prefill_token_s * len(tokens))
         return self.table[len(tokens) % 512], self.state
 
+    def prefill_batch(self, tokens, states):  # one call, cost still proportional to all its tokens
+        time.sleep(self.prefill_token_s * sum(map(len, tokens)))
+        return self.table[len(tokens[0]) % 512].expand(len(tokens), -1), [self.state] * len(tokens)
+
+    def decode_greedy(self, slots, tokens, steps):  # `steps` waits; the argmax stands in for device sampling
+        out, tok = [], torch.tensor([t % 512 for t in tokens])
+        for _ in range(steps):
+            time.sleep(self.step_s)
+            tok = self.table.index_select(0, tok % 512).argmax(-1)
+            out.append(tok)
+        return torch.stack(out, 1)
+
     def load(self, slot, state):
         pass
 
@@ -53,6 +65,16 @@ class SimulatedEngine:
         return self.table.index_select(0, torch.tensor([t % 512 for t in tokens]))
 
 
+class _Plain:
+    """The stand-in without its optional batched methods."""
+
+    def __init__(self, inner: SimulatedEngine):
+        self._inner = inner
+        self.max_slots, self.vocab_size, self.device = inner.max_slots, inner.vocab_size, inner.device
+        self.prefill, self.load, self.read = inner.prefill, inner.load, inner.read
+        self.release, self.decode = inner.release, inner.decode
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step-ms", type=float, default=5.0)
@@ -61,6 +83,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--stream-interval-ms", type=float, default=0.0, help="ServeConfig.stream_interval_ms")
+    ap.add_argument("--decode-steps-per-read", type=int, default=None,
+                    help="ServeConfig.decode_steps_per_read (default: the server's)")
+    ap.add_argument("--no-batching", action="store_true",
+                    help="hide the stand-in's prefill_batch/decode_greedy (the server as before them)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads for the host-side tensor ops (on a GPU these run on the device; on a "
                          "2-core box extra OpenMP workers spin against the load client)")
@@ -69,6 +95,11 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
 
     backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
+    if args.no_batching:
+        backend = _Plain(backend)
+    extra = {"stream_interval_ms": args.stream_interval_ms} if args.stream_interval_ms else {}
+    if args.decode_steps_per_read is not None:
+        extra["decode_steps_per_read"] = args.decode_steps_per_read
     app = create_app(backend, Tokenizer.byte_level(),
                      ServeConfig(model_name="bench", max_slots=args.slots, max_waiting=4 * args.requests,
                                  # only when set, so the script also runs against code from before the option
@@ -93,6 +124,7 @@ def main() -> None:
                   "simulated engine step", "command": " ".join(["python", *sys.argv]),
         "step_ms": args.step_ms, "torch_threads": args.torch_threads,
         "stream_interval_ms": args.stream_interval_ms, "slots": args.slots,
+        "decode_steps_per_read": args.decode_steps_per_read, "no_batching": args.no_batching,
         "peer_tokens_per_s": peer, "load": load,
         "server_over_peer": load["output_tokens_per_s"] / peer,
         "server_cpu_us_per_token": cpu / load["completion_tokens"] * 1e6,

@@ -9,9 +9,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..generation.sampling import SamplingParams
 from ..model import XLSTMForCausalLM
 from ..ops import State
 from .engine import Engine
+
+# the server checks every stop condition on the host: the engine's own stops are disabled
+_GREEDY = SamplingParams(max_new_tokens=1 << 40, ignore_eos=True)
 
 
 class EngineSlotBackend:
@@ -33,8 +37,23 @@ class EngineSlotBackend:
         hidden, new_state = eng.runner.forward_tokens(ids, None if state is None else eng._as_state(state))
         return eng.runner.logits(hidden)[0], new_state
 
+    @torch.no_grad()
+    def prefill_batch(self, tokens: Sequence[Sequence[int]], states: Sequence[list[State] | None]
+                      ) -> tuple[Tensor, list[list[State]]]:
+        """Prompts of one length in one forward (no padding); logits ``[n, V]`` and batch-1 states."""
+        from ..serving.slots import split_state, stack_states
+
+        if not tokens or len({len(t) for t in tokens}) != 1 or len(states) != len(tokens):
+            raise ValueError("prefill_batch needs prompts of one length and one state (or None) each")
+        eng = self.engine
+        ids = torch.stack([eng._ids(list(t)) for t in tokens])
+        start = stack_states([None if s is None else eng._as_state(s) for s in states], eng.device)
+        hidden, new_state = eng.runner.forward_tokens(ids, start)
+        return eng.runner.logits(hidden), split_state(new_state, len(tokens))
+
     def load(self, slot: int, state: list[State]) -> None:
         self.engine.set_slot_state(slot, state)
+        self.engine.configure_slot(slot, _GREEDY)
 
     def read(self, slot: int) -> list[State]:
         return self.engine.get_slot_state(slot)
@@ -49,3 +68,16 @@ class EngineSlotBackend:
             raise ValueError("decode needs one token per slot and at least one slot")
         out = self.engine.decode_step(list(slots), list(tokens), return_logits=True)
         return out.logits
+
+    @torch.no_grad()
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int) -> Tensor:
+        """``steps`` greedy steps, the engine feeding each sampled token back on the device; tokens
+        ``[n, steps]`` as a device tensor (the caller's one host read). Needs the slots configured
+        greedy, which :meth:`load` does."""
+        if len(slots) != len(tokens) or not slots or steps < 1:
+            raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
+        slots = list(slots)
+        out = [self.engine.decode_step(slots, list(tokens)).tokens]
+        for _ in range(steps - 1):  # explicit slots keep every row running (the stops are the host's)
+            out.append(self.engine.decode_step(slots, None).tokens)
+        return torch.stack(out, dim=1)

@@ -65,6 +65,7 @@ class ServeConfig:
     prefill_chunk: int = 2048  # prompt tokens prefilled per scheduler iteration (between two decode steps)
     stream_interval_ms: float = 0.0  # >0: hand a request's tokens to the HTTP side at most this often (first
     # token, finish and errors go at once): fewer, larger SSE chunks, up to this much extra latency per token
+    decode_steps_per_read: int = 4  # greedy-only batches: decode steps between two host reads of the tokens
     max_model_len: int = 32768
     default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
     prefix_cache_bytes: int = 2 * 1024**3
@@ -376,7 +377,8 @@ class ServerState:
         self.cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
         self.scheduler = Scheduler(backend, tokenizer.eos_token_id, self.cache, self.metrics,
                                    max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
-                                   stream_interval=config.stream_interval_ms / 1000)
+                                   stream_interval=config.stream_interval_ms / 1000,
+                                   decode_steps_per_read=config.decode_steps_per_read)
         self.created = _now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
         self._pieces: dict[int, str] = {}

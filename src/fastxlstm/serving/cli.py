@@ -19,6 +19,8 @@ def serve(
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled between decode steps")] = 2048,
     stream_interval_ms: Annotated[float, typer.Option(
         min=0, help="Send each stream's tokens at most this often (0: every decode step); fewer, larger chunks")] = 0.0,
+    decode_steps_per_read: Annotated[int, typer.Option(
+        min=1, help="Decode steps between host reads while every running request is plain greedy")] = 4,
     max_model_len: Annotated[int, typer.Option(min=2, help="Limit on prompt + completion tokens")] = 32768,
     prefix_cache_mb: Annotated[int, typer.Option(min=0, help="Prefix-cache size in MiB (0 disables)")] = 2048,
     request_timeout: Annotated[float, typer.Option(min=0, help="Seconds per request (0: none)")] = 600.0,
@@ -59,7 +61,7 @@ def serve(
         model_name=name, aliases=(model,), max_slots=max_slots, max_waiting=max_waiting, prefill_chunk=prefill_chunk,
         max_model_len=max_model_len, prefix_cache_bytes=prefix_cache_mb * 1024**2,
         request_timeout=request_timeout or None, api_key=api_key, backend=backend,
-        stream_interval_ms=stream_interval_ms,
+        stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
     )
     try:
         app = build_app(net, tok, config, template, drain_timeout=drain_timeout)

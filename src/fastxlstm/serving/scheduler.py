@@ -2,8 +2,12 @@
 
 Each loop iteration (1) drops cancelled and timed-out requests and frees their slots, (2) admits
 waiting requests while slots are free (looking up the prefix cache), (3) prefills at most
-``prefill_chunk`` prompt tokens (so a long prompt does not stall running decodes for long),
-(4) runs one batched decode step over every running sequence, then (5) hands the new tokens
+``prefill_chunk`` prompt tokens (so a long prompt does not stall running decodes for long; requests
+whose remaining prompts have exactly one length go through the backend's ``prefill_batch`` together,
+never padded), (4) runs the decode step(s) over every running sequence -- ``decode_steps_per_read``
+steps with one host read when every running sequence is plain greedy without logprobs and nobody
+waits for admission (the backend feeds its argmax back on the device; tokens past a stop are dropped,
+and a state that ran past a stop is never cached), else one step -- then (5) hands the new tokens
 to the requests' asyncio queues (with ``stream_interval`` > 0, a request's tokens are handed over at
 most once per interval -- fewer, larger chunks and event-loop wake-ups for a bounded extra latency;
 its first token, its end and errors go at once). Requests with ``n > 1`` prefill once and fork the state.
@@ -131,7 +135,7 @@ class Scheduler:
 
     def __init__(self, backend: SlotBackend, eos_token_id: int | None, cache: PrefixCache | None = None,
                  metrics: Metrics | None = None, max_waiting: int = 256, prefill_chunk: int = 512,
-                 stream_interval: float = 0.0):
+                 stream_interval: float = 0.0, decode_steps_per_read: int = 1):
         self.backend = backend
         self.eos_token_id = eos_token_id
         self.cache = cache
@@ -141,6 +145,9 @@ class Scheduler:
         if stream_interval < 0:
             raise ValueError(f"stream_interval must be >= 0, got {stream_interval}")
         self.stream_interval = stream_interval  # seconds between two hand-overs of one request's tokens
+        if decode_steps_per_read < 1:
+            raise ValueError(f"decode_steps_per_read must be >= 1, got {decode_steps_per_read}")
+        self.decode_steps_per_read = decode_steps_per_read
         self.free_slots: list[int] = list(range(backend.max_slots))  # a heap: lowest slot first
         self.waiting: deque[GenerationRequest] = deque()
         self.prefilling: list[GenerationRequest] = []
@@ -297,7 +304,8 @@ class Scheduler:
         choice.done = True
         if choice.slot is not None:
             if (cache_state and self.cache is not None and req.cache_generation_end and reason != "abort"
-                    and not req.cancelled and choice.fed > 0):
+                    and not req.cancelled and 0 < choice.fed <= len(choice.generated)):
+                # (fed > generated: a multi-step window ran the state past the stop; not a valid turn end)
                 try:
                     self.cache.insert(req.prompt + choice.generated[: choice.fed], self.backend.read(choice.slot))
                 except Exception:  # caching is an optimisation; never fail a request over it
@@ -391,9 +399,18 @@ class Scheduler:
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
+        groups = self._prefill_groups() if hasattr(self.backend, "prefill_batch") else {}
+        started: list[GenerationRequest] = []
         for req in list(self.prefilling):
             if budget <= 0:
                 break
+            if req.pos == len(req.prompt) and req in started:
+                continue
+            length = len(req.prompt) - req.pos
+            group = groups.pop((length, req.state is None, id(req)), None)
+            if group and len(group) > 1 and budget >= 2 * length:
+                budget -= self._prefill_batch(group[: budget // length], started)
+                continue
             try:
                 n_prompt = len(req.prompt)
                 while req.pos < n_prompt and budget > 0:
@@ -408,20 +425,75 @@ class Scheduler:
                 if req.pos == n_prompt:
                     if self.cache is not None and req.cached_tokens < n_prompt:
                         self.cache.insert(req.prompt, req.state, req.logits)
-                    self._start_decoding(req)
+                    started.append(req)
             except Exception as e:
                 self._fail(req, e)
+        self._start_decoding([r for r in started if r in self.prefilling])
 
-    def _start_decoding(self, req: GenerationRequest) -> None:
-        self.prefilling.remove(req)
-        self.running.append(req)
-        self._post(req, PrefillDone(req.cached_tokens))
-        state, logits = req.state, req.logits
-        req.state = req.logits = None
-        assert state is not None and logits is not None
-        for choice in req.choices:
-            self.backend.load(choice.slot, state)
-        self._sample_and_emit(req.choices, [req] * len(req.choices), logits[None].expand(len(req.choices), -1))
+    def _prefill_groups(self) -> dict[tuple[int, bool, int], list[GenerationRequest]]:
+        """Requests whose whole remaining prompt (no cache point inside it) can be prefilled in one go,
+        grouped by exact remaining length and start-state kind; keyed by the group's first request."""
+        by_key: dict[tuple[int, bool], list[GenerationRequest]] = {}
+        for req in self.prefilling:
+            n = len(req.prompt)
+            if req.pos < n and not any(req.pos < p < n for p in req.cache_points):
+                by_key.setdefault((n - req.pos, req.state is None), []).append(req)
+        return {(*key, id(reqs[0])): reqs for key, reqs in by_key.items()}
+
+    def _prefill_batch(self, group: list[GenerationRequest], started: list[GenerationRequest]) -> int:
+        """Prefill ``group`` (one remaining length) in one backend call; on failure one by one. Returns
+        the tokens spent."""
+        length = len(group[0].prompt) - group[0].pos
+        try:
+            logits, states = self.backend.prefill_batch([r.prompt[r.pos:] for r in group], [r.state for r in group])
+        except Exception:
+            log.warning("batched prefill failed; prefilling one by one:\n%s", traceback.format_exc())
+            for req in group:
+                try:
+                    req.logits, req.state = self.backend.prefill(req.prompt[req.pos:], req.state)
+                except Exception as e:
+                    self._fail(req, e)
+                    continue
+                self._prefilled(req, started)
+            return length * len(group)
+        for j, req in enumerate(group):
+            req.logits, req.state = logits[j], states[j]
+            self._prefilled(req, started)
+        return length * len(group)
+
+    def _prefilled(self, req: GenerationRequest, started: list[GenerationRequest]) -> None:
+        self.metrics.prefill_tokens.inc(len(req.prompt) - req.pos)
+        req.pos = len(req.prompt)
+        try:
+            if self.cache is not None and req.cached_tokens < req.pos:
+                self.cache.insert(req.prompt, req.state, req.logits)
+        except Exception:
+            log.warning("prefix cache insert failed:\n%s", traceback.format_exc())
+        started.append(req)
+
+    def _start_decoding(self, reqs: list[GenerationRequest]) -> None:
+        """Load the prefilled states into the requests' slots and pick every first token in one go."""
+        choices: list[_Choice] = []
+        owners: list[GenerationRequest] = []
+        rows: list[Tensor] = []
+        for req in reqs:
+            try:
+                state, logits = req.state, req.logits
+                assert state is not None and logits is not None
+                for choice in req.choices:
+                    self.backend.load(choice.slot, state)
+            except Exception as e:
+                self._fail(req, e)
+                continue
+            self.prefilling.remove(req)
+            self.running.append(req)
+            self._post(req, PrefillDone(req.cached_tokens))
+            req.state = req.logits = None
+            choices.extend(req.choices)
+            owners.extend([req] * len(req.choices))
+            rows.extend([logits] * len(req.choices))
+        if choices:
+            self._sample_and_emit(choices, owners, torch.stack(rows))
 
     def _decode(self) -> None:
         active: list[_Choice] = []
@@ -436,6 +508,15 @@ class Scheduler:
             return
         slots = [c.slot for c in active]
         tokens = [c.generated[-1] for c in active]
+        steps = self._window(active, owners)
+        if steps > 1:
+            try:
+                block = self.backend.decode_greedy(slots, tokens, steps).tolist()  # the window's one host read
+            except Exception:  # fall back to single steps (which isolate a failing sequence)
+                log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
+            else:
+                self._emit_block(active, owners, block)
+                return
         try:
             logits = self.backend.decode(slots, tokens)
         except Exception:  # find the sequence(s) at fault: retry one by one, fail only those
@@ -462,6 +543,66 @@ class Scheduler:
         for choice in active:
             choice.fed += 1
         self._sample_and_emit(active, owners, logits)
+
+    def _window(self, active: list[_Choice], owners: list[GenerationRequest]) -> int:
+        """Decode steps before the next host read: several only when every active sequence is plain
+        greedy without logprobs (the backend's argmax is the sampler), nobody waits to be admitted or
+        prefilled (their first tokens would wait for the window), and at most the longest remaining
+        budget (at most the shortest for a chat turn whose end state goes to the prefix cache, so a
+        length stop leaves a state that matches the tokens)."""
+        k = self.decode_steps_per_read
+        if k <= 1 or not hasattr(self.backend, "decode_greedy") or self.prefilling or (
+                self.waiting and len(self.free_slots) >= self.waiting[0].n):
+            return 1
+        longest = 0
+        for choice, req in zip(active, owners):
+            p = choice.sampler.params
+            if not p.greedy_plain or p.logprobs is not None:
+                return 1
+            left = p.max_tokens - len(choice.generated)
+            longest = max(longest, left)
+            if req.cache_generation_end and self.cache is not None:
+                k = min(k, left)
+        return max(1, min(k, longest))
+
+    def _emit_block(self, active: list[_Choice], owners: list[GenerationRequest], block: list[list[int]]) -> None:
+        """Tokens of a multi-step window, row per sequence: each is emitted up to its first stop; what
+        the device computed past it is dropped (the slot is freed)."""
+        steps = len(block[0])
+        self.steps += steps
+        now = time.monotonic()
+        if self._last_decode:  # interval between two reads (the window's tokens arrive together)
+            self.metrics.itl.observe(now - self._last_decode)
+        self._last_decode = now
+        for _ in range(steps):
+            self.metrics.decode_batch.observe(len(active))
+        emitted = 0
+        for choice, req, row in zip(active, owners, block):
+            choice.fed += steps
+            for token in row:
+                if choice.done:
+                    break
+                self._emit(choice, req, token, None, None, now)
+                emitted += 1
+        self.metrics.generation_tokens.inc(emitted)
+        for req in {id(r): r for r in owners}.values():
+            if req.finished and req in self.running:
+                self.running.remove(req)
+
+    def _emit(self, choice: _Choice, req: GenerationRequest, token: int, lp: float | None,
+              top: list[tuple[int, float]] | None, now: float) -> None:
+        """Hand one sampled token over and finish the choice where a stop condition holds."""
+        choice.sampler.observe(token)
+        choice.generated.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.metrics.ttft.observe(now - req.arrival)
+        self._post(req, TokenEvent(choice.index, token, lp, top))
+        p = req.params
+        if (token == self.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
+            self._release(req, choice, "stop")
+        elif len(choice.generated) >= p.max_tokens:
+            self._release(req, choice, "length")
 
     def _sample_and_emit(self, choices: list[_Choice], owners: list[GenerationRequest], logits: Tensor) -> None:
         """Pick the next token of each choice from its ``logits`` row; emit, and finish where due."""
@@ -504,23 +645,10 @@ class Scheduler:
         tokens = token_t.tolist()  # the one host sync of the step
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
-        eos = self.eos_token_id
         for j, token in zip(ok, tokens):
             choice, req = choices[j], owners[j]
-            if choice.done:
-                continue
-            choice.sampler.observe(token)
-            choice.generated.append(token)
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.metrics.ttft.observe(now - req.arrival)
-            lp, top = lp_info.get(j, (None, None))
-            self._post(req, TokenEvent(choice.index, token, lp, top))
-            p = req.params
-            if (token == eos and not p.ignore_eos) or token in p.stop_token_ids:
-                self._release(req, choice, "stop")
-            elif len(choice.generated) >= p.max_tokens:
-                self._release(req, choice, "length")
+            if not choice.done:
+                self._emit(choice, req, token, *lp_info.get(j, (None, None)), now)
         for req in {id(r): r for r in owners}.values():
             if req.finished and req in self.running:
                 self.running.remove(req)

@@ -5,7 +5,8 @@ so it can sit on another slot engine later. Slot states are rows of batched stat
 A decode step over the active slots either gathers their rows (few active) or runs the whole
 slot batch (most active, and every live slot is in the step; the free rows compute on stale
 states nobody owns and are overwritten when a sequence takes the slot). A prefill runs with
-batch 1 and never touches a slot until :meth:`load` writes its final state, so padding never
+one prompt (or, with :meth:`ModelSlots.prefill_batch`, several of exactly one length) and never
+touches a slot until :meth:`load` writes its final state, so padding never
 reaches any sequence's state.
 """
 
@@ -43,6 +44,32 @@ class SlotBackend(Protocol):
         """Feed one token to each slot; return logits ``[len(slots), V]`` and advance their states."""
 
 
+class BatchedSlotBackend(SlotBackend, Protocol):
+    """Optional extras a backend may offer; the scheduler uses them when present (``hasattr``)."""
+
+    def prefill_batch(self, tokens: Sequence[Sequence[int]], states: Sequence[ModelState | None]
+                      ) -> tuple[Tensor, list[ModelState]]:
+        """Prefill prompts of one length together (states all None or all given); logits ``[n, V]``, states."""
+
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int) -> Tensor:
+        """``steps`` greedy decode steps, each argmax fed back on the device; tokens ``[n, steps]`` (no host read)."""
+
+
+def split_state(state: ModelState, n: int) -> list[ModelState]:
+    """Rows of a batched state as ``n`` batch-1 states (copies, so no row keeps the batch alive)."""
+    return [[tuple(t[j:j + 1].clone() for t in layer) for layer in state] for j in range(n)]
+
+
+def stack_states(states: Sequence[ModelState | None], device: torch.device) -> ModelState | None:
+    """One batched state from batch-1 states (None if they are all None); mixing is an error."""
+    if all(s is None for s in states):
+        return None
+    if any(s is None for s in states):
+        raise ValueError("cannot batch prompts with and without a start state")
+    return [tuple(torch.cat([s[i][k].to(device) for s in states]) for k in range(len(states[0][i])))
+            for i in range(len(states[0]))]
+
+
 class ModelSlots:
     """:class:`SlotBackend` over an :class:`~fastxlstm.model.XLSTMForCausalLM` (batched model calls)."""
 
@@ -70,6 +97,15 @@ class ModelSlots:
         return logits[0, -1], new_state
 
     @torch.inference_mode()
+    def prefill_batch(self, tokens: Sequence[Sequence[int]], states: Sequence[ModelState | None]
+                      ) -> tuple[Tensor, list[ModelState]]:
+        if not tokens or len({len(t) for t in tokens}) != 1 or len(states) != len(tokens):
+            raise ValueError("prefill_batch needs prompts of one length and one state (or None) each")
+        ids = torch.tensor([list(t) for t in tokens], dtype=torch.long, device=self.device)
+        logits, new_state = self.model(ids, stack_states(states, self.device), last_logits_only=True)
+        return logits[:, -1], split_state(new_state, len(tokens))
+
+    @torch.inference_mode()
     def load(self, slot: int, state: ModelState) -> None:
         for dst_layer, src_layer in zip(self.state, state):
             for dst, src in zip(dst_layer, src_layer):
@@ -87,7 +123,20 @@ class ModelSlots:
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
         if len(slots) != len(tokens) or not slots:
             raise ValueError("decode needs one token per slot and at least one slot")
+        return self._decode(slots, torch.tensor(list(tokens), dtype=torch.long, device=self.device))
+
+    @torch.inference_mode()
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int) -> Tensor:
+        if len(slots) != len(tokens) or not slots or steps < 1:
+            raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
         tok = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        out = []
+        for _ in range(steps):
+            tok = self._decode(slots, tok).argmax(dim=-1)
+            out.append(tok)
+        return torch.stack(out, dim=1)
+
+    def _decode(self, slots: Sequence[int], tok: Tensor) -> Tensor:
         idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         if len(slots) >= self.full_batch_fraction * self.max_slots and self.live.issubset(slots):
             # whole slot batch: free rows get token 0 and compute on states nobody owns

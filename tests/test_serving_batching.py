@@ -1,0 +1,158 @@
+"""Scheduler batching: batched prefill of equal-length prompts and several decode steps per host read
+must give exactly what one-by-one prefill and single steps give, and never emit past a stop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastxlstm.config import XLSTMConfig
+from fastxlstm.engine.backend import EngineSlotBackend
+from fastxlstm.generation import generate
+from fastxlstm.serving.prefix_cache import PrefixCache
+from fastxlstm.serving.sampling import SamplingParams
+from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from fastxlstm.serving.slots import ModelSlots
+
+from .helpers import perturbed_model
+from .test_serving_units import run_requests
+
+CFG = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2, weight_mode="fused", chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed_model(CFG)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def close_states(a, b, tol=1e-5):
+    return all(torch.allclose(x, y, atol=tol, rtol=tol) for la, lb in zip(a, b) for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("kind", ["model", "engine"])
+def test_prefill_batch_equals_one_by_one(model, kind):
+    be = ModelSlots(model, max_slots=4) if kind == "model" else EngineSlotBackend(model, max_slots=4)
+    ps = prompts([13, 13, 13])
+    starts = [None] * 3
+    for with_state in (False, True):
+        logits, states = be.prefill_batch(ps, starts)
+        assert logits.shape == (3, CFG.vocab_size) and len(states) == 3
+        for j, p in enumerate(ps):
+            lo, st = be.prefill(p, starts[j])
+            assert torch.allclose(logits[j], lo, atol=1e-5, rtol=1e-5)
+            assert close_states(states[j], st) and states[j][0][0].shape[0] == 1
+        starts = states  # second round: continue from the states (prefix-cache hits)
+        assert with_state or all(s is not None for s in starts)
+    with pytest.raises(ValueError):
+        be.prefill_batch([[1, 2], [3]], [None, None])
+
+
+@pytest.mark.parametrize("kind", ["model", "engine"])
+def test_decode_greedy_equals_single_steps(model, kind):
+    make = (lambda: ModelSlots(model, max_slots=4)) if kind == "model" else (
+        lambda: EngineSlotBackend(model, max_slots=4))
+    fast, slow = make(), make()
+    ps = prompts([5, 9, 17], seed=1)
+    for be in (fast, slow):
+        for slot, p in zip((0, 1, 3), ps):
+            be.load(slot, be.prefill(p, None)[1])
+    got = fast.decode_greedy([0, 1, 3], [7, 8, 9], 6).tolist()
+    tok, want = [7, 8, 9], []
+    for _ in range(6):
+        tok = slow.decode([0, 1, 3], tok).argmax(-1).tolist()
+        want.append(tok)
+    assert got == [list(r) for r in zip(*want)]
+    assert close_states(fast.read(3), slow.read(3))
+
+
+def counted(fn, name, log):
+    def wrapper(*args):
+        log.append(name)
+        return fn(*args)
+    return wrapper
+
+
+def tokens_and_finish(events):
+    toks = [e.token for e in events if isinstance(e, TokenEvent)]
+    fins = [i for i, e in enumerate(events) if isinstance(e, FinishEvent)]
+    assert len(fins) == 1 and fins[0] == len(events) - 1  # nothing after the finish
+    return toks, events[-1].reason
+
+
+def test_multi_step_window_stops_exactly(model):
+    """k-step windows: max_tokens, stop ids and EOS stop exactly (mid-window), tokens equal single steps."""
+    ps = prompts([6, 6, 6, 11, 11, 3], seed=2)
+    ref = [generate(model, p, 20)[0].tolist() for p in ps]
+
+    def first_new(r, at):  # a token whose first occurrence is at position `at` (or later)
+        i = next(i for i in range(at, len(r)) if r[i] not in r[:i])
+        return r[i], i
+
+    stop_tok, stop_at = first_new(ref[1], 2)
+    eos_tok, eos_at = first_new(ref[4], 5)
+    params = [SamplingParams(max_tokens=1, temperature=0), SamplingParams(max_tokens=20, temperature=0,
+              stop_token_ids=(stop_tok,)), SamplingParams(max_tokens=7, temperature=0),
+              SamplingParams(max_tokens=20, temperature=0), SamplingParams(max_tokens=20, temperature=0),
+              SamplingParams(max_tokens=13, temperature=0, ignore_eos=True)]
+    want = [(ref[0][:1], "length"), (ref[1][:stop_at + 1], "stop"), (ref[2][:7], "length")]
+    for r in ref[3:5]:
+        end = next((i for i, t in enumerate(r) if t == eos_tok), None)
+        want.append((r[:end + 1], "stop") if end is not None else (r[:20], "length"))
+    want.append((ref[5][:13], "length"))
+    assert want[4] == (ref[4][:eos_at + 1], "stop")
+    for k in (1, 4, 8):
+        be = ModelSlots(model, max_slots=8)
+        reads = []
+        for name in ("decode", "decode_greedy"):
+            setattr(be, name, counted(getattr(be, name), name, reads))
+        sched = Scheduler(be, eos_token_id=eos_tok, decode_steps_per_read=k)
+        sched.start()
+        try:
+            reqs = [GenerationRequest(p, sp) for p, sp in zip(ps, params)]
+            events = run_requests(sched, reqs)
+            assert [tokens_and_finish(events[r.id]) for r in reqs] == want, k
+            assert sched.stats()["slots_free"] == 8
+            assert sched.metrics.generation_tokens._value.get() == sum(len(w[0]) for w in want)
+            assert sched.steps == 19  # device steps: the longest request's 20 tokens less the prefill's
+            assert (len(reads) < 19 and "decode_greedy" in reads) if k > 1 else len(reads) == 19
+        finally:
+            sched.shutdown()
+
+
+def test_batched_prefill_in_scheduler_and_cache_states_exact(model):
+    """A wave of equal-length prompts is prefilled in one call; tokens equal generate(); every cached state
+    (prompt ends and chat-turn ends, even when a window ran past a stop) equals a fresh prefill of its key."""
+    be = ModelSlots(model, max_slots=8)
+    calls = []
+    orig = be.prefill_batch
+    be.prefill_batch = lambda t, s: (calls.append(len(t)), orig(t, s))[1]
+    cache = PrefixCache(10**8)
+    sched = Scheduler(be, eos_token_id=None, cache=cache, decode_steps_per_read=4)
+    ps = prompts([9, 9, 9, 9, 4, 12], seed=3)
+    ref = [generate(model, p, 10)[0].tolist() for p in ps]
+    stop_tok = ref[0][1] if ref[0][1] not in ref[0][:1] else ref[0][2]
+    sched.start()
+    try:
+        params = [SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(stop_tok,) if i == 0 else ())
+                  for i in range(len(ps))]
+        reqs = [GenerationRequest(p, sp, cache_generation_end=True) for p, sp in zip(ps, params)]
+        before = sched.metrics.prefill_tokens._value.get()
+        events = run_requests(sched, reqs)
+        assert sched.metrics.prefill_tokens._value.get() - before == sum(map(len, ps))
+        for i, r in enumerate(reqs):
+            toks, _ = tokens_and_finish(events[r.id])
+            end = ref[i].index(stop_tok) + 1 if i == 0 else 10
+            assert toks == ref[i][:end]
+        assert calls == [4]  # the four 9-token prompts in one call, the others alone
+        keys = list(cache._entries)
+        assert len(keys) >= len(ps) + 1  # prompt ends plus turn ends (length stops land on a window end)
+        for key in keys:
+            _, fresh = be.prefill(list(key), None)
+            assert close_states(cache._entries[key].state, fresh, tol=1e-4), len(key)
+    finally:
+        sched.shutdown()

@@ -61,19 +61,22 @@ def test_decode_greedy_equals_single_steps(model, kind):
     for be in (fast, slow):
         for slot, p in zip((0, 1, 3), ps):
             be.load(slot, be.prefill(p, None)[1])
-    got = fast.decode_greedy([0, 1, 3], [7, 8, 9], 6).tolist()
-    tok, want = [7, 8, 9], []
+    got, lps = fast.decode_greedy([0, 1, 3], [7, 8, 9], 6, logprobs=True)
+    tok, want, want_lp = [7, 8, 9], [], []
     for _ in range(6):
-        tok = slow.decode([0, 1, 3], tok).argmax(-1).tolist()
+        logits = slow.decode([0, 1, 3], tok)
+        tok = logits.argmax(-1).tolist()
         want.append(tok)
-    assert got == [list(r) for r in zip(*want)]
+        want_lp.append(torch.log_softmax(logits, -1)[torch.arange(3), tok])
+    assert got.tolist() == [list(r) for r in zip(*want)]
+    assert torch.allclose(lps, torch.stack(want_lp, 1), atol=1e-5)
     assert close_states(fast.read(3), slow.read(3))
 
 
 def counted(fn, name, log):
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         log.append(name)
-        return fn(*args)
+        return fn(*args, **kwargs)
     return wrapper
 
 
@@ -156,3 +159,33 @@ def test_batched_prefill_in_scheduler_and_cache_states_exact(model):
             assert close_states(cache._entries[key].state, fresh, tol=1e-4), len(key)
     finally:
         sched.shutdown()
+
+
+def test_multi_step_window_chosen_logprobs_equal_single_steps(model):
+    """``logprobs=0`` (the chosen token's log-probability) rides in windows; top alternatives force single steps."""
+    ps = prompts([7, 7, 10], seed=4)
+    got = {}
+    for k in (1, 4):
+        be = ModelSlots(model, max_slots=4)
+        reads = []
+        be.decode_greedy = counted(be.decode_greedy, "decode_greedy", reads)
+        sched = Scheduler(be, eos_token_id=None, decode_steps_per_read=k)
+        sched.start()
+        try:
+            reqs = [GenerationRequest(p, SamplingParams(max_tokens=9, temperature=0, logprobs=0 if i < 2 else None))
+                    for i, p in enumerate(ps)]
+            events = run_requests(sched, reqs)
+            got[k] = [[(e.token, e.logprob, e.top_logprobs) for e in events[r.id] if isinstance(e, TokenEvent)]
+                      for r in reqs]
+            assert bool(reads) == (k > 1)
+            top = GenerationRequest(ps[0], SamplingParams(max_tokens=5, temperature=0, logprobs=2))
+            reads.clear()
+            run_requests(sched, [top])
+            assert not reads  # alternatives are computed on the host, one step at a time
+        finally:
+            sched.shutdown()
+    for a, b in zip(got[1], got[4]):
+        assert [t for t, _, _ in a] == [t for t, _, _ in b]
+        assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5) and ta == tb
+                   for (_, la, ta), (_, lb, tb) in zip(a, b))
+    assert got[4][0][0][1] is not None and got[4][0][0][2] == [] and got[4][2][0][1] is None

@@ -70,14 +70,21 @@ class EngineSlotBackend:
         return out.logits
 
     @torch.no_grad()
-    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int) -> Tensor:
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int, logprobs: bool = False
+                      ) -> Tensor | tuple[Tensor, Tensor]:
         """``steps`` greedy steps, the engine feeding each sampled token back on the device; tokens
-        ``[n, steps]`` as a device tensor (the caller's one host read). Needs the slots configured
-        greedy, which :meth:`load` does."""
+        ``[n, steps]`` as a device tensor (the caller's one host read) and, with ``logprobs``, their
+        log-probabilities ``[n, steps]``. Needs the slots configured greedy, which :meth:`load` does."""
+        from ..serving.slots import chosen_logprobs
+
         if len(slots) != len(tokens) or not slots or steps < 1:
             raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
-        slots = list(slots)
-        out = [self.engine.decode_step(slots, list(tokens)).tokens]
-        for _ in range(steps - 1):  # explicit slots keep every row running (the stops are the host's)
-            out.append(self.engine.decode_step(slots, None).tokens)
-        return torch.stack(out, dim=1)
+        slots, feed = list(slots), list(tokens)
+        out, lps = [], []
+        for _ in range(steps):  # explicit slots keep every row running (the stops are the host's)
+            step = self.engine.decode_step(slots, feed, return_logits=logprobs)
+            feed = None  # later steps feed the token sampled on the device
+            out.append(step.tokens)
+            if logprobs:
+                lps.append(chosen_logprobs(step.logits, step.tokens))
+        return (torch.stack(out, 1), torch.stack(lps, 1)) if logprobs else torch.stack(out, 1)

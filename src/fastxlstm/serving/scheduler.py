@@ -5,7 +5,7 @@ waiting requests while slots are free (looking up the prefix cache), (3) prefill
 ``prefill_chunk`` prompt tokens (so a long prompt does not stall running decodes for long; requests
 whose remaining prompts have exactly one length go through the backend's ``prefill_batch`` together,
 never padded), (4) runs the decode step(s) over every running sequence -- ``decode_steps_per_read``
-steps with one host read when every running sequence is plain greedy without logprobs and nobody
+steps with one host read when every running sequence is plain greedy without top logprobs and nobody
 waits for admission (the backend feeds its argmax back on the device; tokens past a stop are dropped,
 and a state that ran past a stop is never cached), else one step -- then (5) hands the new tokens
 to the requests' asyncio queues (with ``stream_interval`` > 0, a request's tokens are handed over at
@@ -510,12 +510,14 @@ class Scheduler:
         tokens = [c.generated[-1] for c in active]
         steps = self._window(active, owners)
         if steps > 1:
+            want_lp = any(c.sampler.params.logprobs == 0 for c in active)
             try:
-                block = self.backend.decode_greedy(slots, tokens, steps).tolist()  # the window's one host read
+                out = self.backend.decode_greedy(slots, tokens, steps, logprobs=want_lp)
+                block, lps = (out[0].tolist(), out[1].tolist()) if want_lp else (out.tolist(), None)  # one read
             except Exception:  # fall back to single steps (which isolate a failing sequence)
                 log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
             else:
-                self._emit_block(active, owners, block)
+                self._emit_block(active, owners, block, lps)
                 return
         try:
             logits = self.backend.decode(slots, tokens)
@@ -546,7 +548,7 @@ class Scheduler:
 
     def _window(self, active: list[_Choice], owners: list[GenerationRequest]) -> int:
         """Decode steps before the next host read: several only when every active sequence is plain
-        greedy without logprobs (the backend's argmax is the sampler), nobody waits to be admitted or
+        greedy without top logprobs (the backend's argmax is the sampler), nobody waits to be admitted or
         prefilled (their first tokens would wait for the window), and at most the longest remaining
         budget (at most the shortest for a chat turn whose end state goes to the prefix cache, so a
         length stop leaves a state that matches the tokens)."""
@@ -557,7 +559,7 @@ class Scheduler:
         longest = 0
         for choice, req in zip(active, owners):
             p = choice.sampler.params
-            if not p.greedy_plain or p.logprobs is not None:
+            if not p.greedy_plain or p.logprobs:  # top alternatives need the host (logprobs=0 does not)
                 return 1
             left = p.max_tokens - len(choice.generated)
             longest = max(longest, left)
@@ -565,7 +567,8 @@ class Scheduler:
                 k = min(k, left)
         return max(1, min(k, longest))
 
-    def _emit_block(self, active: list[_Choice], owners: list[GenerationRequest], block: list[list[int]]) -> None:
+    def _emit_block(self, active: list[_Choice], owners: list[GenerationRequest], block: list[list[int]],
+                    lps: list[list[float]] | None) -> None:
         """Tokens of a multi-step window, row per sequence: each is emitted up to its first stop; what
         the device computed past it is dropped (the slot is freed)."""
         steps = len(block[0])
@@ -577,12 +580,13 @@ class Scheduler:
         for _ in range(steps):
             self.metrics.decode_batch.observe(len(active))
         emitted = 0
-        for choice, req, row in zip(active, owners, block):
+        for j, (choice, req, row) in enumerate(zip(active, owners, block)):
             choice.fed += steps
-            for token in row:
+            want = choice.sampler.params.logprobs == 0
+            for i, token in enumerate(row):
                 if choice.done:
                     break
-                self._emit(choice, req, token, None, None, now)
+                self._emit(choice, req, token, lps[j][i] if want else None, [] if want else None, now)
                 emitted += 1
         self.metrics.generation_tokens.inc(emitted)
         for req in {id(r): r for r in owners}.values():

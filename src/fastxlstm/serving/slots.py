@@ -51,8 +51,15 @@ class BatchedSlotBackend(SlotBackend, Protocol):
                       ) -> tuple[Tensor, list[ModelState]]:
         """Prefill prompts of one length together (states all None or all given); logits ``[n, V]``, states."""
 
-    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int) -> Tensor:
-        """``steps`` greedy decode steps, each argmax fed back on the device; tokens ``[n, steps]`` (no host read)."""
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int, logprobs: bool = False
+                      ) -> Tensor | tuple[Tensor, Tensor]:
+        """``steps`` greedy decode steps, each argmax fed back on the device; tokens ``[n, steps]`` (no host
+        read) and, with ``logprobs``, their float32 log-probabilities ``[n, steps]``."""
+
+
+def chosen_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-probability of ``tokens [n]`` under ``logits [n, V]`` (as the scheduler computes it)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
 
 
 def split_state(state: ModelState, n: int) -> list[ModelState]:
@@ -126,15 +133,19 @@ class ModelSlots:
         return self._decode(slots, torch.tensor(list(tokens), dtype=torch.long, device=self.device))
 
     @torch.inference_mode()
-    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int) -> Tensor:
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int, logprobs: bool = False
+                      ) -> Tensor | tuple[Tensor, Tensor]:
         if len(slots) != len(tokens) or not slots or steps < 1:
             raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
         tok = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
-        out = []
+        out, lps = [], []
         for _ in range(steps):
-            tok = self._decode(slots, tok).argmax(dim=-1)
+            logits = self._decode(slots, tok)
+            tok = logits.argmax(dim=-1)
             out.append(tok)
-        return torch.stack(out, dim=1)
+            if logprobs:
+                lps.append(chosen_logprobs(logits, tok))
+        return (torch.stack(out, 1), torch.stack(lps, 1)) if logprobs else torch.stack(out, 1)
 
     def _decode(self, slots: Sequence[int], tok: Tensor) -> Tensor:
         idx = torch.tensor(list(slots), dtype=torch.long, device=self.device)

@@ -43,13 +43,16 @@ class SimulatedEngine:
         time.sleep(self.prefill_token_s * sum(map(len, tokens)))
         return self.table[len(tokens[0]) % 512].expand(len(tokens), -1), [self.state] * len(tokens)
 
-    def decode_greedy(self, slots, tokens, steps):  # `steps` waits; the argmax stands in for device sampling
-        out, tok = [], torch.tensor([t % 512 for t in tokens])
-        for _ in range(steps):
-            time.sleep(self.step_s)
-            tok = self.table.index_select(0, tok % 512).argmax(-1)
+    def decode_greedy(self, slots, tokens, steps, logprobs=False):
+        """``steps`` steps queued back to back (as CUDA launches are): one wait of ``steps`` step times."""
+        time.sleep(self.step_s * steps)
+        out, lps, tok = [], [], torch.tensor([t % 512 for t in tokens])
+        for _ in range(steps):  # the argmax stands in for on-device sampling
+            logits = self.table.index_select(0, tok % 512)
+            tok = logits.argmax(-1)
             out.append(tok)
-        return torch.stack(out, 1)
+            lps.append(torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
+        return (torch.stack(out, 1), torch.stack(lps, 1)) if logprobs else torch.stack(out, 1)
 
     def load(self, slot, state):
         pass

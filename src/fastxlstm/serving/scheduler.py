@@ -5,8 +5,8 @@ waiting requests while slots are free (looking up the prefix cache), (3) prefill
 ``prefill_chunk`` prompt tokens (so a long prompt does not stall running decodes for long; requests
 whose remaining prompts have exactly one length go through the backend's ``prefill_batch`` together,
 never padded), (4) runs the decode step(s) over every running sequence -- ``decode_steps_per_read``
-steps with one host read when every running sequence is plain greedy without top logprobs and nobody
-waits for admission (the backend feeds its argmax back on the device; tokens past a stop are dropped,
+steps with one host read when every running sequence is plain greedy without top logprobs (the
+backend feeds its argmax back on the device; tokens past a stop are dropped,
 and a state that ran past a stop is never cached), else one step -- then (5) hands the new tokens
 to the requests' asyncio queues (with ``stream_interval`` > 0, a request's tokens are handed over at
 most once per interval -- fewer, larger chunks and event-loop wake-ups for a bounded extra latency;
@@ -548,13 +548,12 @@ class Scheduler:
 
     def _window(self, active: list[_Choice], owners: list[GenerationRequest]) -> int:
         """Decode steps before the next host read: several only when every active sequence is plain
-        greedy without top logprobs (the backend's argmax is the sampler), nobody waits to be admitted or
-        prefilled (their first tokens would wait for the window), and at most the longest remaining
+        greedy without top logprobs (the backend's argmax is the sampler), and at most the longest remaining
         budget (at most the shortest for a chat turn whose end state goes to the prefix cache, so a
-        length stop leaves a state that matches the tokens)."""
+        length stop leaves a state that matches the tokens). Requests arriving meanwhile are admitted
+        after the window (their first token waits up to ``k - 1`` steps longer)."""
         k = self.decode_steps_per_read
-        if k <= 1 or not hasattr(self.backend, "decode_greedy") or self.prefilling or (
-                self.waiting and len(self.free_slots) >= self.waiting[0].n):
+        if k <= 1 or not hasattr(self.backend, "decode_greedy"):
             return 1
         longest = 0
         for choice, req in zip(active, owners):

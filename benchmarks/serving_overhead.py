@@ -78,6 +78,54 @@ class _Plain:
         self.release, self.decode = inner.release, inner.decode
 
 
+def scheduler_only(args) -> None:
+    """All requests submitted at once to a bare Scheduler (prompts 8-64 random tokens, greedy, logprobs=0)."""
+    import asyncio
+    import random
+
+    from fastxlstm.serving.sampling import SamplingParams
+    from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, Scheduler
+
+    backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
+    if args.no_batching:
+        backend = _Plain(backend)
+    kw = {} if args.decode_steps_per_read is None else {"decode_steps_per_read": args.decode_steps_per_read}
+    sched = Scheduler(backend, eos_token_id=None, max_waiting=4 * args.requests, prefill_chunk=2048, **kw)
+    rng = random.Random(0)
+    reqs = [GenerationRequest([rng.randrange(1, 256) for _ in range(rng.randint(8, 64))],
+                              SamplingParams(max_tokens=args.output_tokens, temperature=0, logprobs=0, ignore_eos=True))
+            for _ in range(args.requests)]
+
+    async def run() -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        sched.submit(reqs, asyncio.get_running_loop(), queue)
+        left = len(reqs)
+        while left:
+            _, events = await queue.get()
+            left -= sum(type(e) is FinishEvent for e in events)
+
+    sched.start()
+    c0, t0 = time.process_time(), time.perf_counter()
+    asyncio.run(run())
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    sched.shutdown()
+    tokens = args.requests * args.output_tokens
+    peer = args.slots / (args.step_ms / 1000)
+    result = {"benchmark": "serving_overhead/scheduler_only", "date": time.strftime("%Y-%m-%d"),
+              "device": f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+                        "simulated engine step", "command": " ".join(["python", *sys.argv]),
+              "step_ms": args.step_ms, "slots": args.slots, "requests": args.requests,
+              "output_tokens": args.output_tokens, "decode_steps_per_read": args.decode_steps_per_read,
+              "no_batching": args.no_batching, "peer_tokens_per_s": peer, "tokens_per_s": tokens / wall,
+              "server_over_peer": tokens / wall / peer, "decode_steps": sched.steps,
+              "server_cpu_us_per_token": cpu / tokens * 1e6, "wall_s": wall}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"scheduler only: {tokens / wall:.0f} tok/s vs simulated engine {peer:.0f} tok/s "
+          f"({result['server_over_peer']:.2f}); {sched.steps} steps; "
+          f"CPU {result['server_cpu_us_per_token']:.0f} us/token")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step-ms", type=float, default=5.0)
@@ -93,9 +141,13 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads for the host-side tensor ops (on a GPU these run on the device; on a "
                          "2-core box extra OpenMP workers spin against the load client)")
+    ap.add_argument("--scheduler-only", action="store_true",
+                    help="drive the scheduler directly (no HTTP, no client process): what the scheduler alone leaves")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
+    if args.scheduler_only:
+        return scheduler_only(args)
 
     backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
     if args.no_batching:
@@ -105,9 +157,8 @@ def main() -> None:
         extra["decode_steps_per_read"] = args.decode_steps_per_read
     app = create_app(backend, Tokenizer.byte_level(),
                      ServeConfig(model_name="bench", max_slots=args.slots, max_waiting=4 * args.requests,
-                                 # only when set, so the script also runs against code from before the option
-                                 **({"stream_interval_ms": args.stream_interval_ms}
-                                    if args.stream_interval_ms else {})))
+                                 # only when set, so the script also runs against code from before the options
+                                 **extra))
     bench_dir = Path(__file__).resolve().parent
     with ServerThread(app) as srv:
         c0, t0 = time.process_time(), time.perf_counter()

@@ -189,3 +189,20 @@ def test_multi_step_window_chosen_logprobs_equal_single_steps(model):
         assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5) and ta == tb
                    for (_, la, ta), (_, lb, tb) in zip(a, b))
     assert got[4][0][0][1] is not None and got[4][0][0][2] == [] and got[4][2][0][1] is None
+
+
+def test_engine_backend_windows_past_engine_defaults(model):
+    """EngineSlotBackend in the scheduler with windows: greedy tokens equal generate() beyond the engine's
+    default max_new_tokens (its own stops are off; the host stops), slots reused across requests."""
+    sched = Scheduler(EngineSlotBackend(model, max_slots=2), eos_token_id=None, decode_steps_per_read=4)
+    sched.start()
+    try:
+        ps = prompts([5, 5, 8], seed=5)
+        reqs = [GenerationRequest(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                for p, n in zip(ps, (70, 9, 13))]
+        events = run_requests(sched, reqs)
+        for p, r in zip(ps, reqs):
+            toks, reason = tokens_and_finish(events[r.id])
+            assert toks == generate(model, p, r.params.max_tokens)[0].tolist() and reason == "length"
+    finally:
+        sched.shutdown()

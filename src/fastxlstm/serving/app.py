@@ -202,6 +202,28 @@ def _sse(obj: BaseModel | dict) -> str:
     data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else _dumps(obj)
     return f"data: {data}\n\n"
 
+def _event_stream(call, head: dict, include_usage: bool, events: AsyncIterator[str]) -> StreamingResponse:
+    """SSE response around a request's chunk stream: usage chunk, ``[DONE]``, errors as an error
+    event, and the request cancelled (slot freed) however the stream ends, client disconnects too."""
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            async for piece in events:
+                yield piece
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": call.usage().model_dump()})
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield _sse(e.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()
+            call.cancel()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 
 class SSEChunks:
     """Per-token SSE chunks of one streamed response, built from a pre-serialised head: only the fields that
@@ -585,39 +607,30 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+            head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
+
             async def stream() -> AsyncIterator[str]:
                 offsets = [len(e) for e in echo]
-                head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
                 sse, field = SSEChunks(head), SSEChunks.field
                 want_lp = body.logprobs is not None
                 done = 0
-                try:
-                    if body.echo:
-                        yield "".join(_sse({**head, "choices": [{"index": i, "text": e, "logprobs": None,
-                                                                 "finish_reason": None}]})
-                                      for i, e in enumerate(echo))
-                    async for batch in call.batches():
-                        out = []
-                        for u in batch:
-                            lp = lp_dict(u.logprobs, offsets[u.index]) if want_lp else None
-                            offsets[u.index] += len(u.delta)
-                            done += u.finish_reason is not None
-                            last = done == len(call.choices) and not include_usage
-                            out.append(sse.chunk(u.index, field("text", u.delta) + field("logprobs", lp)
-                                                 + field("finish_reason", u.finish_reason),
-                                                 call.usage().model_dump() if last else None))
-                        yield "".join(out)
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": call.usage().model_dump()})
-                    yield "data: [DONE]\n\n"
-                except APIError as e:
-                    yield _sse(e.body())
-                    yield "data: [DONE]\n\n"
-                finally:
-                    call.cancel()
+                if body.echo:
+                    yield "".join(_sse({**head, "choices": [{"index": i, "text": e, "logprobs": None,
+                                                             "finish_reason": None}]})
+                                  for i, e in enumerate(echo))
+                async for batch in call.batches():
+                    out = []
+                    for u in batch:
+                        lp = lp_dict(u.logprobs, offsets[u.index]) if want_lp else None
+                        offsets[u.index] += len(u.delta)
+                        done += u.finish_reason is not None
+                        last = done == len(call.choices) and not include_usage
+                        out.append(sse.chunk(u.index, field("text", u.delta) + field("logprobs", lp)
+                                             + field("finish_reason", u.finish_reason),
+                                             call.usage().model_dump() if last else None))
+                    yield "".join(out)
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _event_stream(call, head, include_usage, stream())
 
         updates = await _collect(request, call)
         texts_out = list(echo)
@@ -673,31 +686,21 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
 
             async def stream() -> AsyncIterator[str]:
                 done = 0
-                try:
-                    yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n))
-                    async for batch in call.batches():
-                        out = []
-                        for u in batch:
-                            done += u.finish_reason is not None
-                            last = done == len(call.choices) and not include_usage
-                            if u.delta or u.logprobs:
-                                out.append(chunk(u.index, {"content": u.delta},
-                                                 lp_dict(u.logprobs) if body.logprobs else None))
-                            if u.finish_reason is not None:
-                                out.append(chunk(u.index, {}, None, u.finish_reason,
-                                                 call.usage().model_dump() if last else None))
-                        yield "".join(out)
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": call.usage().model_dump()})
-                    yield "data: [DONE]\n\n"
-                except APIError as e:
-                    yield _sse(e.body())
-                    yield "data: [DONE]\n\n"
-                finally:
-                    call.cancel()
+                yield "".join(chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n))
+                async for batch in call.batches():
+                    out = []
+                    for u in batch:
+                        done += u.finish_reason is not None
+                        last = done == len(call.choices) and not include_usage
+                        if u.delta or u.logprobs:
+                            out.append(chunk(u.index, {"content": u.delta},
+                                             lp_dict(u.logprobs) if body.logprobs else None))
+                        if u.finish_reason is not None:
+                            out.append(chunk(u.index, {}, None, u.finish_reason,
+                                             call.usage().model_dump() if last else None))
+                    yield "".join(out)
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return _event_stream(call, head, include_usage, stream())
 
         updates = await _collect(request, call)
         texts = [""] * len(call.choices)

@@ -9,6 +9,7 @@ accumulation steps sees the same windows, grouped the same way, as ``N`` process
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -69,12 +70,9 @@ def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, max_tokens: i
     The window count is rounded down to a multiple of ``world_size * batch_size`` so every rank
     evaluates the same number of equal batches (a mean over ranks is then the global mean).
     """
-    windows: list[tuple[np.memmap, int]] = []
-    for shard in split.shards:
-        for off in range(0, shard.shape[0] - seq_len, seq_len):
-            windows.append((shard, off))
     limit = max(1, max_tokens // seq_len)
-    windows = windows[:limit]
+    all_windows = ((shard, off) for shard in split.shards for off in range(0, shard.shape[0] - seq_len, seq_len))
+    windows: list[tuple[np.memmap, int]] = list(itertools.islice(all_windows, limit))
     per = world_size * batch_size
     if len(windows) < per:
         raise ValueError(

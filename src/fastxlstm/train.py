@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = TrainConfig.load(args.config, args.overrides)
     summary = run(cfg)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import autotune
+from ._common import TUNE_KEY, autotune, tune_configs
 
 
 @triton.jit
@@ -385,54 +385,50 @@ def bwd_gates_c_kernel(IG, F, BB, MC, GM, QDQ, KDK, GALL, QALL, LAM, DI, DF, S, 
     tl.store(DF + bh * S + t, dls / (1.0 + tl.exp(f)), mask=mt)
 
 
-def _cfgs(items):
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in items]
-
-
 bwd_dstates = autotune(
-    _cfgs([
+    tune_configs([
         ({"BK": 64, "BV": 64, "PREFETCH": True}, 4, 2),
         ({"BK": 64, "BV": 64, "PREFETCH": False}, 8, 3),
         ({"BK": 64, "BV": 64, "PREFETCH": True}, 8, 3),
         ({"BK": 64, "BV": 128, "PREFETCH": False}, 8, 2),
         ({"BK": 64, "BV": 64, "PREFETCH": False}, 4, 1),
     ]),
-    key=["DQK", "DV", "L", "TK"],
+    key=TUNE_KEY,
     interpret_config=triton.Config({"BK": 16, "BV": 16, "PREFETCH": True}),
 )(bwd_dstates_kernel)
 
 bwd_dq = autotune(
-    _cfgs([
+    tune_configs([
         ({"BLQ": 64, "BV": 32}, 8, 3),
         ({"BLQ": 64, "BV": 64}, 8, 2),
         ({"BLQ": 64, "BV": 64}, 4, 2),
         ({"BLQ": 32, "BV": 64}, 4, 2),
         ({"BLQ": 64, "BV": 32}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
-    key=["DQK", "DV", "L", "TK"],
+    key=TUNE_KEY,
     interpret_config=triton.Config({"BLQ": 16, "BV": 16}),
 )(bwd_dq_kernel)
 
 bwd_dk = autotune(
-    _cfgs([
+    tune_configs([
         ({"BLK": 64, "BV": 32}, 8, 3),
         ({"BLK": 64, "BV": 64}, 8, 2),
         ({"BLK": 64, "BV": 32}, 8, 2),
         ({"BLK": 32, "BV": 64}, 4, 2),
         ({"BLK": 64, "BV": 32}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
-    key=["DQK", "DV", "L", "TK"],
+    key=TUNE_KEY,
     interpret_config=triton.Config({"BLK": 16, "BV": 16}),
 )(bwd_dk_kernel)
 
 bwd_dv = autotune(
-    _cfgs([
+    tune_configs([
         ({"BLK": 64, "BV": 32, "NVP": 1}, 8, 2),
         ({"BLK": 64, "BV": 32, "NVP": 2}, 8, 2),
         ({"BLK": 64, "BV": 64, "NVP": 1}, 8, 2),
         ({"BLK": 64, "BV": 64, "NVP": 2}, 8, 2),
         ({"BLK": 64, "BV": 32, "NVP": 1}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
-    key=["DQK", "DV", "L", "TK"],
+    key=TUNE_KEY,
     interpret_config=triton.Config({"BLK": 16, "BV": 16, "NVP": 2}),
 )(bwd_dv_kernel)

@@ -49,6 +49,15 @@ def _fits(cfg: triton.Config, args: dict) -> bool:
     return True
 
 
+#: Autotune key of every tuned kernel (``TK`` is a bucket of the problem size, unused inside the kernels).
+TUNE_KEY = ["DQK", "DV", "L", "TK"]
+
+
+def tune_configs(items: list[tuple[dict, int, int]]) -> list[triton.Config]:
+    """``triton.Config`` per ``(kwargs, num_warps, num_stages)``."""
+    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in items]
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
     """``triton.autotune`` with results cached on disk where this Triton supports it (configs whose row
     tiles exceed the chunk are pruned). In the interpreter ``interpret_config`` (small tiles, so that

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import autotune, logsigmoid, max_fn
+from ._common import TUNE_KEY, autotune, logsigmoid, max_fn, tune_configs
 
 
 @triton.jit
@@ -176,31 +176,26 @@ def fwd_out_kernel(
     tl.store(DEN + g_base + offs_t, den, mask=mt & first)
 
 
-def _cfgs(items):
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in items]
-
-
-# Autotuned launchers. ``TK`` is a bucket of the problem size (the autotune key); it is unused
-# inside the kernels.
+# Autotuned launchers (key: :data:`TUNE_KEY`).
 fwd_states = autotune(
-    _cfgs([
+    tune_configs([
         ({"BK": 64, "BV": 64}, 4, 2),
         ({"BK": 64, "BV": 64}, 8, 3),
         ({"BK": 64, "BV": 128}, 8, 2),
         ({"BK": 64, "BV": 64}, 4, 1),
     ]),
-    key=["DQK", "DV", "L", "TK"],
+    key=TUNE_KEY,
     interpret_config=triton.Config({"BK": 16, "BV": 16}),
 )(fwd_states_kernel)
 
 fwd_out = autotune(
-    _cfgs([
+    tune_configs([
         ({"BLQ": 64, "BV": 32, "NVP": 1}, 8, 2),
         ({"BLQ": 64, "BV": 64, "NVP": 1}, 8, 2),
         ({"BLQ": 64, "BV": 32, "NVP": 2}, 8, 2),
         ({"BLQ": 128, "BV": 64, "NVP": 1}, 8, 2),
         ({"BLQ": 64, "BV": 32, "NVP": 1}, 8, 1),  # fits fp32 inputs (chunk 64)
     ]),
-    key=["DQK", "DV", "L", "TK"],
+    key=TUNE_KEY,
     interpret_config=triton.Config({"BLQ": 16, "BV": 16, "NVP": 2}),
 )(fwd_out_kernel)

@@ -40,6 +40,17 @@ def _check_device(t: Tensor) -> None:
                          f"got a tensor on {t.device}")
 
 
+def _needs_grad(tensors: tuple[Tensor, ...], state: State | None) -> bool:
+    tensors = tensors + (tuple(state) if state is not None else ())
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _flat_state(state: State, bh: int, dqk: int, dv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(C, n, m) as contiguous float32 ``[BH,DQK,DV]``, ``[BH,DQK]``, ``[BH]``."""
+    return (state[0].float().reshape(bh, dqk, dv).contiguous(), state[1].float().reshape(bh, dqk).contiguous(),
+            state[2].float().reshape(bh).contiguous())
+
+
 def mlstm_chunkwise(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, initial_state: State | None = None,
     chunk_size: int = 64, eps: float = 1e-6, *, kernel_chunk: int | None = None,
@@ -68,12 +79,9 @@ def mlstm_chunkwise(
     f2 = f.float().reshape(bh, seq).contiguous()
     c0 = n0 = m0 = None
     if initial_state is not None:
-        c0 = initial_state[0].float().reshape(bh, dqk, dv).contiguous()
-        n0 = initial_state[1].float().reshape(bh, dqk).contiguous()
-        m0 = initial_state[2].float().reshape(bh).contiguous()
+        c0, n0, m0 = _flat_state(initial_state, bh, dqk, dv)
     chunk = kernel_chunk_for(seq, kernel_chunk, q.dtype)
-    tensors = (q, k, v, i, f) + (tuple(initial_state) if initial_state is not None else ())
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _needs_grad((q, k, v, i, f), initial_state):
         h, cn, nn, mn = MLSTMChunkwiseFn.apply(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)
     else:
         out = forward(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)
@@ -89,8 +97,7 @@ def mlstm_step(
     Returns ``(h [B,NH,DV] in q's dtype, new state float32)``; the given state is not modified.
     Not differentiable: with gradients required (or float64 inputs) it runs the reference step.
     """
-    tensors = (q, k, v, i, f) + (tuple(state) if state is not None else ())
-    if q.dtype == torch.float64 or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if q.dtype == torch.float64 or _needs_grad((q, k, v, i, f), state):
         return mlstm_step_reference(q, k, v, i, f, state, eps=eps)
     _check_device(q)
     bsz, nh, dqk = q.shape
@@ -102,9 +109,7 @@ def mlstm_step(
         n = torch.zeros(bh, dqk, device=dev, dtype=torch.float32)
         m = torch.zeros(bh, device=dev, dtype=torch.float32)
     else:
-        c = state[0].float().reshape(bh, dqk, dv).contiguous()
-        n = state[1].float().reshape(bh, dqk).contiguous()
-        m = state[2].float().reshape(bh).contiguous()
+        c, n, m = _flat_state(state, bh, dqk, dv)
     h = torch.empty(bh, dv, device=dev, dtype=q.dtype)
     c_out, n_out, m_out = torch.empty_like(c), torch.empty_like(n), torch.empty_like(m)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-ModelState = list[tuple[Tensor, ...]]
+from ..model import ModelState
 
 
 def state_nbytes(state: ModelState) -> int:

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .prefix_cache import ModelState
+from .prefix_cache import ModelState, state_nbytes
 
 
 class SlotBackend(Protocol):
@@ -95,7 +95,7 @@ class ModelSlots:
             for layer in probe
         ]
         self.live: set[int] = set()  # slots holding a sequence
-        self.state_bytes_per_slot = sum(t[0].numel() * t.element_size() for layer in self.state for t in layer)
+        self.state_bytes_per_slot = state_nbytes(self.state) // max_slots
 
     @torch.inference_mode()
     def prefill(self, tokens: Sequence[int], state: ModelState | None) -> tuple[Tensor, ModelState]:

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,42 +84,55 @@ def _shard_files(model_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------ name mapping
-def _plan(model_shapes: dict[str, torch.Size], ckpt_keys: Iterable[str]) -> dict[str, list[str]]:
-    """For each model parameter, the checkpoint tensors that build it (1 = copy, >1 = concat).
-    A fused checkpoint tensor feeding single-mode params is expressed as ``name#part/of``."""
-    ckpt = set(ckpt_keys)
-    plan: dict[str, list[str]] = {}
-    for name in model_shapes:
-        if name in ckpt:
-            plan[name] = [name]
-            continue
+@dataclass(frozen=True)
+class _Source:
+    """Where a model parameter comes from: checkpoint tensors concatenated along dim 0, or
+    (``rows`` set) rows ``start:stop`` of one fused checkpoint tensor."""
+
+    keys: tuple[str, ...]
+    rows: tuple[int, int] | None = None
+    fused_rows: int = 0  # with ``rows``: the fused tensor's total rows
+
+
+def _plan(model_shapes: dict[str, torch.Size], ckpt: set[str]) -> dict[str, _Source]:
+    """For each model parameter, the checkpoint tensors that build it (handles single <-> fused)."""
+    plan: dict[str, _Source] = {}
+    for name, shape in model_shapes.items():
+        source = _Source((name,))
         base, _, leaf = name.rpartition(".")
-        for fused, parts in _FUSED_PARTS.items():
-            if base.endswith(fused):  # model fused, checkpoint single
-                prefix = base[: -len(fused)]
-                plan[name] = [f"{prefix}{p}.{leaf}" for p in parts]
-                break
-            for idx, part in enumerate(parts):
-                if base.endswith(part) and f"{base[: -len(part)]}{fused}.{leaf}" in ckpt:
-                    plan[name] = [f"{base[: -len(part)]}{fused}.{leaf}#{idx}/{len(parts)}"]
+        if name not in ckpt:
+            for fused, parts in _FUSED_PARTS.items():
+                if base.endswith(fused):  # model fused, checkpoint single
+                    prefix = base[: -len(fused)]
+                    source = _Source(tuple(f"{prefix}{p}.{leaf}" for p in parts))
                     break
-            if name in plan:
-                break
-        plan.setdefault(name, [name])
+                part = next((p for p in parts if base.endswith(p)), None)
+                fused_key = f"{base[: -len(part)]}{fused}.{leaf}" if part else None
+                if fused_key in ckpt:  # model single, checkpoint fused: the rows of this part
+                    prefix = base[: -len(part)]
+                    sizes = [model_shapes[f"{prefix}{p}.{leaf}"][0] for p in parts]
+                    start = sum(sizes[: parts.index(part)])
+                    source = _Source((fused_key,), (start, start + shape[0]), sum(sizes))
+                    break
+        plan[name] = source
     return plan
 
 
-def _split_sizes(parts_model_shapes: list[int], total: int) -> list[int]:
-    if sum(parts_model_shapes) != total:
-        raise CheckpointError(f"cannot split a fused tensor of {total} rows into {parts_model_shapes}")
-    return parts_model_shapes
+def _expected_checkpoint_shape(source: _Source, want: list[int], ckpt_shapes: dict[str, list[int]]) -> list[int]:
+    """The shape the checkpoint must hold for ``source`` to build a parameter of shape ``want``."""
+    if source.rows is not None:
+        return [source.fused_rows, *want[1:]]
+    if len(source.keys) == 1:
+        return want
+    # concatenation: every piece has the model's trailing dims, and the rows add up
+    return [sum(ckpt_shapes[k][0] for k in source.keys), *want[1:]]
 
 
 def load_state_dict(
     model_dir: Path, model_shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device | str,
     progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read and convert the checkpoint tensors the model needs, validating names and shapes."""
+    """Read and convert the checkpoint tensors the model needs, validating names and shapes first."""
     files = _shard_files(model_dir)
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     where: dict[str, int] = {}
@@ -128,25 +141,20 @@ def load_state_dict(
         for key in h.keys():
             where[key] = idx
             ckpt_shapes[key] = list(h.get_slice(key).get_shape())
-    plan = _plan(model_shapes, where)
-    # Validate before reading any data.
-    used = {src.split("#")[0] for srcs in plan.values() for src in srcs}
-    missing = sorted({s.split("#")[0] for srcs in plan.values() for s in srcs if s.split("#")[0] not in where})
+    plan = _plan(model_shapes, set(where))
+    used = {k for source in plan.values() for k in source.keys}
+    missing = sorted(k for k in used if k not in where)
     unexpected = sorted(set(where) - used)
     wrong: list[str] = []
-    for name, srcs in plan.items():
-        if any(s.split("#")[0] not in where for s in srcs):
+    for name, source in plan.items():
+        if any(k not in where for k in source.keys):
             continue
         want = list(model_shapes[name])
-        if len(srcs) > 1:
-            shapes = [ckpt_shapes[s] for s in srcs]
-            got = [sum(s[0] for s in shapes), *shapes[0][1:]] if all(s[1:] == shapes[0][1:] for s in shapes) else None
-        elif "#" in srcs[0]:
-            got = None  # checked when split, below
-        else:
-            got = ckpt_shapes[srcs[0]]
-        if got is not None and got != want:
-            wrong.append(f"{srcs[0] if len(srcs) == 1 else '+'.join(srcs)}: checkpoint {got} vs model {want}")
+        expected = _expected_checkpoint_shape(source, want, ckpt_shapes)
+        got = [sum(ckpt_shapes[k][0] for k in source.keys), *ckpt_shapes[source.keys[0]][1:]]
+        if any(ckpt_shapes[k][1:] != ckpt_shapes[source.keys[0]][1:] for k in source.keys) or got != expected:
+            shapes = " + ".join(str(ckpt_shapes[k]) for k in source.keys)
+            wrong.append(f"{'+'.join(source.keys)}: checkpoint {shapes} vs model {expected}")
     if missing or unexpected or wrong:
         lines = [f"checkpoint in {model_dir} does not match its config:"]
         for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
@@ -159,27 +167,14 @@ def load_state_dict(
     total = sum(torch.Size(s).numel() for s in ckpt_shapes.values())
     show = progress if progress is not None else total > 200_000_000
     out: dict[str, torch.Tensor] = {}
-    fused_cache: dict[str, torch.Tensor] = {}
-    for name, srcs in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
-        if len(srcs) > 1:
-            t = torch.cat([handles[where[s]].get_tensor(s) for s in srcs], dim=0)
-        elif "#" in srcs[0]:
-            key, _, frac = srcs[0].partition("#")
-            part, nparts = (int(x) for x in frac.split("/"))
-            if key not in fused_cache:
-                fused_cache[key] = handles[where[key]].get_tensor(key)
-            full = fused_cache[key]
-            # sizes of all sibling parts, from the model's own shapes
-            base, _, leaf = name.rpartition(".")
-            fused_suffix = next(fz for fz, ps in _FUSED_PARTS.items() if key.rpartition(".")[0].endswith(fz))
-            prefix = key.rpartition(".")[0][: -len(fused_suffix)]
-            sizes = [model_shapes[f"{prefix}{p}.{leaf}"][0] for p in _FUSED_PARTS[fused_suffix]]
-            t = full.split(_split_sizes(sizes, full.shape[0]), dim=0)[part]
-            if list(t.shape) != list(model_shapes[name]):
-                raise CheckpointError(f"{key}: part {part} has shape {list(t.shape)}, model wants "
-                                      f"{list(model_shapes[name])}")
+    for name, source in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
+        if source.rows is not None:  # read only this part's rows of the fused tensor
+            key = source.keys[0]
+            t = handles[where[key]].get_slice(key)[source.rows[0]:source.rows[1]]
+        elif len(source.keys) > 1:
+            t = torch.cat([handles[where[k]].get_tensor(k) for k in source.keys], dim=0)
         else:
-            t = handles[where[srcs[0]]].get_tensor(srcs[0])
+            t = handles[where[source.keys[0]]].get_tensor(source.keys[0])
         out[name] = t.to(device=device, dtype=dtype)
     return out
 

@@ -50,6 +50,37 @@ def test_fastxlstm_dir_loads_in_transformers(tmp_path, ids, mode):
     assert torch.equal(logits_of(again, ids), logits_of(model, ids))
 
 
+def _write_fused_checkpoint(model, directory):
+    """A checkpoint in the fused layout (what a fused-mode writer would produce)."""
+    directory.mkdir()
+    model.config.to_json(directory / "config.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def test_fused_checkpoint_loads_into_both_layouts(tmp_path, ids):
+    fused = perturbed_model(CFG.replace(weight_mode="fused"))
+    _write_fused_checkpoint(fused, tmp_path / "f")
+    assert torch.equal(logits_of(load(tmp_path / "f"), ids), logits_of(fused, ids))
+    single = load(tmp_path / "f", weight_mode="single")
+    assert single.config.weight_mode == "single"
+    torch.testing.assert_close(logits_of(single, ids), logits_of(fused, ids), atol=1e-4, rtol=1e-4)
+    assert torch.equal(single.backbone.blocks[1].mlstm_layer.v.weight,
+                       fused.backbone.blocks[1].mlstm_layer.qkv_opreact.weight[128:256])
+
+
+def test_wrong_fused_shape_is_named_before_loading(tmp_path):
+    fused = perturbed_model(CFG.replace(weight_mode="fused"))
+    _write_fused_checkpoint(fused, tmp_path / "f")
+    path = tmp_path / "f" / "model.safetensors"
+    tensors = load_file(str(path))
+    key = "backbone.blocks.0.mlstm_layer.qkv_opreact.weight"
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"wrong shapes: backbone\.blocks\.0\.mlstm_layer\.qkv_opreact"):
+        load(tmp_path / "f", weight_mode="single")
+
+
 def test_sharded_round_trip(tmp_path, ids):
     model = perturbed_model(CFG)
     save_pretrained(model, tmp_path / "m", max_shard_bytes=200_000)
@@ -78,13 +109,15 @@ def test_save_is_atomic_and_overwrites(tmp_path):
 
     orig = ck.save_file
     ck.save_file = boom
+    other = perturbed_model(CFG.replace(num_blocks=3), seed=5)  # a save that would change config.json too
     try:
         with pytest.raises(Boom):
-            save_pretrained(model, tmp_path / "m")
+            save_pretrained(other, tmp_path / "m")
     finally:
         ck.save_file = orig
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    load(tmp_path / "m")  # the previous complete model is intact
+    ids = torch.randint(0, CFG.vocab_size, (1, 9))
+    assert torch.equal(logits_of(load(tmp_path / "m"), ids), logits_of(model, ids))  # previous model intact
 
 
 def _corrupt(tmp_path, edit):

@@ -91,6 +91,7 @@ def _weights_gb(model: torch.nn.Module) -> float:
 def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
     from ..config import XLSTMConfig, preset
     from ..engine import LLM, Engine
+    from ..engine.engine import capture_graph
     from ..generation.sampling import SamplingParams
 
     if plan.model.startswith("random:"):
@@ -188,11 +189,7 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
                     torch.nn.functional.linear(hmid, lw.w_down)
                 torch.nn.functional.linear(x, runner.lm_head)
 
-            g = torch.cuda.CUDAGraph()
-            gemms()
-            sync()
-            with torch.cuda.graph(g):
-                gemms()
+            g, _ = capture_graph(gemms, warmup=1)
             floor[b] = _decode_timing(g.replay, 20)
         rec.set("gemm_only_ms_per_step", floor)
         src = torch.empty(int(2e9) // 2, device="cuda", dtype=torch.bfloat16)
@@ -224,6 +221,8 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
 def run_official(plan: Plan, rec: Recorder) -> None:
     import xlstm
     from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    from ..engine.engine import capture_graph
 
     rec.set("version", getattr(xlstm, "__version__", "?"))
     dims = XLSTM_SMALL if plan.small else XLSTM_7B
@@ -260,15 +259,7 @@ def run_official(plan: Plan, rec: Recorder) -> None:
                 logits, _ = model(tok, state)
                 tok.copy_(logits[:, -1:].argmax(-1))
 
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
+            g, _ = capture_graph(step, warmup=3)
         return g, state, tok
 
     for b in plan.batch_sizes:

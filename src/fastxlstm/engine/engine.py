@@ -24,6 +24,23 @@ from .runner import Runner
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
+def capture_graph(fn, warmup: int = 2, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run ``fn`` ``warmup`` times on a side stream, then capture one call as a CUDA graph.
+
+    Returns the graph and what the captured call returned (its output buffers, refreshed by replays).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 @dataclass
 class DecodeOutput:
     """Result of :meth:`Engine.decode_step` for the requested slots (device tensors, no host sync).
@@ -330,15 +347,7 @@ class Engine:
             fn = self._step_fn(bsz, mode)
             saved = self.active.clone()
             self.active.zero_()  # warm-up and capture must not advance any sequence
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = fn()
+            graph, out = capture_graph(fn, warmup=2, pool=self._pool)
             if self._pool is None:
                 self._pool = graph.pool()
             self.active.copy_(saved)

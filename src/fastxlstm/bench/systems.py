@@ -36,6 +36,13 @@ LLAMA_SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, num
                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072)
 
 
+def _failed(rec: Recorder, what: str, exc: BaseException) -> bool:
+    """Record a failed measurement and free memory; True (stop the loop) unless it ran out of memory."""
+    rec.error(what, exc)
+    free_memory()
+    return not is_oom(exc)
+
+
 def _ttft_loop(plan: Plan, rec: Recorder, prefill, vocab: int, weights_gb: float, max_len: int | None = None,
                repeats: int = 2) -> None:
     """TTFT (prefill + first greedy token, batch 1) and peak memory for each prompt length."""
@@ -60,9 +67,7 @@ def _ttft_loop(plan: Plan, rec: Recorder, prefill, vocab: int, weights_gb: float
                 best, peak = min(best, t), max(peak, peak_gb())
             rec.add("ttft", prompt_len=n, ms=best * 1e3, peak_gb=peak, weights_gb=weights_gb)
         except Exception as e:  # noqa: BLE001
-            rec.error(f"ttft {n}", e)
-            free_memory()
-            if not is_oom(e):
+            if _failed(rec, f"ttft {n}", e):
                 break
 
 
@@ -272,9 +277,7 @@ def run_official(plan: Plan, rec: Recorder) -> None:
             del g, state, tok
             free_memory()
         except Exception as e:  # noqa: BLE001
-            rec.error(f"decode {b}", e)
-            free_memory()
-            if not is_oom(e):
+            if _failed(rec, f"decode {b}", e):
                 break
     try:
         g, state, tok = graph_step(1)
@@ -356,9 +359,7 @@ def run_hf_xlstm(plan: Plan, rec: Recorder) -> None:
             del cache, out
             free_memory()
         except Exception as e:  # noqa: BLE001
-            rec.error(f"decode {b}", e)
-            free_memory()
-            if not is_oom(e):
+            if _failed(rec, f"decode {b}", e):
                 break
 
 
@@ -414,9 +415,7 @@ def run_llama(plan: Plan, rec: Recorder) -> None:
                 rec.add("generate", prompt_len=plan.decode_prompt, new_tokens=n, s=t, tok_s=n / t)
             free_memory()
         except Exception as e:  # noqa: BLE001
-            rec.error(f"decode {b}", e)
-            free_memory()
-            if not is_oom(e):
+            if _failed(rec, f"decode {b}", e):
                 break
 
 

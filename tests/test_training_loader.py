@@ -59,6 +59,10 @@ def test_eval_batches_split_evenly_across_ranks(shards):
     one = list(eval_batches(val, 32, 2, 10_000, world_size=1, rank=0))
     two = [list(eval_batches(val, 32, 2, 10_000, world_size=2, rank=r)) for r in range(2)]
     assert len(two[0]) == len(two[1])
+    # rank r takes every other window of the same evenly divisible set (batch 4 = 2 ranks x 2)
+    four = torch.cat([x for x, _ in eval_batches(val, 32, 4, 10_000)])
+    for r in range(2):
+        assert torch.equal(torch.cat([x for x, _ in two[r]]), four[r::2])
     n_two = sum(b[0].shape[0] for r in two for b in r)
     assert n_two == (699 // 32) // 4 * 4 and sum(b[0].shape[0] for b in one) == (699 // 32) // 2 * 2
     with pytest.raises(ValueError, match="too small"):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..model import XLSTMForCausalLM
 from ..ops import State, mlstm_chunkwise, resolve_backend
+from ..ops.reference import mlstm_step_reference
 from . import kernels as K
 
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
@@ -25,23 +26,13 @@ StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 # ------------------------------------------------------------------------- step kernels
 def step_inplace_reference(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c: Tensor, n: Tensor,
                            m: Tensor, eps: float) -> Tensor:
-    """One mLSTM step updating ``(c, n, m)`` in place, in the exact arithmetic of
-    :func:`fastxlstm.ops.reference.mlstm_step_reference`. q,k ``[B,NH,DQK]``, v ``[B,NH,DV]``,
-    i,f ``[B,NH]`` float32; returns h ``[B,NH,DV]`` in q's dtype. Rows with ``i=-inf, f=+inf``
-    keep their state unchanged."""
-    dt = c.dtype
-    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
-    log_f = F.logsigmoid(f)
-    m_new = torch.maximum(log_f + m, i)
-    f_act = torch.exp(log_f + m - m_new)
-    i_act = torch.exp(i - m_new)
-    c.mul_(f_act[..., None, None]).add_(i_act[..., None, None] * (kf[..., :, None] * vf[..., None, :]))
-    n.mul_(f_act[..., None]).add_(i_act[..., None] * kf)
-    m.copy_(m_new)
-    q_scaled = qf * (q.shape[-1] ** -0.5)
-    num = torch.einsum("bhd,bhdv->bhv", q_scaled, c)
-    den = torch.maximum((q_scaled * n).sum(-1).abs(), torch.exp(-m)) + eps
-    return (num / den[..., None]).to(q.dtype)
+    """:func:`fastxlstm.ops.reference.mlstm_step_reference` with ``(c, n, m)`` updated in place.
+    q,k ``[B,NH,DQK]``, v ``[B,NH,DV]``, i,f ``[B,NH]`` float32; returns h ``[B,NH,DV]`` in q's
+    dtype. Rows with ``i=-inf, f=+inf`` keep their state unchanged."""
+    h, new = mlstm_step_reference(q, k, v, i, f, (c, n, m), eps)
+    for buf, t in zip((c, n, m), new):
+        buf.copy_(t)
+    return h
 
 
 def step_inplace_bmm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c: Tensor, n: Tensor,

@@ -171,3 +171,33 @@ def test_scheduler_chunked_prefill_cache_points_and_exactness():
     finally:
         sched.shutdown()
     assert not sched.alive
+
+
+# ------------------------------------------------------------------------------------------ sampler penalties
+def test_sequence_sampler_penalties_match_references():
+    """Repetition penalty as transformers' processor applies it (prompt + output); presence / frequency
+    penalty and logit bias by the OpenAI formula (output tokens only)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from fastxlstm.serving.sampling import SequenceSampler
+
+    vocab, prompt, output = 32, [3, 5, 5, 9], [5, 7, 7, 7, 11]
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
+    logits[[3, 9]] = torch.tensor([2.5, -1.5])  # a positive and a negative seen logit for sure
+    rep = SequenceSampler(SamplingParams(max_tokens=8, repetition_penalty=1.7), prompt, vocab, torch.device("cpu"))
+    for t in output:
+        rep.observe(t)
+    want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits[None].clone())[0]
+    torch.testing.assert_close(rep.process(logits), want)
+
+    bias = {2: 4.0, 7: -2.5}
+    pf = SequenceSampler(SamplingParams(max_tokens=8, presence_penalty=0.6, frequency_penalty=0.3, logit_bias=bias),
+                         prompt, vocab, torch.device("cpu"))
+    for t in output:
+        pf.observe(t)
+    want = logits.clone()
+    for t in set(output):
+        want[t] -= 0.3 * output.count(t) + 0.6
+    for t, b in bias.items():
+        want[t] += b
+    torch.testing.assert_close(pf.process(logits), want)

@@ -16,6 +16,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Scale 1, bias 0."""
+        self.weight.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
+
     def forward(self, x: Tensor) -> Tensor:
         in_dtype = x.dtype
         xf = x.float() if self.force_float32 else x
@@ -33,6 +40,13 @@ class MultiHeadLayerNorm(nn.Module):
         self.force_float32 = force_float32
         self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
         self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if use_bias else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Scale 1, bias 0."""
+        self.weight.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
 
     def forward(self, h: Tensor) -> Tensor:
         """h ``[B,S,NH,DH]`` -> ``[B,S,NH*DH]``."""

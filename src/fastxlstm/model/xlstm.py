@@ -158,10 +158,6 @@ class XLSTMForCausalLM(nn.Module):
                     normal_(mod.weight, small)
                     if mod.bias is not None:
                         mod.bias.zero_()
-                elif isinstance(mod, (RMSNorm, MultiHeadLayerNorm)):
-                    mod.weight.fill_(1.0)
-                    if mod.bias is not None:
-                        mod.bias.zero_()
             normal_(ffn.proj_down.weight, 2 / nl / math.sqrt(ffn.ffn_dim))
             normal_(layer.out_proj.weight, 2 / nl / math.sqrt(d))
             if layer.fused:
@@ -173,10 +169,9 @@ class XLSTMForCausalLM(nn.Module):
                 layer.fgate_preact.weight.zero_()
                 layer.igate_preact.bias.fill_(-10.0)
                 layer.fgate_preact.bias.copy_(f_bias.to(layer.fgate_preact.bias))
-        if isinstance(self.backbone.out_norm, RMSNorm):
-            self.backbone.out_norm.weight.fill_(1.0)
-            if self.backbone.out_norm.bias is not None:
-                self.backbone.out_norm.bias.zero_()
+        for mod in self.modules():
+            if isinstance(mod, (RMSNorm, MultiHeadLayerNorm)):
+                mod.reset_parameters()
 
 
 def build_model(

@@ -88,3 +88,8 @@ def test_init_follows_paper():
     assert abs(std - (2 / (5 * cfg.embedding_dim)) ** 0.5) < 0.1 * std
     fused = build_model(cfg.replace(weight_mode="fused"), seed=3).backbone.blocks[0].mlstm_layer
     assert torch.all(fused.ifgate_preact.bias[: cfg.num_heads] == -10.0)
+    biased = build_model(cfg.replace(use_bias=True), seed=3)  # built from uninitialised (to_empty) memory
+    norms = [(n, p) for n, p in biased.named_parameters() if "norm" in n]
+    assert len(norms) == 3 * 2 * cfg.num_blocks + 1  # (norm_mlstm, multihead_norm, norm_ffn) x (weight, bias), out_norm
+    for name, p in norms:
+        assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name

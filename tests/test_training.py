@@ -229,11 +229,18 @@ def test_train_rejects_data_with_a_larger_vocabulary(data, tmp_path):
         run(c)
 
 
-def test_activation_checkpointing_gives_the_same_losses(data, tmp_path):
+def test_activation_checkpointing_gives_the_same_losses(data, tmp_path, monkeypatch):
+    import fastxlstm.model.xlstm as xlstm_module
+
+    calls = []
+    real_checkpoint = xlstm_module.checkpoint
+    monkeypatch.setattr(xlstm_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     plain = tiny_config(tmp_path / "a.yaml", data, tmp_path / "a", train={"steps": 4})
     ac = tiny_config(tmp_path / "b.yaml", data, tmp_path / "b", train={"steps": 4, "activation_checkpointing": True})
     run(TrainConfig.load(plain))
+    assert not calls
     run(TrainConfig.load(ac))
+    assert len(calls) == 4 * 2  # every block of every step was recomputed, so the two runs differ in mode
     a, b = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
     assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5)
 

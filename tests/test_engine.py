@@ -218,3 +218,44 @@ def test_slot_backend_adapter_matches_model_slots():
     lf, _ = fast.prefill(PROMPTS[1], fast.read(0))
     ls, _ = slow.prefill(PROMPTS[1], slow.read(0))
     assert torch.allclose(lf, ls, atol=2e-5, rtol=1e-4)
+
+
+def _slot_run(eng: Engine, params: SamplingParams):
+    """Prefill PROMPTS[0] into a slot, decode until ``max_new_tokens`` and read what the device produced."""
+    s = eng.allocate_slot()
+    eng.sample([s], eng.prefill_into_slot(s, PROMPTS[0], params=params)[None])
+    for _ in range(params.max_new_tokens):
+        eng.decode_step(return_outputs=False)
+    (rd,) = eng.read_tokens([s])
+    eng.free_slot(s)
+    return rd
+
+
+def test_engine_stops_on_device():
+    """Stop tokens end a sequence on the device (the LLM layer checks them again on the host)."""
+    eng = Engine(perturbed_model(CFG), max_slots=1)
+    base = _slot_run(eng, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    assert len(base.new_tokens) == 24 and base.finished
+    tok = base.new_tokens[5]
+    cut = _slot_run(eng, SamplingParams(max_new_tokens=24, ignore_eos=True, stop_token_ids=[tok]))
+    assert cut.finished and cut.new_tokens == base.new_tokens[:base.new_tokens.index(tok) + 1]
+
+
+@pytest.mark.parametrize("prompt", [PROMPTS[4], PROMPTS[5]])  # 4: prompt tokens come back; 5: output repeats
+def test_repetition_penalty_matches_transformers(ref, prompt):
+    """Greedy with a repetition penalty equals a loop over the reference model with transformers'
+    ``RepetitionPenaltyLogitsProcessor`` (prompt and generated tokens both penalised)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    proc, n = RepetitionPenaltyLogitsProcessor(1.5), 12
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        logits, state = ref(seq)
+        for _ in range(n):
+            nxt = proc(seq, logits[:, -1]).argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            logits, state = ref(nxt, state)
+    want = seq[0, len(prompt):].tolist()
+    assert want != generate(ref, prompt, max_new_tokens=n)[0].tolist()  # the penalty matters here
+    got = _llm().generate(prompt, max_new_tokens=n, repetition_penalty=1.5, ignore_eos=True)[0].token_ids
+    assert got == want

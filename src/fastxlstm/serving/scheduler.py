@@ -588,6 +588,10 @@ class Scheduler:
                 self._emit(choice, req, token, lps[j][i] if want else None, [] if want else None, now)
                 emitted += 1
         self.metrics.generation_tokens.inc(emitted)
+        self._retire(owners)
+
+    def _retire(self, owners: list[GenerationRequest]) -> None:
+        """Take the finished requests among ``owners`` off the running list."""
         for req in {id(r): r for r in owners}.values():
             if req.finished and req in self.running:
                 self.running.remove(req)
@@ -652,9 +656,7 @@ class Scheduler:
             choice, req = choices[j], owners[j]
             if not choice.done:
                 self._emit(choice, req, token, *lp_info.get(j, (None, None)), now)
-        for req in {id(r): r for r in owners}.values():
-            if req.finished and req in self.running:
-                self.running.remove(req)
+        self._retire(owners)
 
 
 def _deliver(items: list) -> None:

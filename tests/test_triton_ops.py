@@ -149,6 +149,18 @@ def _worker() -> dict:
         out["misc"]["bad_state_dtype_raises"] = False
     except ValueError:
         out["misc"]["bad_state_dtype_raises"] = True
+    bad_calls = {  # name: a call that must raise ValueError
+        "kernel_chunk_not_pow2": lambda: T.mlstm_chunkwise(*xs, state, kernel_chunk=24),
+        "kernel_chunk_too_large": lambda: T.mlstm_chunkwise(*xs, state, kernel_chunk=512),
+        "step_h_out_shape": lambda: T.mlstm_step_(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], c, n,
+                                                  m, hbuf[:, :, :-1]),
+    }
+    for name, call in bad_calls.items():
+        try:
+            call()
+            out["misc"][f"{name}_raises"] = False
+        except ValueError:
+            out["misc"][f"{name}_raises"] = True
     return out
 
 
@@ -195,6 +207,8 @@ def test_decode_step(interp):
     for name, err in interp["step"].items():
         assert err < FWD_FLOOR, f"{name}: {err:.2e}"
     assert interp["misc"]["bad_state_dtype_raises"]
+    for name in ("kernel_chunk_not_pow2", "kernel_chunk_too_large", "step_h_out_shape"):
+        assert interp["misc"][f"{name}_raises"], name
 
 
 # ----------------------------------------------------------------------------- GPU tests

@@ -201,3 +201,18 @@ def test_sequence_sampler_penalties_match_references():
     for t, b in bias.items():
         want[t] += b
     torch.testing.assert_close(pf.process(logits), want)
+
+
+def test_model_slots_decode_leaves_other_live_slots_alone():
+    """A decode over some live slots (enough for the whole-batch path) must not advance the others."""
+    model = perturbed_model(XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2))
+    slots = ModelSlots(model, max_slots=4)
+    for slot, prompt in enumerate(([5, 7, 9], [11, 2], [300, 4, 4, 8])):
+        slots.load(slot, slots.prefill(prompt, None)[1])
+    before = slots.read(2)
+    logits = slots.decode([0, 1], [13, 17])  # 2 of 4 slots: at the whole-batch threshold, but slot 2 is live
+    for got, want in zip(slots.read(2), before):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for row, (prompt, token) in enumerate((([5, 7, 9], 13), ([11, 2], 17))):
+        ref = model(torch.tensor([prompt + [token]]), last_logits_only=True)[0][0, -1]
+        torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)

@@ -158,6 +158,12 @@ def test_engine_slot_api_and_errors():
     assert out.slots == [a] and out.tokens.shape == (1,)
     for x, y in zip(before, eng.get_slot_state(b)):
         assert all(torch.equal(t0, t1) for t0, t1 in zip(x, y))
+    # an unlisted lower slot runs inside the higher one's bucket: its state and next input stay
+    tok_a, before_a = eng.tokens[a].clone(), eng.get_slot_state(a)
+    eng.decode_step([b])
+    assert torch.equal(eng.tokens[a], tok_a)
+    for x, y in zip(before_a, eng.get_slot_state(a)):
+        assert all(torch.equal(t0, t1) for t0, t1 in zip(x, y))
     eng.free_slot(b)
     with pytest.raises(ValueError):
         eng.free_slot(b)

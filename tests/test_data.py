@@ -78,6 +78,16 @@ def test_prepare_shards_match_tokenizer_and_meta(bpe, corpus, tmp_path):
     assert meta["splits"]["val"]["documents"] >= len(val_docs)
 
 
+def test_heldout_hash_holds_out_the_requested_share():
+    texts = [f"document {i}" for i in range(4000)]
+    for fraction, tol in ((0.25, 0.03), (0.1, 0.02)):
+        share = sum(is_heldout(t, fraction) for t in texts) / len(texts)
+        assert abs(share - fraction) < tol, (fraction, share)
+    assert not any(is_heldout(t, 0.0) for t in texts)
+    # nested: a document held out at 10% stays held out at 25%
+    assert all(is_heldout(t, 0.25) for t in texts if is_heldout(t, 0.1))
+
+
 def test_prepare_explicit_heldout_and_small_shards(bpe, corpus, tmp_path):
     meta = prepare(bpe, [corpus / "docs"], tmp_path / "out", val_inputs=[corpus / "extra.jsonl"],
                    shard_tokens=100, progress=False)

@@ -142,3 +142,16 @@ def test_config_parsing(tmp_path):
         TrainConfig.load(path)
     with pytest.raises(ValueError, match="section.key=value"):
         TrainConfig.load(tmp_path / "c.yaml", ["steps"])
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from fastxlstm.config import preset
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
+        cfg = TrainConfig.load(path)
+        if cfg.model.preset:
+            assert preset(cfg.model.preset).num_blocks > 0, path

@@ -263,11 +263,12 @@ class Trainer:
                 flush()
                 last_val = self.evaluate()
                 if evals is not None:
+                    ppl = math.exp(min(last_val, 50))
                     evals.write([{"step": done, "tokens": tokens, "val_loss": f"{last_val:.6f}",
-                                  "val_ppl": f"{math.exp(min(last_val, 50)):.4f}"}])
+                                  "val_ppl": f"{ppl:.4f}"}])
                     if tb is not None:
                         tb.add_scalar("eval/loss", last_val, done)
-                    tqdm.write(f"step {done}: held-out loss {last_val:.4f} (ppl {math.exp(min(last_val, 50)):.2f})")
+                    tqdm.write(f"step {done}: held-out loss {last_val:.4f} (ppl {ppl:.2f})")
                 if cfg.eval.keep_best and (best is None or last_val < best[0]):
                     best = (last_val, done)
                     export(model, env, self.out / "best", self.data.tokenizer_dir, cfg.export.dtype)

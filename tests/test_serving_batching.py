@@ -141,16 +141,19 @@ def test_batched_prefill_in_scheduler_and_cache_states_exact(model):
     stop_tok = ref[0][1] if ref[0][1] not in ref[0][:1] else ref[0][2]
     sched.start()
     try:
-        params = [SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(stop_tok,) if i == 0 else ())
-                  for i in range(len(ps))]
+        max_tokens = [10, 10, 10, 10, 10, 7]  # a shorter budget: windows must shrink to land on its end
+        params = [SamplingParams(max_tokens=m, temperature=0, stop_token_ids=(stop_tok,) if i == 0 else ())
+                  for i, m in enumerate(max_tokens)]
         reqs = [GenerationRequest(p, sp, cache_generation_end=True) for p, sp in zip(ps, params)]
         before = sched.metrics.prefill_tokens._value.get()
         events = run_requests(sched, reqs)
         assert sched.metrics.prefill_tokens._value.get() - before == sum(map(len, ps))
         for i, r in enumerate(reqs):
             toks, _ = tokens_and_finish(events[r.id])
-            end = ref[i].index(stop_tok) + 1 if i == 0 else 10
+            end = ref[i].index(stop_tok) + 1 if i == 0 else max_tokens[i]
             assert toks == ref[i][:end]
+            if i > 0:  # a length stop leaves the state of exactly the tokens fed (all but the last): cached
+                assert ps[i] + toks[:-1] in cache, i
         assert calls == [4]  # the four 9-token prompts in one call, the others alone
         keys = list(cache._entries)
         assert len(keys) >= len(ps) + 1  # prompt ends plus turn ends (length stops land on a window end)

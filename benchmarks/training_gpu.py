@@ -32,17 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def random_shards(directory: Path, vocab: int, tokens: int, seed: int = 0) -> Path:
     """A prepared-data directory of uniformly random tokens (throughput runs only)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    from fastxlstm.training.data import write_token_splits
+
     rng = np.random.default_rng(seed)
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    splits = {}
-    for split, n in (("train", tokens), ("val", max(tokens // 50, 65536))):
-        rng.integers(3, vocab, size=n, dtype=np.int64).astype(dtype).tofile(directory / f"{split}-00000.bin")
-        splits[split] = {"tokens": n, "documents": 1, "shards": [{"file": f"{split}-00000.bin", "tokens": n}]}
-    meta = {"format_version": 1, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "bos_token_id": 0,
-            "eos_token_id": 2, "pad_token_id": 1, "split_mode": "random", "splits": splits}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    return directory
+    splits = {"train": rng.integers(3, vocab, size=tokens),
+              "val": rng.integers(3, vocab, size=max(tokens // 50, 65536))}
+    return write_token_splits(directory, splits, vocab, split_mode="random")
 
 
 def train(config: str, out_dir: Path, sets: list[str], timeout: float, log: Path, nproc: int = 1) -> dict:

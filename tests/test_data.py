@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fastxlstm.cli import app
 from fastxlstm.tokenizer import Tokenizer
-from fastxlstm.training.data import TokenShards, is_heldout, prepare, token_dtype
+from fastxlstm.training.data import TokenShards, is_heldout, prepare, token_dtype, write_token_splits
 from fastxlstm.training.tokenizer_train import train_bpe
 
 TEXTS = [
@@ -141,3 +141,17 @@ def test_cli_tokenizer_and_prepare(corpus, tmp_path):
     r = runner.invoke(app, ["data", "prepare", "--tokenizer", str(tmp_path / "t"), "--input", str(tmp_path / "x"),
                             "--out", str(tmp_path / "d2")], env={"COLUMNS": "300"})
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_write_token_splits_round_trips_through_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 70_000, 2_500), rng.integers(0, 70_000, 40)
+    out = write_token_splits(tmp_path / "d", {"train": train, "val": val}, 70_000, shard_tokens=1_000)
+    data = TokenShards(out)
+    assert data.dtype == np.uint32 and data.vocab_size == 70_000
+    split = data.split("train")
+    assert [s.shape[0] for s in split.shards] == [1_000, 1_000, 500]
+    np.testing.assert_array_equal(np.concatenate(split.shards), train)
+    np.testing.assert_array_equal(np.concatenate(data.split("val").shards), val)
+    with pytest.raises(ValueError, match="split 'val'.*\\[0, 100\\)"):
+        write_token_splits(tmp_path / "e", {"train": train % 100, "val": np.array([5, 100])}, 100)

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from fastxlstm.training.data import write_token_splits
+
 
 def write_shards(directory: Path, train: np.ndarray, val: np.ndarray, vocab: int) -> Path:
     """A prepared-data directory (meta.json + one shard per split) from token arrays."""
-    directory.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    splits = {}
-    for name, arr in (("train", train), ("val", val)):
-        arr.astype(dtype).tofile(directory / f"{name}-00000.bin")
-        splits[name] = {"tokens": int(arr.size), "documents": 1,
-                        "shards": [{"file": f"{name}-00000.bin", "tokens": int(arr.size)}]}
-    meta = {"format_version": 1, "dtype": np.dtype(dtype).name, "vocab_size": vocab, "bos_token_id": 0,
-            "eos_token_id": 2, "pad_token_id": 1, "split_mode": "test", "splits": splits}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    return directory
+    return write_token_splits(directory, {"train": train, "val": val}, vocab, split_mode="test")
 
 
 def learnable_tokens(n: int, vocab: int, seed: int) -> np.ndarray:

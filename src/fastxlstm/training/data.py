@@ -214,21 +214,58 @@ def prepare(
         src = tok_dir / fname if fname != "tokenizer.json" else tok_file
         if src.exists() and src.resolve() != (out / fname).resolve():
             shutil.copy2(src, out / fname)
+    meta = _write_meta(
+        out, dtype, vocab_size, special, writers, counts,
+        split_mode="explicit" if val_files else ("documents" if doc_split else "document_tails"),
+        val_fraction=val_fraction, sources=[str(f) for f in files], val_sources=[str(f) for f in val_files],
+    )
+    return meta
+
+
+def _write_meta(
+    out: Path, dtype: np.dtype, vocab_size: int, special: dict[str, int | None],
+    writers: dict[str, _ShardWriter], documents: dict[str, int], split_mode: str, **extra,
+) -> dict:
+    """Write ``meta.json`` describing the shards ``writers`` produced; returns it."""
     meta = {
         "format_version": FORMAT_VERSION,
         "dtype": dtype.name,
         "vocab_size": vocab_size,
         **special,
-        "split_mode": "explicit" if val_files else ("documents" if doc_split else "document_tails"),
-        "val_fraction": val_fraction,
+        "split_mode": split_mode,
+        **extra,
         "splits": {
-            s: {"tokens": w.total, "documents": counts[s], "shards": w.shards} for s, w in writers.items()
+            s: {"tokens": w.total, "documents": documents[s], "shards": w.shards} for s, w in writers.items()
         },
-        "sources": [str(f) for f in files],
-        "val_sources": [str(f) for f in val_files],
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def write_token_splits(
+    out_dir: str | os.PathLike, splits: dict[str, np.ndarray], vocab_size: int, *,
+    bos_token_id: int | None = 0, eos_token_id: int | None = 2, pad_token_id: int | None = 1,
+    split_mode: str = "arrays", shard_tokens: int = 100_000_000,
+) -> Path:
+    """A prepared-data directory (same layout as :func:`prepare`) from ready token arrays, one per
+    split, e.g. synthetic data for throughput runs and tests. Each array counts as one document."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.bin"):
+        old.unlink()
+    dtype = token_dtype(vocab_size)
+    writers = {}
+    for name, ids in splits.items():
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"split {name!r}: token ids must lie in [0, {vocab_size}), "
+                             f"got [{ids.min()}, {ids.max()}]")
+        writers[name] = _ShardWriter(out, name, dtype, shard_tokens)
+        writers[name].write(ids)
+        writers[name].close()
+    special = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    _write_meta(out, dtype, vocab_size, special, writers, {name: 1 for name in splits}, split_mode)
+    return out
 
 
 def _special_ids(tok_dir: Path, tok) -> dict[str, int | None]:

@@ -108,11 +108,15 @@ async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> dict:
     return {"start": t0, "end": t1, "times": times, "usage": usage}
 
 
-async def load_test(base: str, model: str, n: int, concurrency: int, min_p: int, max_p: int, out_tokens: int,
-                    seed: int = 0) -> dict:
+def make_prompts(n: int, min_p: int, max_p: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     alphabet = "abcdefghijklmnopqrstuvwxyz     ,.ETAOINSHRDLU"
-    prompts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(min_p, max_p))) for _ in range(n)]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(min_p, max_p))) for _ in range(n)]
+
+
+async def run_requests(base: str, model: str, prompts: list[str], concurrency: int, out_tokens: int,
+                       extra: dict | None = None) -> list[dict]:
+    """Stream one completion per prompt, ``concurrency`` at a time; raw timings per request."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
@@ -120,11 +124,39 @@ async def load_test(base: str, model: str, n: int, concurrency: int, min_p: int,
             async with sem:
                 return await stream_one(client, "/v1/completions", {
                     "model": model, "prompt": p, "max_tokens": out_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}})
+                    "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}, **(extra or {})})
 
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def _client_shard(job: tuple) -> list[dict]:
+    """(Runs in a client process.) Wait for the common start time, then run this shard's requests."""
+    base, model, prompts, concurrency, out_tokens, extra, start_at = job
+    time.sleep(max(0.0, start_at - time.perf_counter()))  # perf_counter is CLOCK_MONOTONIC: one clock for all
+    return asyncio.run(run_requests(base, model, prompts, concurrency, out_tokens, extra))
+
+
+async def load_test(base: str, model: str, n: int, concurrency: int, min_p: int, max_p: int, out_tokens: int,
+                    seed: int = 0, procs: int = 1, extra: dict | None = None) -> dict:
+    """``n`` streaming requests, ``concurrency`` at a time, from ``procs`` client processes (request i goes to
+    process i mod procs, each with its share of the concurrency), so the client's own CPU is no limit."""
+    prompts = make_prompts(n, min_p, max_p, seed)
+    if procs <= 1:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
+        results = await run_requests(base, model, prompts, concurrency, out_tokens, extra)
         wall = time.perf_counter() - t0
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        start_at = time.perf_counter() + 3.0
+        jobs = [(base, model, prompts[i::procs], max(1, concurrency // procs), out_tokens, extra, start_at)
+                for i in range(procs)]
+        with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+            shards = await asyncio.get_running_loop().run_in_executor(None, lambda: list(pool.map(_client_shard, jobs)))
+        results = [r for shard in shards for r in shard]
+        ok_r = [r for r in results if "error" not in r]
+        wall = max(r["end"] for r in ok_r) - start_at if ok_r else float("nan")
     errors = [r for r in results if "error" in r]
     ok = [r for r in results if "error" not in r]
     out_tok = sum(r["usage"]["completion_tokens"] for r in ok)
@@ -133,7 +165,8 @@ async def load_test(base: str, model: str, n: int, concurrency: int, min_p: int,
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in ok if len(r["times"]) > 1]
     e2e = [r["end"] - r["start"] for r in ok]
-    return {"requests": n, "concurrency": concurrency, "errors": len(errors), "error_samples": errors[:3],
+    return {"requests": n, "concurrency": concurrency, "client_procs": procs, "errors": len(errors),
+            "error_samples": errors[:3],
             "wall_s": wall, "prompt_tokens": in_tok, "completion_tokens": out_tok,
             "output_tokens_per_s": out_tok / wall, "total_tokens_per_s": (in_tok + out_tok) / wall,
             "requests_per_s": len(ok) / wall, "ttft_ms": summary(ttft), "itl_ms": summary(itl),
@@ -172,12 +205,95 @@ async def prefix_test(base: str, model: str, system_tokens: int, n: int, concurr
 def metrics_snapshot(base: str) -> dict:
     want = ("fastxlstm_prefix_cache_hits_total", "fastxlstm_prefix_cache_misses_total",
             "fastxlstm_prefill_tokens_total", "fastxlstm_prompt_tokens_total", "fastxlstm_generation_tokens_total",
-            "fastxlstm_slots_used", "fastxlstm_requests_running")
+            "fastxlstm_slots_used", "fastxlstm_requests_running", "fastxlstm_scheduler_cpu_seconds_total",
+            "fastxlstm_decode_batch_size_count", "fastxlstm_decode_batch_size_sum")
     out = {}
     for line in httpx.get(base + "/metrics").text.splitlines():
         name = line.split(" ")[0]
-        if name in want:
+        if name in want or name.startswith("fastxlstm_scheduler_loop_seconds_total{"):
             out[name] = float(line.split(" ")[1])
+    return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loop_profile(before: dict, after: dict, wall: float, tokens: int) -> dict:
+    """Where the scheduler thread spent the load test: seconds and share of wall time per phase."""
+    phases = {}
+    for k, v in after.items():
+        if k.startswith("fastxlstm_scheduler_loop_seconds_total{"):
+            phase = k.split('phase="', 1)[1].split('"', 1)[0]
+            phases[phase] = v - before.get(k, 0.0)
+    # the idle time counted before the clients' common start is not part of the test: idle = wall - busy
+    busy = sum(v for k, v in phases.items() if k != "idle")
+    phases["idle"] = max(0.0, wall - busy)
+    cpu = after.get("fastxlstm_scheduler_cpu_seconds_total", 0.0) - before.get(
+        "fastxlstm_scheduler_cpu_seconds_total", 0.0)
+    steps = after.get("fastxlstm_decode_batch_size_count", 0.0) - before.get("fastxlstm_decode_batch_size_count", 0.0)
+    rows = after.get("fastxlstm_decode_batch_size_sum", 0.0) - before.get("fastxlstm_decode_batch_size_sum", 0.0)
+    step_s = phases.get("decode_launch", 0.0) + phases.get("decode_wait", 0.0)
+    return {"decode_steps": steps, "mean_decode_batch": rows / steps if steps else float("nan"),
+            "decode_ms_per_step": step_s / steps * 1000 if steps else float("nan"), "seconds": phases,
+            "share_of_wall": {k: v / wall for k, v in phases.items()} if wall else {},
+            "busy_s": busy, "wall_s": wall, "scheduler_thread_cpu_s": cpu,
+            "scheduler_cpu_us_per_token": cpu / tokens * 1e6 if tokens else float("nan")}
+
+
+def run_server(args, variant: str, extra_args: list[str], result: dict, prefix: bool) -> dict:
+    """Start ``fastxlstm serve`` with ``extra_args``, load-test it (and the prefix cache), stop it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "fastxlstm", "serve", "--model", args.model, "--port", str(port),
+           "--served-model-name", "bench", "--max-slots", str(args.max_slots), "--max-waiting", str(4 * args.requests),
+           "--dtype", args.dtype, "--log-level", "warning", "--backend", args.backend, *extra_args]
+    out: dict = {"variant": variant, "server_args": extra_args}
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        out["server_start_s"] = time.perf_counter() - t
+        print(f"[{variant}] server up in {out['server_start_s']:.1f}s", flush=True)
+        asyncio.run(load_test(base, "bench", 16, 16, args.min_prompt, args.max_prompt, 16, seed=99))  # warm-up
+        before, cpu0 = metrics_snapshot(base), process_cpu_s(proc.pid)
+        out["load"] = ld = asyncio.run(load_test(base, "bench", args.requests, args.concurrency, args.min_prompt,
+                                                 args.max_prompt, args.output_tokens, procs=args.client_procs))
+        after, cpu1 = metrics_snapshot(base), process_cpu_s(proc.pid)
+        out["profile"] = loop_profile(before, after, ld["wall_s"], ld["completion_tokens"])
+        out["profile"]["server_process_cpu_s"] = cpu1 - cpu0
+        out["profile"]["server_cpu_us_per_token"] = (cpu1 - cpu0) / max(1, ld["completion_tokens"]) * 1e6
+        print(json.dumps({k: ld[k] for k in ("output_tokens_per_s", "ttft_ms", "itl_ms", "errors")}), flush=True)
+        print(json.dumps(out["profile"]), flush=True)
+        if prefix:
+            before = metrics_snapshot(base)
+            out["prefix_cache"] = asyncio.run(prefix_test(base, "bench", args.system_tokens, 32, 8))
+            after = metrics_snapshot(base)
+            out["prefix_cache"]["metrics_delta"] = {k: after[k] - before.get(k, 0) for k in after
+                                                    if not k.startswith("fastxlstm_scheduler")}
+            print(json.dumps(out["prefix_cache"]), flush=True)
+        out["metrics_end"] = after
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if "engine_peer" in result:
+        out["server_over_engine_decode"] = ld["output_tokens_per_s"] / result["engine_peer"]["graph_replay"][
+            "tokens_per_s"]
     return out
 
 
@@ -187,6 +303,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--client-procs", type=int, default=4, help="load-client processes (the client's CPU is no limit)")
     ap.add_argument("--max-slots", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=64)
     ap.add_argument("--max-prompt", type=int, default=1024)
@@ -195,6 +312,9 @@ def main() -> None:
     ap.add_argument("--peer-steps", type=int, default=100)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--backend", default="auto", help="the server's slot backend (engine, model, auto)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SERVER ARGS",
+                    help="a server configuration to load-test, e.g. 'k1=--decode-steps-per-read 1' (repeatable; "
+                         "default: one run with the server's defaults); the first one also runs the prefix test")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -218,57 +338,36 @@ def main() -> None:
 
         gc.collect()
         torch.cuda.empty_cache()
-        print(f"peer done in {time.perf_counter() - t:.1f}s: {result['engine_peer']}", flush=True)
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "fastxlstm", "serve", "--model", args.model, "--port", str(port),
-           "--served-model-name", "bench", "--max-slots", str(args.max_slots), "--max-waiting", str(4 * args.requests),
-           "--dtype", args.dtype, "--log-level", "warning", "--backend", args.backend]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        result["server_start_s"] = time.perf_counter() - t
-        result["backend"] = args.backend
-        print(f"server up in {result['server_start_s']:.1f}s", flush=True)
-        asyncio.run(load_test(base, "bench", 16, 16, args.min_prompt, args.max_prompt, 16, seed=99))  # warm-up
-        result["load"] = asyncio.run(load_test(base, "bench", args.requests, args.concurrency, args.min_prompt,
-                                               args.max_prompt, args.output_tokens))
-        print(json.dumps(result["load"], indent=1), flush=True)
-        before = metrics_snapshot(base)
-        result["prefix_cache"] = asyncio.run(prefix_test(base, "bench", args.system_tokens, 32, 8))
-        after = metrics_snapshot(base)
-        result["prefix_cache"]["metrics_delta"] = {k: after[k] - before.get(k, 0) for k in after}
-        print(json.dumps(result["prefix_cache"], indent=1), flush=True)
-        result["metrics_end"] = after
-    finally:
-        proc.send_signal(signal.SIGINT)
+        print(f"peer done in {time.perf_counter() - t:.1f}s: {result.get('engine_peer')}", flush=True)
+    result["backend"] = args.backend
+    variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("default", "")]
+    result["runs"] = []
+    for i, (name, extra) in enumerate(variants):
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    if "engine_peer" in result and "load" in result:
-        peer = result["engine_peer"]["graph_replay"]["tokens_per_s"]
-        result["server_over_engine_decode"] = result["load"]["output_tokens_per_s"] / peer
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    ld = result["load"]
-    print(f"\n{args.model} on {device}: {ld['requests']} requests, {ld['concurrency']} concurrent: "
-          f"{ld['output_tokens_per_s']:.0f} output tok/s, TTFT p50 {ld['ttft_ms']['p50']:.0f} ms "
-          f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL p50 {ld['itl_ms']['p50']:.1f} ms p99 {ld['itl_ms']['p99']:.1f} ms")
-    if "server_over_engine_decode" in result:
-        print(f"server / engine batched decode: {result['server_over_engine_decode']:.2f}")
+            result["runs"].append(run_server(args, name, extra.split(), result, prefix=i == 0))
+        except Exception as e:  # keep what the other variants measured
+            import traceback
+
+            traceback.print_exc()
+            result["runs"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{args.model} on {device}:")
+    for run in result["runs"]:
+        if "load" not in run:
+            print(f"  {run['variant']}: failed ({run.get('error')})")
+            continue
+        ld, pr = run["load"], run["profile"]
+        ratio = f", server / engine decode {run['server_over_engine_decode']:.2f}" if "server_over_engine_decode" in \
+            run else ""
+        print(f"  {run['variant']}: {ld['requests']} requests, {ld['concurrency']} concurrent: "
+              f"{ld['output_tokens_per_s']:.0f} output tok/s{ratio}; TTFT p50 {ld['ttft_ms']['p50']:.0f} ms "
+              f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL p50 {ld['itl_ms']['p50']:.1f} ms "
+              f"p99 {ld['itl_ms']['p99']:.1f} ms; server CPU {pr['server_cpu_us_per_token']:.0f} us/token")
+        print(f"    {pr['decode_steps']:.0f} decode steps, mean batch {pr['mean_decode_batch']:.1f}, "
+              f"launch+wait {pr['decode_ms_per_step']:.2f} ms/step")
+        shares = sorted(pr["share_of_wall"].items(), key=lambda kv: -kv[1])
+        print("    scheduler thread: " + ", ".join(f"{k} {v:.0%}" for k, v in shares))
 
 
 if __name__ == "__main__":

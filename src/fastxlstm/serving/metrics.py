@@ -39,6 +39,10 @@ class Metrics:
         self.decode_batch = Histogram("fastxlstm_decode_batch_size", "Sequences per decode step",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.errors = Counter("fastxlstm_request_errors", "Requests failed inside the engine", registry=r)
+        self.loop_seconds = Counter("fastxlstm_scheduler_loop_seconds",
+                                    "Wall time of the scheduler thread by phase (host work, GPU waits, idle)",
+                                    ["phase"], registry=r)
+        self.loop_cpu = Counter("fastxlstm_scheduler_cpu_seconds", "CPU time of the scheduler thread", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -69,6 +69,45 @@ class QueueFull(Exception):
     pass
 
 
+class LoopProfile:
+    """Wall time of the scheduler loop by phase: each :meth:`lap` charges the time since the previous
+    lap to ``phase`` (``*_wait``: blocked on the device's results; ``idle``: nothing to do)."""
+
+    __slots__ = ("seconds", "_mark", "_cpu0", "_pushed", "_pushed_cpu", "_last_push")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+        self._cpu0 = time.thread_time()
+        self._pushed: dict[str, float] = {}
+        self._pushed_cpu = 0.0
+        self._last_push = 0.0
+
+    def restart(self) -> None:
+        """Start timing in the calling thread (thread CPU time is per thread)."""
+        self._mark, self._cpu0 = time.perf_counter(), time.thread_time()
+
+    def lap(self, phase: str) -> None:
+        t = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + (t - self._mark)
+        self._mark = t
+
+    def push(self, metrics: Metrics, force: bool = False) -> None:
+        """Add what accrued since the last push to the Prometheus counters (at most every 0.25 s)."""
+        if not force and self._mark - self._last_push < 0.25:
+            return
+        self._last_push = self._mark
+        for phase, total in self.seconds.items():
+            delta = total - self._pushed.get(phase, 0.0)
+            if delta > 0:
+                metrics.loop_seconds.labels(phase=phase).inc(delta)
+                self._pushed[phase] = total
+        cpu = time.thread_time() - self._cpu0
+        if cpu > self._pushed_cpu:
+            metrics.loop_cpu.inc(cpu - self._pushed_cpu)
+            self._pushed_cpu = cpu
+
+
 class ShuttingDown(Exception):
     pass
 
@@ -160,6 +199,7 @@ class Scheduler:
         self._pending: dict[int, tuple[GenerationRequest, list]] = {}
         self.steps = 0
         self._last_decode = 0.0
+        self.prof = LoopProfile()
         self.metrics.slots_total.set(backend.max_slots)
 
     # ------------------------------------------------------------------ public (any thread)
@@ -226,6 +266,8 @@ class Scheduler:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        prof = self.prof
+        prof.restart()
         while True:
             with self._cv:
                 if not self._stop and not self._inbox and not self._has_work():
@@ -234,9 +276,12 @@ class Scheduler:
                 self.waiting.extend(self._inbox)
                 self._inbox.clear()
                 stop = self._stop
+            prof.lap("idle")
             if stop:
                 self._abort_all(ErrorEvent(503, "the server shut down before this request finished", "shutdown"))
                 self._flush(force=True)
+                prof.lap("flush")
+                prof.push(self.metrics, force=True)
                 return
             try:
                 self._iteration()
@@ -246,13 +291,17 @@ class Scheduler:
                     self._fail(req, e)
             self._flush(force=not self._has_work())
             self._gauges()
+            prof.lap("flush")
+            prof.push(self.metrics, force=not self._has_work())
 
     def _iteration(self) -> None:
         self._reap()
         self._admit()
+        self.prof.lap("admit")
         self._prefill()
         if self._pending:  # first tokens (and errors) go out before the decode step, not after it
             self._flush()
+            self.prof.lap("flush")
         self._decode()
 
     # ------------------------------------------------------------------------------ helpers
@@ -428,6 +477,7 @@ class Scheduler:
                     started.append(req)
             except Exception as e:
                 self._fail(req, e)
+        self.prof.lap("prefill_launch")
         self._start_decoding([r for r in started if r in self.prefilling])
 
     def _prefill_groups(self) -> dict[tuple[int, bool, int], list[GenerationRequest]]:
@@ -493,7 +543,7 @@ class Scheduler:
             owners.extend([req] * len(req.choices))
             rows.extend([logits] * len(req.choices))
         if choices:
-            self._sample_and_emit(choices, owners, torch.stack(rows))
+            self._sample_and_emit(choices, owners, torch.stack(rows), "prefill")
 
     def _decode(self) -> None:
         active: list[_Choice] = []
@@ -513,11 +563,14 @@ class Scheduler:
             want_lp = any(c.sampler.params.logprobs == 0 for c in active)
             try:
                 out = self.backend.decode_greedy(slots, tokens, steps, logprobs=want_lp)
+                self.prof.lap("decode_launch")
                 block, lps = (out[0].tolist(), out[1].tolist()) if want_lp else (out.tolist(), None)  # one read
+                self.prof.lap("decode_wait")
             except Exception:  # fall back to single steps (which isolate a failing sequence)
                 log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
             else:
                 self._emit_block(active, owners, block, lps)
+                self.prof.lap("decode_emit")
                 return
         try:
             logits = self.backend.decode(slots, tokens)
@@ -544,7 +597,7 @@ class Scheduler:
         self.metrics.decode_batch.observe(len(active))
         for choice in active:
             choice.fed += 1
-        self._sample_and_emit(active, owners, logits)
+        self._sample_and_emit(active, owners, logits, "decode")
 
     def _window(self, active: list[_Choice], owners: list[GenerationRequest]) -> int:
         """Decode steps before the next host read: several only when every active sequence is plain
@@ -611,8 +664,10 @@ class Scheduler:
         elif len(choice.generated) >= p.max_tokens:
             self._release(req, choice, "length")
 
-    def _sample_and_emit(self, choices: list[_Choice], owners: list[GenerationRequest], logits: Tensor) -> None:
-        """Pick the next token of each choice from its ``logits`` row; emit, and finish where due."""
+    def _sample_and_emit(self, choices: list[_Choice], owners: list[GenerationRequest], logits: Tensor,
+                         phase: str = "decode") -> None:
+        """Pick the next token of each choice from its ``logits`` row; emit, and finish where due
+        (``phase`` names the profile entries: ``{phase}_launch``, ``_wait``, ``_emit``)."""
         n = len(choices)
         plain = [j for j, c in enumerate(choices) if c.sampler.params.greedy_plain]
         if len(plain) == n:
@@ -641,15 +696,18 @@ class Scheduler:
         if want_lp:
             rows_idx = [ok[r] for r in want_lp]
             rows = torch.log_softmax(logits[rows_idx].float(), dim=-1)
-            chosen = rows.gather(1, token_t[want_lp][:, None])[:, 0].tolist()
+            chosen_t = rows.gather(1, token_t[want_lp][:, None])[:, 0]
             k = max(choices[j].sampler.params.logprobs for j in rows_idx)
-            top_v, top_i = (rows.topk(k, dim=-1) if k else (None, None))
-            top_v = top_v.tolist() if k else None
-            top_i = top_i.tolist() if k else None
+            top_t = rows.topk(k, dim=-1) if k else None
+        self.prof.lap(f"{phase}_launch")
+        tokens = token_t.tolist()  # the host sync of the step
+        self.prof.lap(f"{phase}_wait")
+        if want_lp:
+            chosen = chosen_t.tolist()
+            top_v, top_i = (top_t[0].tolist(), top_t[1].tolist()) if k else (None, None)
             for r, j in enumerate(rows_idx):
                 kj = choices[j].sampler.params.logprobs
                 lp_info[j] = (chosen[r], list(zip(top_i[r][:kj], top_v[r][:kj])) if kj else [])
-        tokens = token_t.tolist()  # the one host sync of the step
         now = time.monotonic()
         self.metrics.generation_tokens.inc(len(tokens))
         for j, token in zip(ok, tokens):
@@ -657,6 +715,7 @@ class Scheduler:
             if not choice.done:
                 self._emit(choice, req, token, *lp_info.get(j, (None, None)), now)
         self._retire(owners)
+        self.prof.lap(f"{phase}_emit")
 
 
 def _deliver(items: list) -> None:

@@ -215,7 +215,7 @@ def main() -> None:
     else:
         backend, note = args.backend, f"backend forced to {args.backend}"
     results["environment"].update(mlstm_backend="triton" if backend == "auto" else "reference",
-                                  backend_check=note.strip().splitlines()[-1:] if note else [])
+                                  backend_check=[ln for ln in note.splitlines() if ln.startswith(("ERRS", "Assert"))])
     args.set = [f"model.backend={backend}", *args.set]
     args.results = results
     print("backend:", backend, note.strip().splitlines()[-1:] if note else "", flush=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Inference benchmarks on the GPU machine: bash benchmarks/inference_gpu.sh check|ours|full
-# (check: GPU engine tests + a tiny smoke run of every system + our 7B numbers; full: side by side).
+# Inference benchmarks on the GPU machine: bash benchmarks/inference_gpu.sh check|ours|full|profile
+# (check: GPU engine tests + a tiny smoke run of every system + our 7B numbers; full: side by side;
+# profile: GPU engine/step tests, then kernel sweeps and per-kernel tables -> $OUT/decode_profile.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -21,6 +22,9 @@ case $mode in
   ours)
     python3 benchmarks/inference.py --systems fastxlstm --prompt-lengths 2048,8192,32768,65536,131072 \
       --deadline 300 --out-dir "$OUT" --tag ours "$@" ;;
+  profile)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py tests/test_triton_ops.py -m gpu -k "engine or step" 2>&1 | tail -6
+    python3 -m fastxlstm.bench.decode_profile "$OUT/decode_profile.json" "$@" ;;
   full)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -4
     python3 benchmarks/inference.py --out-dir "$OUT" --tag inference \

@@ -77,3 +77,83 @@ def test_chunked_prefill_matches_model_and_memory_flat():
         want, _ = ref(ids, last_logits_only=True)
     rel = ((got - want[0, -1]).norm() / want[0, -1].norm()).item()
     assert rel < 3e-2, rel
+
+
+def _decode_logits(engine: Engine, prompt, steps: int) -> torch.Tensor:
+    s = engine.allocate_slot()
+    engine.sample([s], engine.prefill_into_slots([s], [prompt]))
+    out = [engine.decode_step([s], return_logits=True).logits[0] for _ in range(steps)]
+    engine.free_slot(s)
+    return torch.stack(out)
+
+
+def test_batch1_gemv_path_matches_unfused_kernels():
+    """The batch-1 GEMV decode (fused norms / SwiGLU / residual / soft-cap) computes the same
+    logits as the cuBLAS + separate-kernel path, and its CUDA graph equals its eager run."""
+    prompt = list(range(3, 60))
+    fast = Engine(_model(), max_slots=1)
+    assert fast.runner.gemv_decode and fast.runner.fused_cell
+    slow = Engine(_model(), max_slots=1)
+    slow.runner.gemv_decode = slow.runner.fused_cell = False
+    a = _decode_logits(fast, prompt, 12)
+    b = _decode_logits(slow, prompt, 12)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert ((a - b).norm() / b.norm()).item() < 2e-2
+    eager = _run(Engine(_model(), max_slots=1, use_cuda_graph=False), [prompt], 20)
+    graph = _run(Engine(_model(), max_slots=1, use_cuda_graph=True), [prompt], 20)
+    assert graph == eager
+
+
+def test_bf16_state_close_to_fp32_state():
+    """``state_dtype="bfloat16"`` stores C in bf16 (float32 math): logits stay close to the float32
+    state's over a few steps, graph == eager holds, and slot reads come back float32."""
+    prompt = list(range(10, 90))
+    f32 = Engine(_model(), max_slots=2)
+    b16 = Engine(_model(), max_slots=2, state_dtype="bfloat16")
+    assert b16.states[0][0].dtype == torch.bfloat16 and b16.states[0][1].dtype == torch.float32
+    for eng in (f32, b16):  # batch 2 (fused cell without GEMVs)
+        eng.allocate_slot()
+    a = _decode_logits(f32, prompt, 8)
+    b = _decode_logits(b16, prompt, 8)
+    assert ((a - b).norm() / a.norm()).item() < 3e-2
+    assert all(t.dtype == torch.float32 for t in b16.get_slot_state(0)[0])
+    prompts = [list(range(3, 40)), [5, 6, 7]]
+    graph = _run(Engine(_model(), max_slots=2, state_dtype="bfloat16"), prompts, 16)
+    eager = _run(Engine(_model(), max_slots=2, state_dtype="bfloat16", use_cuda_graph=False), prompts, 16)
+    assert graph == eager
+
+
+@pytest.mark.parametrize("batch", [1, 8, 32])
+@pytest.mark.parametrize("c_dtype", [torch.float32, torch.bfloat16])
+def test_decode_cell_7b_shapes_vs_reference(batch, c_dtype):
+    """The one-launch decode cell at the 7B cell shapes (every tile config the engine picks) against
+    the float64 reference composition of gates, step, head norm and output gate."""
+    from fastxlstm.ops.reference import mlstm_step_reference
+    from fastxlstm.ops.triton import mlstm_decode_cell_
+
+    nh, dqk, dv = 8, 256, 512
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    proj = torch.randn(batch, 2 * nh * (dqk + dv + 1), device="cuda", generator=g).to(torch.bfloat16)
+    gb = torch.randn(2 * nh, device="cuda", generator=g)
+    gb[nh:] += 4.0
+    act = torch.rand(batch, device="cuda", generator=g) > 0.25
+    c = torch.randn(batch, nh, dqk, dv, device="cuda", generator=g) * 0.2
+    n = torch.randn(batch, nh, dqk, device="cuda", generator=g)
+    m = torch.randn(batch, nh, device="cuda", generator=g)
+    w = (1 + 0.1 * torch.randn(nh * dv, device="cuda", generator=g)).to(torch.bfloat16)
+    q, k, v, o, pre = proj.double().split([nh * dqk, nh * dqk, nh * dv, nh * dv, 2 * nh], -1)
+    gates = 15 * torch.tanh((pre + gb.double()).to(torch.bfloat16).double() / 15)
+    i, f = gates[:, :nh], gates[:, nh:]
+    h, (c1, n1, m1) = mlstm_step_reference(q.reshape(batch, nh, dqk), k.reshape(batch, nh, dqk),
+                                           v.reshape(batch, nh, dv), i, f, (c.double(), n.double(), m.double()))
+    hn = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-6)
+    want = torch.sigmoid(o) * hn.flatten(-2) * w.double()
+    cs, ns, ms = c.to(c_dtype), n.clone(), m.clone()
+    c0 = cs.clone()
+    y = torch.empty(batch, nh * dv, device="cuda", dtype=torch.bfloat16)
+    mlstm_decode_cell_(proj, gb, act, cs, ns, ms, w, y, num_heads=nh, cap=15.0)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    tol = 1e-5 if c_dtype == torch.float32 else 5e-3
+    assert rel(y[act], want[act]) < 1.5e-2
+    assert rel(cs[act], c1[act]) < tol and rel(ns[act], n1[act]) < 1e-5 and rel(ms[act], m1[act]) < 1e-6
+    assert torch.equal(cs[~act], c0[~act]) and torch.equal(ns[~act], n[~act]) and torch.equal(ms[~act], m[~act])

@@ -22,6 +22,20 @@ from ..ops import State
 from .runner import Runner
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_state_dtype(value: str | torch.dtype | None) -> torch.dtype:
+    """The storage dtype of the decode state's ``C`` (a config's ``inference_state_dtype``):
+    ``"float32"`` (default) or ``"bfloat16"`` (half the state traffic; math stays float32)."""
+    if value is None:
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        if value in STATE_DTYPES.values():
+            return value
+    elif str(value) in STATE_DTYPES:
+        return STATE_DTYPES[str(value)]
+    raise ValueError(f"state dtype must be one of {sorted(STATE_DTYPES)}, got {value!r}")
 
 
 def capture_graph(fn, warmup: int = 2, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -70,7 +84,7 @@ class Engine:
     def __init__(
         self, model: XLSTMForCausalLM, max_slots: int = 8, *, use_cuda_graph: bool | None = None,
         prefill_chunk_size: int = 4096, backend: str = "auto", batch_buckets: Sequence[int] | None = None,
-        eos_token_id: int | None = None, history: int = 256,
+        eos_token_id: int | None = None, history: int = 256, state_dtype: str | torch.dtype | None = None,
     ):
         if max_slots <= 0:
             raise ValueError(f"max_slots must be positive, got {max_slots}")
@@ -90,9 +104,12 @@ class Engine:
         nh, dqk, dv = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
         f32 = dict(device=dev, dtype=torch.float32)
         i64 = dict(device=dev, dtype=torch.long)
-        # Recurrent state, one row per slot (float32).
+        self.state_dtype = resolve_state_dtype(
+            state_dtype if state_dtype is not None else getattr(cfg, "inference_state_dtype", None))
+        # Recurrent state, one row per slot: C in state_dtype (float32 math either way), n and m float32.
         self.states: list[State] = [
-            (torch.zeros(n, nh, dqk, dv, **f32), torch.zeros(n, nh, dqk, **f32), torch.zeros(n, nh, **f32))
+            (torch.zeros(n, nh, dqk, dv, device=dev, dtype=self.state_dtype), torch.zeros(n, nh, dqk, **f32),
+             torch.zeros(n, nh, **f32))
             for _ in range(cfg.num_blocks)
         ]
         # Decode inputs / controls and per-slot sampling parameters.
@@ -205,7 +222,7 @@ class Engine:
             logits[members] = self.runner.logits(hidden)
             rows = torch.tensor([slots[j] for j in members], device=self.device)
             for (c, nn_, m), (c1, n1, m1) in zip(self.states, new_state):
-                c.index_copy_(0, rows, c1)
+                c.index_copy_(0, rows, c1.to(c.dtype))
                 nn_.index_copy_(0, rows, n1)
                 m.index_copy_(0, rows, m1)
         for j, s in enumerate(slots):
@@ -426,9 +443,10 @@ class Engine:
 
     # ------------------------------------------------------------------------ state
     def get_slot_state(self, slot: int) -> list[State]:
-        """A copy of the slot's recurrent state: per block ``(C [1,NH,DQK,DV], n [1,NH,DQK], m [1,NH])``."""
+        """A copy of the slot's recurrent state: per block ``(C [1,NH,DQK,DV], n [1,NH,DQK], m [1,NH])``,
+        float32 whatever the storage dtype."""
         self._check_slot(slot)
-        return [tuple(t[slot:slot + 1].clone() for t in layer) for layer in self.states]
+        return [tuple(t[slot:slot + 1].to(torch.float32, copy=True) for t in layer) for layer in self.states]
 
     def set_slot_state(self, slot: int, state: list[State]) -> None:
         """Overwrite the slot's recurrent state (shapes as :meth:`get_slot_state` returns)."""

@@ -11,6 +11,7 @@ import torch
 
 from ..generation.sampling import SamplingParams
 from ..model import XLSTMForCausalLM
+from ..serving.text import StopText
 from .engine import Engine
 from .state import SequenceState
 
@@ -31,52 +32,13 @@ class GenerationResult:
     state: SequenceState | None = None
 
 
-class _Text:
-    """Incremental detokenisation with stop-string detection and hold-back for streaming."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.decoder = tokenizer.incremental_decoder() if tokenizer is not None else None
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def add(self, token: int) -> bool:
-        """Add a token's text; True when a stop string appeared (text is cut before it)."""
-        if self.decoder is None or self.stopped:
-            return self.stopped
-        self._append(self.decoder.add(token))
-        return self.stopped
-
-    def _append(self, piece: str) -> None:
-        if not piece:
-            return
-        start = max(0, len(self.text) - self.hold)
-        self.text += piece
-        if self.stops:
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
-
-    def finish(self) -> None:
-        if self.decoder is not None and not self.stopped:
-            self._append(self.decoder.flush())
-
-    def ready(self, final: bool) -> str:
-        end = len(self.text) if final or self.stopped else max(self.emitted, len(self.text) - self.hold)
-        piece, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
-        return piece
-
-
 @dataclass
 class _Request:
     index: int
     prompt_ids: list[int]
     start: SequenceState | None
     params: SamplingParams
-    text: _Text
+    text: StopText
     stop_ids: set[int]
     want_state: bool
     slot: int = -1
@@ -99,6 +61,7 @@ class LLM:
         self, model: str | os.PathLike | XLSTMForCausalLM, tokenizer=None, *, device: str | torch.device | None = None,
         dtype: torch.dtype | None = None, max_slots: int = 8, use_cuda_graph: bool | None = None,
         prefill_chunk_size: int = 4096, backend: str = "auto", sync_every: int = 16,
+        state_dtype: str | torch.dtype | None = None,
     ):
         if isinstance(model, XLSTMForCausalLM):
             net = model
@@ -113,7 +76,7 @@ class LLM:
         self.tokenizer = tokenizer
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.engine = Engine(net, max_slots=max_slots, use_cuda_graph=use_cuda_graph,
-                             prefill_chunk_size=prefill_chunk_size, backend=backend,
+                             prefill_chunk_size=prefill_chunk_size, backend=backend, state_dtype=state_dtype,
                              eos_token_id=eos if eos is not None else net.config.eos_token_id)
         if sync_every <= 0:
             raise ValueError(f"sync_every must be positive, got {sync_every}")
@@ -167,7 +130,7 @@ class LLM:
             stop_ids = set(p.stop_token_ids)
             if not p.ignore_eos and self.engine.eos_token_id is not None:
                 stop_ids.add(int(self.engine.eos_token_id))
-            reqs.append(_Request(idx, ids, st, p, _Text(self.tokenizer, p.stop), stop_ids, want_state))
+            reqs.append(_Request(idx, ids, st, p, StopText(self.tokenizer, p.stop), stop_ids, want_state))
         return reqs
 
     @staticmethod

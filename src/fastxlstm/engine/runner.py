@@ -29,7 +29,7 @@ def step_inplace_reference(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor
     """:func:`fastxlstm.ops.reference.mlstm_step_reference` with ``(c, n, m)`` updated in place.
     q,k ``[B,NH,DQK]``, v ``[B,NH,DV]``, i,f ``[B,NH]`` float32; returns h ``[B,NH,DV]`` in q's
     dtype. Rows with ``i=-inf, f=+inf`` keep their state unchanged."""
-    h, new = mlstm_step_reference(q, k, v, i, f, (c, n, m), eps)
+    h, new = mlstm_step_reference(q, k, v, i, f, (c.float(), n, m), eps)
     for buf, t in zip((c, n, m), new):
         buf.copy_(t)
     return h
@@ -41,7 +41,8 @@ def step_inplace_bmm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c: T
     temporaries (the GPU fallback when no fused step kernel is available)."""
     b, nh, dqk = q.shape
     dv = v.shape[-1]
-    dt = c.dtype
+    dt = torch.float32
+    c_store, c = c, c.float()
     log_f = F.logsigmoid(f)
     m_new = torch.maximum(log_f + m, i)
     f_act = torch.exp(log_f + m - m_new)
@@ -54,22 +55,33 @@ def step_inplace_bmm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c: T
     q_scaled = q.to(dt) * (dqk ** -0.5)
     num = torch.bmm(q_scaled.reshape(-1, 1, dqk), cv).view(b, nh, dv)
     den = torch.maximum((q_scaled * n).sum(-1).abs(), torch.exp(-m)) + eps
+    if c_store is not c:
+        c_store.copy_(c)
     return (num / den[..., None]).to(q.dtype)
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("fastxlstm.ops.triton")
+    except ImportError:
+        return None
 
 
 def _triton_step() -> StepFn | None:
     """The in-place Triton step kernel of :mod:`fastxlstm.ops.triton`, when it exists."""
-    try:
-        mod = importlib.import_module("fastxlstm.ops.triton")
-    except ImportError:
-        return None
-    fn = getattr(mod, "mlstm_step_", None)
+    mod = _triton_module()
+    fn = getattr(mod, "mlstm_step_", None) if mod is not None else None
     if fn is None:
         return None
 
     def step(q, k, v, i, f, c, n, m, eps):
         h = torch.empty(v.shape, device=v.device, dtype=q.dtype)
-        fn(q.contiguous(), k.contiguous(), v.contiguous(), i, f, c, n, m, h, eps=eps)
+        if c.dtype != torch.float32:  # a low-precision state store: update a float32 copy
+            c32 = c.float()
+            fn(q, k, v, i, f, c32, n, m, h, eps=eps)
+            c.copy_(c32)
+            return h
+        fn(q, k, v, i, f, c, n, m, h, eps=eps)  # strided q/k/v views are fine (last dim contiguous)
         return h
 
     return step
@@ -87,6 +99,10 @@ def select_step(backend: str, device: torch.device) -> tuple[str, StepFn]:
     if device.type == "cuda":
         return "torch-bmm", step_inplace_bmm
     return "reference", step_inplace_reference
+
+
+def pow2_ok(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 # ----------------------------------------------------------------------------- weights
@@ -193,6 +209,13 @@ class Runner:
         self.nh, self.dqk, self.dv = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
         self.splits = [cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim, 2 * cfg.num_heads]
         self.step_name, self.step_fn = select_step(backend, model.device)
+        # decode: the fused Triton cell (gates + step + head norm + output gate in one launch) where
+        # the Triton step runs, and at batch 1 the GEMV path (norms, SwiGLU, residual adds and the
+        # logit soft-cap fused into the projections); both are attributes so benchmarks can compare.
+        mod = _triton_module() if self.step_name == "triton" else None
+        self._cell_fn = getattr(mod, "mlstm_decode_cell_", None)
+        self.fused_cell = self._cell_fn is not None and pow2_ok(self.dv)
+        self.gemv_decode = self.fused_cell and K.HAS_TRITON
 
     @property
     def device(self) -> torch.device:
@@ -219,10 +242,17 @@ class Runner:
         return K.mhnorm_ogate(h, o, lw.mh_norm, cfg.norm_eps), state
 
     def _mlstm_step(self, lw: LayerWeights, y: Tensor, c: Tensor, n: Tensor, m: Tensor,
-                    active: Tensor | None) -> Tensor:
+                    active: Tensor | None, proj: Tensor | None = None) -> Tensor:
+        """The mLSTM layer of one decode step (``proj``: the input projection, if already done)."""
         cfg = self.config
         bsz = y.shape[0]
-        proj = F.linear(y, lw.w_in)
+        if proj is None:
+            proj = F.linear(y, lw.w_in)
+        if self.fused_cell:
+            out = torch.empty(bsz, cfg.v_dim, device=y.device, dtype=proj.dtype)
+            self._cell_fn(proj, lw.gate_bias, active, c, n, m, lw.mh_norm, out, num_heads=self.nh,
+                          cap=cfg.gate_soft_cap, eps=cfg.eps, norm_eps=cfg.norm_eps)
+            return out
         q, k, v, o, g = proj.split(self.splits, dim=-1)
         i, f = K.gates(g, self.nh, cfg.gate_soft_cap, active, bias=lw.gate_bias)
         h = self.step_fn(q.reshape(bsz, self.nh, self.dqk), k.reshape(bsz, self.nh, self.dqk),
@@ -281,6 +311,8 @@ class Runner:
         updated in place (rows with ``active == False`` unchanged). Returns float32 logits ``[B, V]``."""
         cfg = self.config
         x = F.embedding(tokens, self.embedding)
+        if self.gemv_decode and x.shape[0] == 1:
+            return self._decode_gemv(x, states, active)
         delta = None
         for lw, (c, n, m) in zip(self.layers, states):
             y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
@@ -289,3 +321,18 @@ class Runner:
             delta = self._ffn(lw, y)
         y = K.add_rmsnorm(x, delta, self.out_norm, cfg.norm_eps)
         return self.logits(y)
+
+    def _decode_gemv(self, x: Tensor, states: list[State], active: Tensor | None) -> Tensor:
+        """Batch-1 decode: per block four fused GEMVs and the fused cell (five launches)."""
+        from .gemv import gemv
+
+        cfg = self.config
+        eps = cfg.norm_eps
+        for lw, (c, n, m) in zip(self.layers, states):
+            proj = gemv(x, lw.w_in, prologue="rmsnorm", norm_weight=lw.norm_mlstm, eps=eps)
+            h = self._mlstm_step(lw, x, c, n, m, active, proj=proj)
+            gemv(h, lw.w_out, epilogue="residual", residual=x)
+            gu = gemv(x, lw.w_up, prologue="rmsnorm", norm_weight=lw.norm_ffn, eps=eps)
+            gemv(gu, lw.w_down, prologue="silu_mul", epilogue="residual", residual=x)
+        return gemv(x, self.lm_head, prologue="none" if self.out_norm is None else "rmsnorm",
+                    norm_weight=self.out_norm, eps=eps, epilogue="softcap", cap=cfg.output_logit_soft_cap)

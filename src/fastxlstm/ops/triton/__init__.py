@@ -3,7 +3,9 @@
 * :func:`mlstm_chunkwise` -- chunkwise forward (two-level tiling: chunk states at a coarse
   granularity, small tiles inside) and its backward through an autograd Function;
 * :func:`mlstm_step` / :func:`mlstm_step_` -- the fused decode step (functional / in place, the
-  latter capturable in a CUDA graph).
+  latter capturable in a CUDA graph);
+* :func:`mlstm_decode_cell_` -- the inference engine's whole decode cell in one launch (gates from
+  the fused projection, in-place step, per-head LayerNorm, output gate; float32 or bf16 ``C``).
 
 Semantics are those of :mod:`fastxlstm.ops.reference` (stabilised state, ``m0 = 0`` for a missing
 state, the final state's ``m``). Inputs may be bf16, fp16 or fp32; gates and states are fp32. The
@@ -25,11 +27,11 @@ from torch import Tensor
 from ..reference import mlstm_chunkwise_reference, mlstm_step_reference
 from ._chunkwise import DEFAULT_KERNEL_CHUNK, MLSTMChunkwiseFn, forward, kernel_chunk_for
 from ._common import INTERPRET
-from ._step import launch_step
+from ._step import launch_fused_step, launch_step
 
 State = tuple[Tensor, Tensor, Tensor]
 
-__all__ = ["mlstm_chunkwise", "mlstm_step", "mlstm_step_", "DEFAULT_KERNEL_CHUNK", "INTERPRET"]
+__all__ = ["mlstm_chunkwise", "mlstm_step", "mlstm_step_", "mlstm_decode_cell_", "DEFAULT_KERNEL_CHUNK", "INTERPRET"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -143,3 +145,37 @@ def mlstm_step_(
             raise ValueError(f"{name} must be contiguous in its last dim (no copies inside a captured step)")
     _check_device(q)
     launch_step(q, k, v, i, f, C, n, m, h_out, C, n, m, eps)
+
+
+def mlstm_decode_cell_(
+    proj: Tensor, gate_bias: Tensor, active: Tensor | None, C: Tensor, n: Tensor, m: Tensor, norm_weight: Tensor,
+    out: Tensor, *, num_heads: int, cap: float | None, eps: float = 1e-6, norm_eps: float = 1e-6,
+) -> None:
+    """One decode step of an mLSTM layer from its fused input projection, in place and in one launch.
+
+    ``proj [B, 2*NH*DQK + 2*NH*DV + 2*NH]`` holds ``q | k | v | o | i | f`` preactivations per row
+    (last dim contiguous); the gates are ``cap * tanh((pre + gate_bias) / cap)`` (float32
+    ``gate_bias [2NH]``; the sum rounded to proj's dtype first, as a linear layer's output), forced to
+    ``i = -inf, f = +inf`` where ``active [B]`` (bool) is False so that row's state stays unchanged.
+    Updates ``C [B,NH,DQK,DV]`` (float32 or bfloat16 storage, float32 math), ``n [B,NH,DQK]``,
+    ``m [B,NH]`` (float32) and writes ``out [B, NH*DV] = sigmoid(o) * MultiHeadLayerNorm(h) * norm_weight``
+    in out's dtype (the norm without bias, over each head's DV; DV a power of two).
+    """
+    bsz, nh, dqk, dv = C.shape
+    if nh != num_heads:
+        raise ValueError(f"C has {nh} heads, num_heads is {num_heads}")
+    if tuple(proj.shape) != (bsz, 2 * nh * (dqk + dv + 1)) or proj.stride(-1) != 1:
+        raise ValueError(f"proj must be [{bsz}, {2 * nh * (dqk + dv + 1)}] with a contiguous last dim, "
+                         f"got {tuple(proj.shape)}")
+    if C.dtype not in (torch.float32, torch.bfloat16) or not C.is_contiguous():
+        raise ValueError("C must be a contiguous float32 or bfloat16 tensor (updated in place)")
+    for name, t, shape in (("n", n, (bsz, nh, dqk)), ("m", m, (bsz, nh))):
+        if tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}")
+    if tuple(out.shape) != (bsz, nh * dv) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{bsz}, {nh * dv}] tensor")
+    if active is not None and tuple(active.shape) != (bsz,):
+        raise ValueError(f"active must have shape ({bsz},)")
+    _check_device(proj)
+    launch_fused_step(proj, gate_bias, active, C, n, m, norm_weight, out, nh, nh * dqk, nh * dv, cap, eps,
+                      norm_eps)

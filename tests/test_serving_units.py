@@ -16,7 +16,7 @@ from fastxlstm.serving.prefix_cache import PrefixCache, state_nbytes
 from fastxlstm.serving.sampling import SamplingParams
 from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
 from fastxlstm.serving.slots import ModelSlots
-from fastxlstm.serving.text import ChoiceText
+from fastxlstm.serving.text import StopText
 from fastxlstm.tokenizer import Tokenizer
 
 from .helpers import perturbed_model
@@ -71,13 +71,15 @@ def test_streamed_text_with_stops_equals_cut_full_text(include):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         ids = tok.encode(text)
         stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(0, 3))]
-        ct = ChoiceText(tok, stops, include_stop=include)
+        ct = StopText(tok, stops, include_stop=include)
         out = []
         for t in ids:
-            out.append(ct.add(t))
+            ct.add(t)
+            out.append(ct.ready())
             if ct.stopped:
                 break
-        out.append(ct.finish())
+        ct.finish()
+        out.append(ct.ready(final=True))
         hits = [(text.find(s), s) for s in stops if s in text]
         if hits:
             idx, stop = min(hits)
@@ -88,6 +90,38 @@ def test_streamed_text_with_stops_equals_cut_full_text(include):
         assert ct.stopped == bool(hits)
         if not include:  # no piece ever carries (the start of) a stop string that was then cut
             assert all(not any(s in piece for s in stops) for piece in out)
+
+
+def test_stop_text_holds_back_only_possible_stop_starts():
+    """Text is held back exactly while its end could begin a stop string; adding and reading can be
+    decoupled (LLM.generate reads once at the end, the server after every token)."""
+    tok = Tokenizer.byte_level()
+    st = StopText(tok, ["abc", "xyz"])
+    got = []
+    for ch in "hello ab":
+        st.add(tok.encode(ch)[0])
+        got.append(st.ready())
+    assert "".join(got) == "hello " and st.text == "hello ab"  # "ab" may start "abc"
+    st.add(tok.encode("d")[0])
+    assert st.ready() == "abd" and not st.stopped  # "abd" cannot
+    for ch in "--xy":
+        st.add(tok.encode(ch)[0])
+    assert st.ready() == "--"
+    assert st.add(tok.encode("z")[0]) and st.ready() == "" and st.text == "hello abd--"
+    # stop found across many tokens added before any read; searching only the new text's reach
+    st = StopText(tok, ["STOP"], include_stop=True)
+    for t in tok.encode("aaSTaaSTOPbb"):
+        st.add(t)
+    assert st.stopped and st.ready() == "aaSTaaSTOP"
+    # no stops: nothing held back; special tokens add no text; no tokenizer: no text, never stopped
+    st = StopText(tok)
+    st.add(tok.encode("q")[0])
+    st.add(5, special=True)
+    assert st.ready() == "q"
+    none = StopText(None, ["x"])
+    assert none.add(7) is False and none.ready(final=True) == "" and not none.stopped
+    with pytest.raises(ValueError):
+        StopText(tok, [""])
 
 
 # --------------------------------------------------------------------------------------- chat templates

@@ -48,7 +48,7 @@ from .schemas import (
     Usage,
 )
 from .slots import ModelSlots, SlotBackend
-from .text import ChoiceText
+from .text import StopText
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -245,7 +245,7 @@ class SSEChunks:
 
 @dataclass
 class _ChoiceState:
-    text: ChoiceText
+    text: StopText
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
@@ -267,7 +267,7 @@ class _Call:
         self.server, self.reqs, self.n = server, reqs, n
         self.offsets = {req.id: i * n for i, req in enumerate(reqs)}
         tok = server.tokenizer
-        self.choices = [_ChoiceState(ChoiceText(tok, stops, include_stop)) for _ in range(len(reqs) * n)]
+        self.choices = [_ChoiceState(StopText(tok, stops, include_stop)) for _ in range(len(reqs) * n)]
         self.prompt_tokens = sum(len(r.prompt) for r in reqs)
         self.cached_tokens = 0
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -313,9 +313,9 @@ class _Call:
                 if st.finish_reason is not None:
                     continue
                 st.tokens += 1
-                delta = st.text.add(ev.token, special=ev.token in special)
+                st.text.add(ev.token, special=ev.token in special)
                 u = update(base + ev.choice)
-                u.delta += delta
+                u.delta += st.text.ready()
                 if ev.logprob is not None:
                     u.logprobs.append((ev.token, ev.logprob, ev.top_logprobs))
                 if st.text.stopped:
@@ -328,7 +328,8 @@ class _Call:
                 if st.finish_reason is not None:
                     continue
                 u = update(base + ev.choice)
-                u.delta += st.text.finish()
+                st.text.finish()
+                u.delta += st.text.ready(final=True)
                 st.finish_reason = u.finish_reason = "stop" if st.text.stopped else ev.reason
                 self.remaining -= 1
             elif isinstance(ev, PrefillDone):

@@ -1,64 +1,74 @@
-"""Streaming detokenisation with stop strings: text deltas that never leak a stop string.
+"""Streaming detokenisation with stop strings: text pieces that never leak a stop string.
 
-Text that could be the start of a stop string is held back until it is clear either way;
-when a stop string appears the text is cut before it (or after it, with
-``include_stop_str_in_output``).
+One implementation for the server (:mod:`fastxlstm.serving.app`) and ``LLM.generate`` / ``LLM.stream``
+(:mod:`fastxlstm.engine.llm`). Tokens are fed with :meth:`StopText.add`; :meth:`StopText.ready` returns the
+text that is safe to send. Text that could still be the start of a stop string (the longest suffix that is a
+proper prefix of one) is held back until it is clear either way; when a stop string appears the text is cut
+before it (or after it, with ``include_stop``). This module imports nothing beyond the tokenizer, so the
+engine can use it without the server's dependencies.
 """
 
 from __future__ import annotations
 
-from ..tokenizer import Tokenizer
+from collections.abc import Sequence
 
 
-class ChoiceText:
-    """Text of one choice, fed token by token."""
+class StopText:
+    """Text of one sequence, fed token by token (``tokenizer=None``: no text, never stops)."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str] | None = None, include_stop: bool = False):
-        self.decoder = tokenizer.incremental_decoder()
-        self.stops = list(stops or [])
+    __slots__ = ("decoder", "stops", "include_stop", "max_stop", "text", "sent", "stopped")
+
+    def __init__(self, tokenizer, stops: Sequence[str] | None = None, include_stop: bool = False):
+        self.decoder = tokenizer.incremental_decoder() if tokenizer is not None else None
+        self.stops = [s for s in (stops or ())]
+        if any(not s for s in self.stops):
+            raise ValueError("stop strings must be non-empty")
         self.include_stop = include_stop
         self.max_stop = max((len(s) for s in self.stops), default=0)
-        self.text = ""
-        self.sent = 0
+        self.text = ""  # the text so far (cut at the stop string once one appeared)
+        self.sent = 0  # characters handed out by ready()
         self.stopped = False
 
-    def add(self, token: int, special: bool = False) -> str:
-        """Feed one token (``special`` tokens add no text); return the text now safe to send."""
-        if self.stopped:
-            return ""
-        if not special:
-            self.text += self.decoder.add(token)
-        return self._emit(final=False)
+    def add(self, token: int, special: bool = False) -> bool:
+        """Feed one token (``special`` tokens add no text); True once a stop string appeared."""
+        if not self.stopped and not special and self.decoder is not None:
+            self._append(self.decoder.add(token))
+        return self.stopped
 
-    def finish(self) -> str:
-        """End of generation: flush held-back text."""
-        if self.stopped:
-            return ""
-        self.text += self.decoder.flush()
-        return self._emit(final=True)
+    def finish(self) -> None:
+        """End of generation: take the decoder's held-back bytes (still checked for stops)."""
+        if not self.stopped and self.decoder is not None:
+            self._append(self.decoder.flush())
 
-    def _emit(self, final: bool) -> str:
-        safe = len(self.text)
-        if self.stops:
-            start = max(0, self.sent - self.max_stop)
-            best: tuple[int, str] | None = None
-            for stop in self.stops:
-                idx = self.text.find(stop, start)
-                if idx >= 0 and (best is None or idx < best[0]):
-                    best = (idx, stop)
-            if best is not None:
-                cut = best[0] + (len(best[1]) if self.include_stop else 0)
-                self.text = self.text[:max(cut, self.sent)]
-                self.stopped = True
-                safe = len(self.text)
-            elif not final:
-                safe -= self._held_back()
-        delta = self.text[self.sent:safe]
-        self.sent = safe
-        return delta
+    def ready(self, final: bool = False) -> str:
+        """The text not handed out yet that is safe to send (``final``: everything)."""
+        end = len(self.text)
+        if not (final or self.stopped):
+            end -= self._held_back()
+        piece = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return piece
+
+    def _append(self, piece: str) -> None:
+        if not piece:
+            return
+        # a stop string first complete now ends inside ``piece``: it starts at most max_stop - 1 chars before it
+        start = max(0, len(self.text) - self.max_stop + 1)
+        self.text += piece
+        if not self.stops:
+            return
+        best: tuple[int, int] | None = None
+        for stop in self.stops:
+            idx = self.text.find(stop, start)
+            if idx >= 0 and (best is None or idx < best[0]):
+                best = (idx, len(stop))
+        if best is not None:
+            cut = best[0] + (best[1] if self.include_stop else 0)
+            self.text = self.text[:max(cut, self.sent)]
+            self.stopped = True
 
     def _held_back(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        """Length of the longest unsent suffix of the text that is a proper prefix of a stop string."""
         text = self.text
         for length in range(min(self.max_stop - 1, len(text) - self.sent), 0, -1):
             tail = text[-length:]

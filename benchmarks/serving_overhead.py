@@ -93,7 +93,8 @@ def scheduler_only(args) -> None:
     sched = Scheduler(backend, eos_token_id=None, max_waiting=4 * args.requests, prefill_chunk=2048, **kw)
     rng = random.Random(0)
     reqs = [GenerationRequest([rng.randrange(1, 256) for _ in range(rng.randint(8, 64))],
-                              SamplingParams(max_tokens=args.output_tokens, temperature=0, logprobs=0, ignore_eos=True))
+                              SamplingParams(max_new_tokens=args.output_tokens, temperature=0, logprobs=0,
+                                             ignore_eos=True))
             for _ in range(args.requests)]
 
     async def run() -> None:

@@ -98,10 +98,10 @@ def test_multi_step_window_stops_exactly(model):
 
     stop_tok, stop_at = first_new(ref[1], 2)
     eos_tok, eos_at = first_new(ref[4], 5)
-    params = [SamplingParams(max_tokens=1, temperature=0), SamplingParams(max_tokens=20, temperature=0,
-              stop_token_ids=(stop_tok,)), SamplingParams(max_tokens=7, temperature=0),
-              SamplingParams(max_tokens=20, temperature=0), SamplingParams(max_tokens=20, temperature=0),
-              SamplingParams(max_tokens=13, temperature=0, ignore_eos=True)]
+    params = [SamplingParams(max_new_tokens=1, temperature=0), SamplingParams(max_new_tokens=20, temperature=0,
+              stop_token_ids=(stop_tok,)), SamplingParams(max_new_tokens=7, temperature=0),
+              SamplingParams(max_new_tokens=20, temperature=0), SamplingParams(max_new_tokens=20, temperature=0),
+              SamplingParams(max_new_tokens=13, temperature=0, ignore_eos=True)]
     want = [(ref[0][:1], "length"), (ref[1][:stop_at + 1], "stop"), (ref[2][:7], "length")]
     for r in ref[3:5]:
         end = next((i for i, t in enumerate(r) if t == eos_tok), None)
@@ -142,7 +142,7 @@ def test_batched_prefill_in_scheduler_and_cache_states_exact(model):
     sched.start()
     try:
         max_tokens = [10, 10, 10, 10, 10, 7]  # a shorter budget: windows must shrink to land on its end
-        params = [SamplingParams(max_tokens=m, temperature=0, stop_token_ids=(stop_tok,) if i == 0 else ())
+        params = [SamplingParams(max_new_tokens=m, temperature=0, stop_token_ids=(stop_tok,) if i == 0 else ())
                   for i, m in enumerate(max_tokens)]
         reqs = [GenerationRequest(p, sp, cache_generation_end=True) for p, sp in zip(ps, params)]
         before = sched.metrics.prefill_tokens._value.get()
@@ -175,13 +175,13 @@ def test_multi_step_window_chosen_logprobs_equal_single_steps(model):
         sched = Scheduler(be, eos_token_id=None, decode_steps_per_read=k)
         sched.start()
         try:
-            reqs = [GenerationRequest(p, SamplingParams(max_tokens=9, temperature=0, logprobs=0 if i < 2 else None))
+            reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=9, temperature=0, logprobs=0 if i < 2 else None))
                     for i, p in enumerate(ps)]
             events = run_requests(sched, reqs)
             got[k] = [[(e.token, e.logprob, e.top_logprobs) for e in events[r.id] if isinstance(e, TokenEvent)]
                       for r in reqs]
             assert bool(reads) == (k > 1)
-            top = GenerationRequest(ps[0], SamplingParams(max_tokens=5, temperature=0, logprobs=2))
+            top = GenerationRequest(ps[0], SamplingParams(max_new_tokens=5, temperature=0, logprobs=2))
             reads.clear()
             run_requests(sched, [top])
             assert not reads  # alternatives are computed on the host, one step at a time
@@ -201,11 +201,11 @@ def test_engine_backend_windows_past_engine_defaults(model):
     sched.start()
     try:
         ps = prompts([5, 5, 8], seed=5)
-        reqs = [GenerationRequest(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
                 for p, n in zip(ps, (70, 9, 13))]
         events = run_requests(sched, reqs)
         for p, r in zip(ps, reqs):
             toks, reason = tokens_and_finish(events[r.id])
-            assert toks == generate(model, p, r.params.max_tokens)[0].tolist() and reason == "length"
+            assert toks == generate(model, p, r.params.max_new_tokens)[0].tolist() and reason == "length"
     finally:
         sched.shutdown()

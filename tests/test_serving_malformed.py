@@ -100,6 +100,8 @@ CASES = [
     ("best_of", "POST", C, body(OK, best_of=3), None, 400),
     ("echo string", "POST", C, body(OK, echo="true"), None, 400),
     ("stop_token_ids out of vocab", "POST", C, body(OK, stop_token_ids=[100_000]), None, 400),
+    ("more stop_token_ids than the engine supports", "POST", C, body(OK, stop_token_ids=list(range(3, 11))), None,
+     400),
     ("messages on completions", "POST", C, body(OK, messages=[]), None, 400),
     ("chat: messages empty", "POST", CHAT, body(OK_CHAT, messages=[]), None, 400),
     ("chat: messages not a list", "POST", CHAT, body(OK_CHAT, messages="hi"), None, 400),

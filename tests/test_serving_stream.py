@@ -69,8 +69,9 @@ def test_stream_interval_batches_tokens_but_stops_exactly():
     sched = Scheduler(slots, eos_token_id=None, stream_interval=0.06)
     sched.start()
     try:
-        reqs = [GenerationRequest(prompts[0], SamplingParams(max_tokens=24, temperature=0)),
-                GenerationRequest(prompts[1], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(stop_tok,)))]
+        reqs = [GenerationRequest(prompts[0], SamplingParams(max_new_tokens=24, temperature=0)),
+                GenerationRequest(prompts[1], SamplingParams(max_new_tokens=24, temperature=0,
+                                                             stop_token_ids=(stop_tok,)))]
         got = deliveries(sched, reqs)
         for req, want, reason in ((reqs[0], refs[0], "length"), (reqs[1], refs[1][:cut], "stop")):
             batches = got[req.id]

@@ -183,7 +183,7 @@ def test_scheduler_chunked_prefill_cache_points_and_exactness():
     try:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 320, (n,), generator=g).tolist() for n in (1, 5, 23, 40, 64)]
-        reqs = [GenerationRequest(p, SamplingParams(max_tokens=9, temperature=0), cache_points=(len(p) // 2,))
+        reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=9, temperature=0), cache_points=(len(p) // 2,))
                 for p in prompts]
         events = run_requests(sched, reqs)
         for p, r in zip(prompts, reqs):
@@ -196,7 +196,7 @@ def test_scheduler_chunked_prefill_cache_points_and_exactness():
         # an extension of a cached prompt prefills only its new tokens and matches a cold run
         longer = prompts[3] + [5, 6, 7]
         before = sched.metrics.prefill_tokens._value.get()
-        req = GenerationRequest(longer, SamplingParams(max_tokens=9, temperature=0))
+        req = GenerationRequest(longer, SamplingParams(max_new_tokens=9, temperature=0))
         ev = run_requests(sched, [req])[req.id]
         assert ev[0] == PrefillDone(len(prompts[3]))
         assert sched.metrics.prefill_tokens._value.get() - before == 3
@@ -218,14 +218,14 @@ def test_sequence_sampler_penalties_match_references():
     vocab, prompt, output = 32, [3, 5, 5, 9], [5, 7, 7, 7, 11]
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
     logits[[3, 9]] = torch.tensor([2.5, -1.5])  # a positive and a negative seen logit for sure
-    rep = SequenceSampler(SamplingParams(max_tokens=8, repetition_penalty=1.7), prompt, vocab, torch.device("cpu"))
+    rep = SequenceSampler(SamplingParams(max_new_tokens=8, repetition_penalty=1.7), prompt, vocab, torch.device("cpu"))
     for t in output:
         rep.observe(t)
     want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits[None].clone())[0]
     torch.testing.assert_close(rep.process(logits), want)
 
     bias = {2: 4.0, 7: -2.5}
-    pf = SequenceSampler(SamplingParams(max_tokens=8, presence_penalty=0.6, frequency_penalty=0.3, logit_bias=bias),
+    pf = SequenceSampler(SamplingParams(max_new_tokens=8, presence_penalty=0.6, frequency_penalty=0.3, logit_bias=bias),
                          prompt, vocab, torch.device("cpu"))
     for t in output:
         pf.observe(t)

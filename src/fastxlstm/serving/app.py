@@ -456,13 +456,16 @@ class ServerState:
             self.check_ids(list(bias), "logit_bias")
         stop_ids = tuple(body.stop_token_ids or ())
         self.check_ids(list(stop_ids), "stop_token_ids")
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, logit_bias=bias, seed=body.seed, ignore_eos=body.ignore_eos,
-            stop_token_ids=stop_ids, logprobs=logprobs,
-        )
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, logit_bias=bias, seed=body.seed,
+                ignore_eos=body.ignore_eos, stop_token_ids=list(stop_ids), logprobs=logprobs,
+            )
+        except ValueError as e:  # the shared checks (e.g. at most 7 stop_token_ids)
+            raise APIError(400, str(e)) from None
 
     def check_n(self, n: int, prompts: int) -> None:
         if n > self.backend.max_slots:

@@ -1,8 +1,10 @@
 """Per-sequence sampling state: penalties, logit bias, min-p, seeded generator, logprobs.
 
-With only temperature/top-k/top-p set, a sequence samples exactly like
-:func:`fastxlstm.generation.sample` with a generator seeded the same way, so a seeded request
-reproduces :func:`fastxlstm.generation.generate` token for token.
+The request parameters are the engine's :class:`fastxlstm.generation.sampling.SamplingParams` (one set of
+fields and checks for ``LLM.generate`` and the server) plus the OpenAI-only knobs the host applies. With only
+temperature/top-k/top-p set, a sequence samples exactly like :func:`fastxlstm.generation.sample` with a
+generator seeded the same way, so a seeded request reproduces :func:`fastxlstm.generation.generate` token for
+token.
 """
 
 from __future__ import annotations
@@ -14,24 +16,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..generation.sampling import sample
+from ..generation import sampling as gen
 
 
 @dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+class SamplingParams(gen.SamplingParams):
+    """:class:`fastxlstm.generation.sampling.SamplingParams` (``max_new_tokens``, temperature, top-k/p, min-p,
+    repetition penalty, seed, stop ids, ``ignore_eos``; its checks) plus the server's host-side extras:
+    OpenAI presence/frequency penalties, ``logit_bias`` and ``logprobs`` (top alternatives to report; None:
+    no logprobs). Stop strings are the HTTP layer's (``stop`` stays empty here)."""
+
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-    logprobs: int | None = None  # number of top alternatives to report; None = no logprobs
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 
     @property
     def greedy_plain(self) -> bool:
@@ -91,7 +94,7 @@ class SequenceSampler:
         if p.min_p > 0:
             cutoff = logits.max() + p.temperature * math.log(p.min_p)
             logits = logits.masked_fill(logits < cutoff, float("-inf"))
-        return sample(logits[None], p.temperature, p.top_k, p.top_p, self.generator)[0]
+        return gen.sample(logits[None], p.temperature, p.top_k, p.top_p, self.generator)[0]
 
     def observe(self, token: Tensor | int) -> None:
         """Record a generated token for the penalties."""

@@ -613,7 +613,7 @@ class Scheduler:
             p = choice.sampler.params
             if not p.greedy_plain or p.logprobs:  # top alternatives need the host (logprobs=0 does not)
                 return 1
-            left = p.max_tokens - len(choice.generated)
+            left = p.max_new_tokens - len(choice.generated)
             longest = max(longest, left)
             if req.cache_generation_end and self.cache is not None:
                 k = min(k, left)
@@ -661,7 +661,7 @@ class Scheduler:
         p = req.params
         if (token == self.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
             self._release(req, choice, "stop")
-        elif len(choice.generated) >= p.max_tokens:
+        elif len(choice.generated) >= p.max_new_tokens:
             self._release(req, choice, "length")
 
     def _sample_and_emit(self, choices: list[_Choice], owners: list[GenerationRequest], logits: Tensor,

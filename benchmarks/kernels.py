@@ -289,6 +289,10 @@ def bench(args, device) -> dict:
                     row["fwd_ms"] = timeit(device, _forward_only, fn, (q, k, v, i, f))
                     leaves = [t.detach().requires_grad_() for t in (q, k, v, i, f)]
                     row["fwdbwd_ms"] = timeit(device, _forward_backward, fn, leaves, dh)
+                    if b == 1 and s <= 8192 and device.type == "cuda" and not args.tiny:
+                        # GPU time alone (replayed from a CUDA graph: no host launch work) where launches show
+                        row["graph_fwd_ms"] = _graph_ms(functools.partial(_forward_only, fn, (q, k, v, i, f)))
+                        row["graph_fwdbwd_ms"] = _graph_ms(functools.partial(_forward_backward, fn, leaves, dh))
                     del leaves
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = repr(exc)[:300]
@@ -320,7 +324,21 @@ def bench(args, device) -> dict:
             torch.cuda.empty_cache()
     if args.quick and not args.tiny and device.type == "cuda":
         res["breakdown"] = breakdown(device)
+    res["fast_launch"] = fast_launch_report()
+    print("fast launch", res["fast_launch"], flush=True)
     return res
+
+
+def fast_launch_report() -> dict:
+    """Per launcher of ours: whether the direct launch path is on, its cached entries, any fallback."""
+    from fastxlstm.ops.triton import _bwd, _common, _fwd
+
+    out = {}
+    for mod in (_fwd, _bwd):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, _common.FastLaunch):
+                out[name] = {"enabled": obj.enabled, "cached": len(obj._cache), "fallback": obj.fallback_reason}
+    return out
 
 
 def bench_decode(device, ceil, batches) -> list:
@@ -422,10 +440,171 @@ def breakdown(device) -> list:
     return rows
 
 
+# ----------------------------------------------------------------------------------------- diagnostics
+def _graph_ms(fn) -> float:
+    """GPU time of ``fn`` replayed from a CUDA graph (no host launch work), L2 flushed between replays."""
+    import triton.testing as tt
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return tt.do_bench(g.replay, warmup=20, rep=200, return_mode="median")
+
+
+def _host_ms(fn, n: int = 30) -> tuple[float, float]:
+    """(host ms per call to enqueue ``fn`` without waiting, wall ms per call including the final sync)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3 / n, (t2 - t0) * 1e3 / n
+
+
+def diag(args, device) -> dict:
+    """Host vs GPU time of the chunkwise op at small sizes: event timing (as --bench), host enqueue time,
+    CUDA-graph replay (GPU only), with and without the fast launch path; profiler and cProfile summaries."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastxlstm.ops import triton as T
+    from fastxlstm.ops.triton import _bwd, _fwd
+
+    launchers = {n: getattr(m, n) for m, names in ((_fwd, ("fwd_gates", "fwd_states", "fwd_out")), (
+        _bwd, ("bwd_prep", "bwd_dstates", "bwd_dq", "bwd_dk", "bwd_dv", "bwd_gates_a", "bwd_gates_b",
+               "bwd_gates_c"))) for n in names}
+
+    def set_fast(on: bool) -> None:
+        for ln in launchers.values():
+            ln.enabled = on
+
+    kern = impls(False)
+    rows = []
+    for s in ((2048, 8192) if not args.tiny else (64,)):
+        (q, k, v, i, f), _ = make_inputs(1, s, torch.bfloat16, device, seed=11 + s)
+        dh = torch.randn_like(v)
+        for name in ("fastxlstm", "triton_xl_chunk"):
+            if name not in kern:
+                continue
+            for fast in ((True, False) if name == "fastxlstm" else (None,)):
+                if fast is not None:
+                    set_fast(fast)
+                for mode in ("fwd", "fwdbwd"):
+                    if mode == "fwd":
+                        fn = functools.partial(_forward_only, kern[name], (q, k, v, i, f))
+                    else:
+                        leaves = [t.detach().requires_grad_() for t in (q, k, v, i, f)]
+                        fn = functools.partial(_forward_backward, kern[name], leaves, dh)
+                    row = {"S": s, "impl": name, "fast_launch": fast, "mode": mode}
+                    row["event_ms"] = timeit(device, fn)
+                    row["host_enqueue_ms"], row["wall_ms"] = _host_ms(fn)
+                    try:
+                        row["graph_ms"] = _graph_ms(fn)
+                    except Exception as exc:  # noqa: BLE001
+                        row["graph_error"] = repr(exc)[:200]
+                    rows.append(row)
+                    print("diag", {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()},
+                          flush=True)
+        if s == 8192:  # bit-identical outputs with and without the fast path
+            leaves = [t.detach().requires_grad_() for t in (q, k, v, i, f)]
+            outs = []
+            for fast in (False, True):
+                set_fast(fast)
+                for t in leaves:
+                    t.grad = None
+                h, (c, n, m) = T.mlstm_chunkwise(*leaves)
+                h.backward(dh)
+                outs.append([h.detach().clone(), c, n, m] + [t.grad.clone() for t in leaves])
+            same = all(torch.equal(a, b) for a, b in zip(*outs))
+            print("fast launch bit-identical to triton's path:", same, flush=True)
+            rows.append({"S": s, "fast_vs_triton_identical": same})
+    set_fast(True)
+    report = {"rows": rows, "fallbacks": {n: ln.fallback_reason for n, ln in launchers.items()},
+              "fast_cache_sizes": {n: len(ln._cache) for n, ln in launchers.items()},
+              "tuned": {n: {str(k_): str(c_) for k_, c_ in ln.cache.items()} for n, ln in launchers.items()}}
+    print("fallbacks", report["fallbacks"], "cache sizes", report["fast_cache_sizes"], flush=True)
+    for n, t in report["tuned"].items():
+        print("tuned", n, t, flush=True)
+    # where the host time goes: cProfile and the torch profiler, B1 S2k fwd+bwd (launch-bound)
+    (q, k, v, i, f), _ = make_inputs(1, 2048 if not args.tiny else 64, torch.bfloat16, device, seed=5)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, i, f)]
+    fn = functools.partial(_forward_backward, kern["fastxlstm"], leaves, torch.randn_like(v))
+    for fast in (False, True):
+        set_fast(fast)
+        fn()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(22)
+        report[f"cprofile_fast{int(fast)}"] = buf.getvalue()
+        print(f"cProfile fast={fast} (20 calls)\n" + "\n".join(buf.getvalue().splitlines()[:40]), flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    tab = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40)
+    report["profiler"] = tab
+    print(tab, flush=True)
+    return report
+
+
+def fp32_study(args, device) -> dict:
+    """fp32 inputs: our h error next to the float32 reference's own (both vs float64, same inputs), on all
+    tokens and on the 99% best-conditioned ones, for 3xTF32 and exact fp32 (ieee) dots; forward times."""
+    from fastxlstm.ops import triton as T
+    from fastxlstm.ops.triton import _common
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    seed = int(time.time()) % 100000
+    tiny = dict(dqk=24, dv=40, nh=2) if args.tiny else {}
+    cases = ((1, 8192, False), (1, 8192, False), (2, 2000, True)) if not args.tiny else ((1, 100, False),)
+    for b, s, st in cases:
+        (q, k, v, i, f), state = make_inputs(b, s, torch.float32, device, seed, st, **tiny)
+        seed += 1
+        h64 = mlstm_chunkwise_reference(*(t.double() for t in (q, k, v, i, f)),
+                                        None if state is None else tuple(x.double() for x in state))[0]
+        h32 = mlstm_chunkwise_reference(q, k, v, i, f, state)[0]
+        e32 = (h32.double() - h64).norm(dim=-1).flatten()
+        good = e32 <= e32.quantile(0.99)
+
+        def rel_good(h, good=good, h64=h64):
+            d = (h.double() - h64).reshape(-1, h64.shape[-1])[good]
+            return (d.norm() / h64.reshape(-1, h64.shape[-1])[good].norm()).item()
+
+        row = {"B": b, "S": s, "state": st, "ref32": rel(h32, h64), "ref32_best99": rel_good(h32)}
+        for prec in ("tf32x3", "ieee"):
+            _common.FP32_DOT = prec
+            h = T.mlstm_chunkwise(q, k, v, i, f, state, **(dict(kernel_chunk=32) if args.tiny else {}))[0]
+            row[prec] = rel(h, h64)
+            row[prec + "_best99"] = rel_good(h)
+            row[prec + "_fwd_ms"] = timeit(device, _forward_only, T.mlstm_chunkwise, (q, k, v, i, f, state))
+        _common.FP32_DOT = "tf32x3"
+        rows.append(row)
+        print("fp32", {k_: (f"{v_:.3g}" if isinstance(v_, float) else v_) for k_, v_ in row.items()}, flush=True)
+    return {"fp32": rows}
+
+
 # ----------------------------------------------------------------------------------------- output
 def table(res: dict) -> str:
     lines = ["| B | S | impl | fwd ms | fwd floor ms | fwd+bwd ms | fwd+bwd floor ms | fwd vs xl_chunk | "
-             "fwd+bwd vs xl_chunk |", "|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd vs xl_chunk | GPU-only (graph) fwd / fwd+bwd ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows = res.get("chunkwise", []) + res.get("sdpa", [])
     ref = {(r["B"], r["S"]): r for r in rows if r["impl"] == "triton_xl_chunk" and "fwd_ms" in r}
     for r in sorted(rows, key=lambda r: (r["B"], r["S"], r["impl"])):
@@ -438,7 +617,8 @@ def table(res: dict) -> str:
             return f"{r[key]:.3f}" if key in r else r.get("error", "-")[:40]
         lines.append(f"| {r['B']} | {r['S']} | {r['impl']} | {ms('fwd_ms')} | {r['floor_fwd']['floor_ms']:.3f} | "
                      f"{ms('fwdbwd_ms')} | {r['floor_fwdbwd']['floor_ms']:.3f} | {ratio('fwd_ms')} | "
-                     f"{ratio('fwdbwd_ms')} |")
+                     f"{ratio('fwdbwd_ms')} | {ms('graph_fwd_ms') if 'graph_fwd_ms' in r else '-'} / "
+                     f"{ms('graph_fwdbwd_ms') if 'graph_fwdbwd_ms' in r else '-'} |")
     if res.get("decode"):
         lines += ["", "| B | 32-layer step, ms | official triton step, ms | state floor ms | share of a 7B step |",
                   "|---|---|---|---|---|"]
@@ -517,6 +697,8 @@ def main() -> None:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--diag", action="store_true", help="host vs GPU time at small sizes (launch overhead)")
+    ap.add_argument("--fp32", action="store_true", help="fp32 accuracy vs the float32 reference's own error")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU interpreter dry run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
@@ -549,6 +731,12 @@ def main() -> None:
         res = {"meta": meta, **check(args, device)}
         res["seconds"] = time.time() - t
         (out / f"kernels_check{tag}.json").write_text(json.dumps(res, indent=1))
+    if args.diag:
+        res = {"meta": meta, **diag(args, device)}
+        (out / f"kernels_diag{tag}.json").write_text(json.dumps(res, indent=1))
+    if args.fp32:
+        res = {"meta": meta, **fp32_study(args, device)}
+        (out / f"kernels_fp32{tag}.json").write_text(json.dumps(res, indent=1))
     if args.bench:
         t = time.time()
         res = {"meta": meta, **bench(args, device)}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import TUNE_KEY, autotune, tune_configs
+from ._common import TUNE_KEY, autotune, fast, tune_configs
 
 
 @triton.jit
@@ -344,9 +344,11 @@ def bwd_gates_a_kernel(IG, BB, MC, GM, QDQ, KDK, OWN, WL, QK, S, NC, L: tl.const
 
 
 @triton.jit
-def bwd_gates_b_kernel(OWN, WL, QK, GINIT, GALL, QALL, DM0, NC, NCP: tl.constexpr):
-    """Reverse scans over chunks: ``G_c = OWN_c + (1 - WL_c) G_{c+1}`` (``G_NC`` = dm_N - Lambda) and the
-    suffix sums of q.dq - k.dk; ``G_0`` is the gradient of the initial m through the stabiliser."""
+def bwd_gates_b_kernel(OWN, WL, QK, DMN, LAM, GALL, QALL, DM0, NC, NCP: tl.constexpr, HAS_DMN: tl.constexpr,
+                       HAS_LAM: tl.constexpr):
+    """Reverse scans over chunks: ``G_c = OWN_c + (1 - WL_c) G_{c+1}`` (``G_NC`` = dm_N - Lambda, each term
+    zero where absent) and the suffix sums of q.dq - k.dk; ``G_0`` is the gradient of the initial m through
+    the stabiliser."""
     bh = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NCP)
     mj = j < NC
@@ -354,7 +356,11 @@ def bwd_gates_b_kernel(OWN, WL, QK, GINIT, GALL, QALL, DM0, NC, NCP: tl.constexp
     o = tl.load(OWN + bh * NC + c, mask=mj, other=0.0)
     k = 1.0 - tl.load(WL + bh * NC + c, mask=mj, other=0.0)
     po, pk = tl.associative_scan((o, k), 0, _affine_combine)
-    init = tl.load(GINIT + bh)
+    init = tl.sum(tl.zeros([1], dtype=tl.float32), axis=0)
+    if HAS_DMN:
+        init += tl.load(DMN + bh)
+    if HAS_LAM:
+        init -= tl.load(LAM + bh)
     g = po + pk * init
     tl.store(GALL + bh * (NC + 1) + c, g, mask=mj)
     tl.store(GALL + bh * (NC + 1) + NC, init)
@@ -365,7 +371,8 @@ def bwd_gates_b_kernel(OWN, WL, QK, GINIT, GALL, QALL, DM0, NC, NCP: tl.constexp
 
 
 @triton.jit
-def bwd_gates_c_kernel(IG, F, BB, MC, GM, QDQ, KDK, GALL, QALL, LAM, DI, DF, S, NC, L: tl.constexpr):
+def bwd_gates_c_kernel(IG, F, BB, MC, GM, QDQ, KDK, GALL, QALL, LAM, DI, DF, S, NC, L: tl.constexpr,
+                       HAS_LAM: tl.constexpr):
     """di and df of each token of a chunk."""
     ci = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -379,11 +386,18 @@ def bwd_gates_c_kernel(IG, F, BB, MC, GM, QDQ, KDK, GALL, QALL, LAM, DI, DF, S, 
     e = tl.sum(tl.where(routed, gm[:, None], 0.0), axis=0)
     x = tl.where(mt, qdq - kdk + gm - e, 0.0)
     suffix = tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x
-    dls = suffix + tl.load(QALL + bh * (NC + 1) + ci + 1) + tl.load(LAM + bh)
+    dls = suffix + tl.load(QALL + bh * (NC + 1) + ci + 1)
+    if HAS_LAM:
+        dls += tl.load(LAM + bh)
     f = tl.load(F + bh * S + t, mask=mt, other=0.0)
     tl.store(DI + bh * S + t, kdk + e, mask=mt)
     tl.store(DF + bh * S + t, dls / (1.0 + tl.exp(f)), mask=mt)
 
+
+bwd_prep = fast(bwd_prep_kernel)
+bwd_gates_a = fast(bwd_gates_a_kernel)
+bwd_gates_b = fast(bwd_gates_b_kernel)
+bwd_gates_c = fast(bwd_gates_c_kernel)
 
 bwd_dstates = autotune(
     tune_configs([

@@ -8,18 +8,9 @@ import torch
 import triton
 from torch import Tensor
 
-from ._bwd import (
-    bwd_dk,
-    bwd_dq,
-    bwd_dstates,
-    bwd_dv,
-    bwd_gates_a_kernel,
-    bwd_gates_b_kernel,
-    bwd_gates_c_kernel,
-    bwd_prep_kernel,
-)
+from ._bwd import bwd_dk, bwd_dq, bwd_dstates, bwd_dv, bwd_gates_a, bwd_gates_b, bwd_gates_c, bwd_prep
 from ._common import INTERPRET, dot_settings, pow2, state_dtype
-from ._fwd import fwd_gates_kernel, fwd_out, fwd_states
+from ._fwd import fwd_gates, fwd_out, fwd_states
 
 State = tuple[Tensor, Tensor, Tensor]
 
@@ -57,10 +48,9 @@ def forward(
     out = {name: torch.empty(bh, seq, device=dev, dtype=f32) for name in ("b", "a", "cm")}
     out["gc"] = torch.empty(bh, nc, device=dev, dtype=f32)
     out["ac"] = torch.empty(bh, nc, device=dev, dtype=f32)
-    fwd_gates_kernel[(nc, bh)](i, f, out["b"], out["a"], out["cm"], out["gc"], out["ac"], seq, nc, L=chunk,
+    fwd_gates[(nc, bh)](i, f, out["b"], out["a"], out["cm"], out["gc"], out["ac"], seq, nc, L=chunk,
                                num_warps=4)
     out["cs"], out["ns"], out["mc"] = _states(k, v, out, c0, n0, m0, chunk, out)
-    out["mn"] = out["mc"][:, nc].clone()
     if states_only:
         return out
     out["h"] = torch.empty(bh, seq, dv, device=dev, dtype=q.dtype)
@@ -86,10 +76,12 @@ def _states(k, v, gates, c0, n0, m0, chunk, final: dict | None):
     if final is not None:
         final["cn"] = torch.empty(bh, dqk, dv, device=k.device, dtype=torch.float32)
         final["nn"] = torch.empty(bh, dqk, device=k.device, dtype=torch.float32)
+        final["mn"] = torch.empty(bh, device=k.device, dtype=torch.float32)
     has_init = c0 is not None
+    fin = (final["cn"], final["nn"], final["mn"]) if final is not None else (mc, mc, mc)
     fwd_states[lambda meta: (triton.cdiv(dqk, meta["BK"]), triton.cdiv(dv, meta["BV"]), bh)](
         k, v, gates["a"], gates["gc"], gates["ac"], c0 if has_init else mc, n0 if has_init else mc,
-        m0 if has_init else mc, cs, ns, mc, final["cn"] if final else mc, final["nn"] if final else mc, seq, nc,
+        m0 if has_init else mc, cs, ns, mc, *fin, seq, nc,
         DQK=dqk, DV=dv, L=chunk, HAS_INIT=has_init, WRITE_FINAL=final is not None, PREC=prec,
         TK=_tune_key(bh, seq),
     )
@@ -113,7 +105,7 @@ def backward_kernels(q, k, v, i, f, h, dh, saved: dict, c0, n0, m0, dcn, dnn, la
     nu = torch.empty_like(inv)
     gm = torch.empty_like(inv)
     bt = 16 if dv <= 512 else 8
-    bwd_prep_kernel[(triton.cdiv(seq, bt), bh)](dh, h, saved["den"], M, inv, nu, gm, seq, eps, DV=dv, DVP=pow2(dv),
+    bwd_prep[(triton.cdiv(seq, bt), bh)](dh, h, saved["den"], M, inv, nu, gm, seq, eps, DV=dv, DVP=pow2(dv),
                                                 BT=bt, num_warps=4)
     need_dinit = c0 is not None
     dcs = torch.empty(bh, nc, dqk, dv, device=dev, dtype=state_dtype(q.dtype))
@@ -142,19 +134,18 @@ def backward_kernels(q, k, v, i, f, h, dh, saved: dict, c0, n0, m0, dcn, dnn, la
         q, k, dh, i, b, M, saved["a"], mc, inv, dcs, dvv, seq, nc, scale, **common,
     )
     # gate gradients (with the stabiliser's own gradient routed along its argmax)
-    zeros = torch.zeros(bh, device=dev, dtype=f32)
-    lam = zeros if lam is None else lam
-    ginit = -lam if dmn is None else dmn - lam
     own, wl, qk = (torch.empty(bh, nc, device=dev, dtype=f32) for _ in range(3))
-    bwd_gates_a_kernel[(nc, bh)](i, b, mc, gm, qdq, kdk, own, wl, qk, seq, nc, L=chunk, num_warps=4)
+    bwd_gates_a[(nc, bh)](i, b, mc, gm, qdq, kdk, own, wl, qk, seq, nc, L=chunk, num_warps=4)
     gall = torch.empty(bh, nc + 1, device=dev, dtype=f32)
     qall = torch.empty_like(gall)
     dm0 = torch.empty(bh, device=dev, dtype=f32)
-    bwd_gates_b_kernel[(bh,)](own, wl, qk, ginit.contiguous(), gall, qall, dm0, nc, NCP=pow2(nc), num_warps=4)
+    has_dmn, has_lam = dmn is not None, lam is not None  # contiguous float32 [BH] where given
+    bwd_gates_b[(bh,)](own, wl, qk, dmn if has_dmn else dm0, lam if has_lam else dm0, gall, qall, dm0, nc,
+                       NCP=pow2(nc), HAS_DMN=has_dmn, HAS_LAM=has_lam, num_warps=4)
     di = torch.empty(bh, seq, device=dev, dtype=f32)
     df = torch.empty_like(di)
-    bwd_gates_c_kernel[(nc, bh)](i, f, b, mc, gm, qdq, kdk, gall, qall, lam.contiguous(), di, df, seq, nc, L=chunk,
-                                 num_warps=4 if chunk <= 64 else 8)
+    bwd_gates_c[(nc, bh)](i, f, b, mc, gm, qdq, kdk, gall, qall, lam if has_lam else dm0, di, df, seq, nc, L=chunk,
+                          HAS_LAM=has_lam, num_warps=4 if chunk <= 64 else 8)
     out = {"dq": dq, "dk": dk, "dv": dvv, "di": di, "df": df, "dm0_path": dm0}
     if need_dinit:
         out["dc0"], out["dn0"] = dc0, dn0
@@ -187,7 +178,7 @@ class MLSTMChunkwiseFn(torch.autograd.Function):
             dnn = torch.zeros_like(nn) if dnn is None else dnn.float().contiguous()
             lam = (dcn * cn).sum((-1, -2)) + (dnn * nn).sum(-1)
         g = backward_kernels(q, k, v, i, f, h, dh, saved, c0, n0, m0, dcn, dnn, lam,
-                             None if dmn is None else dmn.float(), ctx.eps, ctx.chunk)
+                             None if dmn is None else dmn.float().contiguous(), ctx.eps, ctx.chunk)
         dc0 = dn0 = dm0 = None
         if c0 is not None:
             dc0, dn0 = g["dc0"], g["dn0"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -11,6 +13,10 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: ``FASTXLSTM_TRITON_AUTOTUNE=0`` launches the first (default) config of each kernel without tuning.
 AUTOTUNE = os.environ.get("FASTXLSTM_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
+#: input precision of the dots for fp32 inputs on the GPU (``FASTXLSTM_TRITON_FP32_DOT``: tf32x3 or ieee).
+FP32_DOT = os.environ.get("FASTXLSTM_TRITON_FP32_DOT", "tf32x3")
 
 
 def pow2(n: int, least: int = 16) -> int:
@@ -29,7 +35,7 @@ def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
         return "tf32", False
     if dtype == torch.float16:
         return "tf32", True
-    return ("ieee" if INTERPRET else "tf32x3"), True
+    return ("ieee" if INTERPRET else FP32_DOT), True
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,9 +94,10 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
                     except triton.runtime.errors.OutOfResources:
                         continue
                     chosen[sig] = idx
+                    launcher.best_config = cfg
                     return out
                 raise RuntimeError(f"no launch config of {fn} fits this GPU")
-            return _Indexable(launcher)
+            return FastLaunch(_Indexable(launcher), fn, lambda: launcher.best_config)
         return deco
 
     def prune(configs, named_args, **kwargs):
@@ -98,11 +105,127 @@ def autotune(configs: list[triton.Config], key: list[str], interpret_config: tri
 
     def deco(fn):
         try:
-            return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
-                                   cache_results=True)(fn)
+            tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                    cache_results=True)(fn)
         except TypeError:  # older Triton without cache_results
-            return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+            tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(fn)
+        return FastLaunch(tuned, fn, lambda: tuned.best_config)
     return deco
+
+
+def fast(fn):
+    """A plain ``@triton.jit`` kernel with the :class:`FastLaunch` path (identity in the interpreter)."""
+    return fn if INTERPRET else FastLaunch(fn, fn, None)
+
+
+#: ``FASTXLSTM_TRITON_FAST_LAUNCH=0`` sends every launch through Triton's own (slower) launch path.
+FAST_LAUNCH = os.environ.get("FASTXLSTM_TRITON_FAST_LAUNCH", "1") not in ("", "0")
+
+
+def _spec(x) -> object:
+    """What Triton's launcher specialises a compiled kernel on, for one runtime argument: a tensor's dtype
+    and 16-byte alignment; an int's width class, ``== 1`` and divisibility by 16; a float's type."""
+    if isinstance(x, torch.Tensor):
+        return x.dtype, x.data_ptr() % 16 == 0
+    if isinstance(x, bool):
+        return bool, x
+    if isinstance(x, int):
+        return int, x == 1, x % 16 == 0, -(1 << 31) <= x < (1 << 31), x < (1 << 63)
+    if isinstance(x, float):
+        return float
+    return type(x), x
+
+
+class FastLaunch:
+    """Launches a kernel through its compiled handle once a call with the same specialisation went
+    through Triton's own path (autotuning and compiling there), skipping the autotuner's and the JIT
+    binder's per-call Python work (~13 launches per forward+backward, host-bound at small sizes).
+
+    The cache key holds everything the compiled kernel depends on: the exact keyword arguments
+    (constexprs and the autotune bucket ``TK``), and per positional argument what Triton specialises
+    on (:func:`_spec`). Any failure of the direct launch turns the fast path off for this kernel.
+    """
+
+    def __init__(self, launcher, fn, config_of):
+        self._launcher = launcher  # what ``kernel[grid](...)`` goes through the first time
+        self._fn = fn  # the JITFunction
+        self._config_of = config_of  # -> the triton.Config the launcher just used (None: plain kernel)
+        self._cache: dict[tuple, tuple] = {}
+        self._names = list(fn.arg_names)
+        self._defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+                          if p.default is not inspect.Parameter.empty}
+        self.enabled = FAST_LAUNCH
+        self.fallback_reason: str | None = None
+
+    @property
+    def cache(self) -> dict:
+        """The autotuner's cache (key -> chosen config), where there is one."""
+        return getattr(self._launcher, "cache", {})
+
+    def __getitem__(self, grid):
+        return functools.partial(self._call, grid)
+
+    def _call(self, grid, *args, **kwargs):
+        if not self.enabled:
+            return self._launcher[grid](*args, **kwargs)
+        key = (torch.cuda.current_device(), tuple(map(_spec, args)), tuple(kwargs.items()))
+        hit = self._cache.get(key)
+        if hit is None:
+            return self._first(key, grid, args, kwargs)
+        kernel, meta, tail, dev = hit
+        g = grid(meta) if callable(grid) else grid
+        try:
+            kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, _stream(dev), kernel.function,
+                       kernel.packed_metadata, None, None, None, *args, *tail)
+        except Exception as exc:  # noqa: BLE001 - an internal interface changed: use Triton's path from now on
+            self.enabled = False
+            self.fallback_reason = repr(exc)[:200]
+            return self._launcher[grid](*args, **kwargs)
+        return kernel
+
+    def _first(self, key, grid, args, kwargs):
+        kernel = self._launcher[grid](*args, **kwargs)
+        if kernel is None or not hasattr(kernel, "run") or _launch_hooks():
+            return kernel  # no compiled handle, or launch hooks (a profiler) that want Triton's own path
+        cfg = self._config_of() if self._config_of is not None else None
+        meta = dict(kwargs, **(cfg.kwargs if cfg is not None else {}))
+        missing = [n for n in self._names[len(args):] if n not in meta and n not in self._defaults]
+        if missing:
+            return kernel
+        tail = tuple(meta[n] if n in meta else self._defaults[n] for n in self._names[len(args):])
+        self._cache[key] = (kernel, {**self._defaults, **meta}, tail, key[0])
+        return kernel
+
+
+def _hook_set(hook) -> bool:
+    """A launch hook is set: a callable, or a non-empty chain (Triton >= 3.5 keeps an empty ``HookChain``)."""
+    return hook is not None and (not hasattr(hook, "calls") or bool(hook.calls))
+
+
+def _launch_hooks() -> bool:
+    """Whether launch enter/exit hooks are set (or cannot be read): then only Triton's path launches."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is not None:
+        return _hook_set(getattr(runtime, "launch_enter_hook", True)) or _hook_set(
+            getattr(runtime, "launch_exit_hook", None))
+    try:
+        from triton.compiler import CompiledKernel
+    except ImportError:
+        return True
+    return _hook_set(getattr(CompiledKernel, "launch_enter_hook", True)) or _hook_set(
+        getattr(CompiledKernel, "launch_exit_hook", None))
+
+
+_STREAM = None
+
+
+def _stream(device: int):
+    global _STREAM
+    if _STREAM is None:
+        from triton.runtime import driver
+
+        _STREAM = driver.active.get_current_stream
+    return _STREAM(device)
 
 
 class _Indexable:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import TUNE_KEY, autotune, logsigmoid, max_fn, tune_configs
+from ._common import TUNE_KEY, autotune, fast, logsigmoid, max_fn, tune_configs
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def fwd_gates_kernel(IG, F, BB, AA, CM, GC, AC, S, NC, L: tl.constexpr):
 def fwd_states_kernel(
     K, V, AA, GC, AC, C0, N0, M0,  # inputs
     CS, NS, MC,  # per-chunk states (entering each chunk) and stabilisers m_c (NC + 1 of them)
-    CN, NN,  # final state (fp32)
+    CN, NN, MN,  # final state (fp32)
     S, NC,
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, WRITE_FINAL: tl.constexpr, PREC: tl.constexpr, TK,
@@ -104,6 +104,7 @@ def fwd_states_kernel(
         m = m_next
     tl.store(MC + bh * (NC + 1) + NC, m, mask=writer)
     if WRITE_FINAL:
+        tl.store(MN + bh, m, mask=writer)
         tl.store(CN + bh * DQK * DV + offs_k[:, None] * DV + offs_v[None, :], c, mask=mkv)
         tl.store(NN + bh * DQK + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
 
@@ -176,7 +177,9 @@ def fwd_out_kernel(
     tl.store(DEN + g_base + offs_t, den, mask=mt & first)
 
 
-# Autotuned launchers (key: :data:`TUNE_KEY`).
+# Launchers (the tuned ones keyed by :data:`TUNE_KEY`).
+fwd_gates = fast(fwd_gates_kernel)
+
 fwd_states = autotune(
     tune_configs([
         ({"BK": 64, "BV": 64}, 4, 2),

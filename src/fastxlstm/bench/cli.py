@@ -45,6 +45,7 @@ def bench(
     tag: Annotated[str, typer.Option(help="file name stem of the results")] = "inference",
     update_md: Annotated[Path | None, typer.Option(help="rewrite the '## Inference' table in this file")] = None,
     small: Annotated[bool, typer.Option(help="tiny configs for every system (smoke test)")] = False,
+    state_dtype: Annotated[str, typer.Option(help="fastxlstm decode state store: float32 or bfloat16")] = "float32",
 ) -> None:
     """Decode tokens/s vs batch, TTFT and peak memory vs prompt length, time to generate N tokens."""
     from .common import Plan
@@ -57,7 +58,8 @@ def bench(
         raise typer.BadParameter(f"unknown systems {bad}; choose from {', '.join(ORDER)}")
     plan = Plan(batch_sizes=_ints(batch_sizes), prompt_lengths=_ints(prompt_lengths),
                 generate_lengths=_ints(generate_lengths), decode_steps=decode_steps, model=model, small=small,
-                prefill_chunk=prefill_chunk, deadline_s=deadline, deadlines=_deadlines(deadlines))
+                prefill_chunk=prefill_chunk, deadline_s=deadline, deadlines=_deadlines(deadlines),
+                state_dtype=state_dtype)
     command = "fastxlstm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     results = run(plan, chosen, out_dir, tag=tag, command=command)
     png = plot(results, out_dir / f"{tag}.png")

@@ -28,6 +28,7 @@ class Plan:
     model: str = "random:xlstm-7b"
     small: bool = False  # smoke test: tiny configs for every system
     prefill_chunk: int = 4096
+    state_dtype: str = "float32"  # fastxlstm decode state store (C); "bfloat16" is the opt-in
     deadline_s: float = 300.0  # per system
     deadlines: dict[str, float] = field(default_factory=dict)  # per-system overrides
 

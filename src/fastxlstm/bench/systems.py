@@ -130,7 +130,9 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
     # Decode throughput: one engine with max(batch) slots; every slot continues a short prompt.
     max_b = max(plan.batch_sizes)
     try:
-        eng = Engine(model, max_slots=max_b, prefill_chunk_size=plan.prefill_chunk)
+        eng = Engine(model, max_slots=max_b, prefill_chunk_size=plan.prefill_chunk, state_dtype=plan.state_dtype)
+        rec.set("state_dtype", plan.state_dtype)
+        rec.set("decode_paths", {"fused_cell": eng.runner.fused_cell, "gemv_batch1": eng.runner.gemv_decode})
         slot0 = eng.allocate_slot()
         logits = eng.prefill_into_slot(slot0, seeded_tokens(plan.decode_prompt, vocab)[0])
         for layer in eng.states:
@@ -141,7 +143,7 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
         for s in slots:
             eng.configure_slot(s, params)
         eng.sample(slots, logits[None].expand(max_b, -1).contiguous())
-        rec.set("state_buffer_gb", sum(t.numel() * 4 for layer in eng.states for t in layer) / GB)
+        rec.set("state_buffer_gb", sum(t.numel() * t.element_size() for layer in eng.states for t in layer) / GB)
     except Exception as e:  # noqa: BLE001
         rec.error("decode setup", e)
         return

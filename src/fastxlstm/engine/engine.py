@@ -290,9 +290,10 @@ class Engine:
                 mode = "sample"
         return mode
 
-    def _advance(self, ridx: Tensor, logits: Tensor, mode: str, act: Tensor) -> Tensor:
-        """Sample the next token of rows ``ridx`` from ``logits`` and update their bookkeeping
-        (inactive rows keep everything). Capturable: no host sync, static shapes."""
+    def _advance(self, ridx: Tensor | slice, logits: Tensor, mode: str, act: Tensor) -> Tensor:
+        """Sample the next token of rows ``ridx`` (index tensor, or a slice of the leading rows: the
+        decode step's case, done with views and no gathers) from ``logits`` and update their
+        bookkeeping (inactive rows keep everything). Capturable: no host sync, static shapes."""
         if mode == "greedy":
             nxt = logits.argmax(dim=-1)
         else:
@@ -302,14 +303,25 @@ class Engine:
                               u, use_sort=mode == "sorted")
         nxt = torch.where(act, nxt, self.tokens[ridx])
         step = act.long()
-        self.tokens[ridx] = nxt
-        self.counter[ridx] = self.counter[ridx] + step
-        self.seen[ridx, nxt] = self.seen[ridx, nxt] | act
-        col = self.pos[ridx] % self.history
-        self.hist[ridx, col] = torch.where(act, nxt, self.hist[ridx, col])
-        self.pos[ridx] = self.pos[ridx] + step
-        rem = self.remaining[ridx] - step
-        self.remaining[ridx] = rem
+        col = (self.pos[ridx] % self.history)[:, None]
+        if isinstance(ridx, slice):
+            self.tokens[ridx] = nxt
+            self.counter[ridx] += step
+            seen = self.seen[ridx]
+            seen.scatter_(1, nxt[:, None], seen.gather(1, nxt[:, None]) | act[:, None])
+            hist = self.hist[ridx]
+            hist.scatter_(1, col, torch.where(act[:, None], nxt[:, None], hist.gather(1, col)))
+            self.pos[ridx] += step
+            rem = self.remaining[ridx]
+            rem -= step
+        else:
+            self.tokens[ridx] = nxt
+            self.counter[ridx] = self.counter[ridx] + step
+            self.seen[ridx, nxt] = self.seen[ridx, nxt] | act
+            self.hist[ridx, col[:, 0]] = torch.where(act, nxt, self.hist[ridx, col[:, 0]])
+            self.pos[ridx] = self.pos[ridx] + step
+            rem = self.remaining[ridx] - step
+            self.remaining[ridx] = rem
         stop = (rem <= 0) | (nxt[:, None] == self.stop_ids[ridx]).any(dim=-1)
         self.active[ridx] = act & ~stop
         return nxt
@@ -347,7 +359,7 @@ class Engine:
         return self.max_slots
 
     def _step_fn(self, bsz: int, mode: str):
-        ridx = torch.arange(bsz, device=self.device)
+        ridx = slice(0, bsz)
         views = [(c[:bsz], n[:bsz], m[:bsz]) for c, n, m in self.states]
 
         def fn() -> Tensor:

@@ -84,8 +84,11 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
         return CONFIGS[(n, k)]
     if INTERPRET:
         return 16, 32, 1, 1
-    bn = 16 if n >= 8192 else 8
-    return bn, 512, 4, 3
+    # H100 sweep over the 7B projections (2026-11-24, decode_profile.json): tall matrices stream best
+    # with 4-row x 1024-wide tiles, the 4096-row ones with more rows per program.
+    if n >= 8192:
+        return 4, 1024, 4, 3
+    return (16, 512, 4, 3) if k >= 8192 else (8, 512, 4, 3)
 
 
 def gemv(x: Tensor, weight: Tensor, *, prologue: str = "none", norm_weight: Tensor | None = None,

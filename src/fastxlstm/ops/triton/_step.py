@@ -185,13 +185,15 @@ def step_config(bh: int, dqk: int, dv: int) -> tuple[int, int, int]:
     dvp = pow2(dv)
     if INTERPRET:  # small shapes: several tiles and chunks
         return min(16, dvp), min(16, pow2(dqk)), 1
-    bv = 128
+    # H100 sweep (7B cell, 2026-11-24, decode_profile.json): 64-wide tiles of 64-row chunks, 4 warps were
+    # the fastest or within 3% at B 8/32/128 (float32 and bf16 C); at B1 narrower full-height tiles
+    # (more programs) win.
+    bv = 64
     while bv > 16 and bh * triton.cdiv(dv, bv) < 512:
         bv //= 2
     bv = min(bv, dvp)
     bd = max(16, min(pow2(dqk), 4096 // bv))
-    warps = 4 if bd * bv <= 4096 else 8
-    return bv, bd, warps
+    return bv, bd, 4
 
 
 def launch_step(q, k, v, i, f, c, n, m, h, c_out, n_out, m_out, eps: float) -> None:

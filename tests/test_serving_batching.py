@@ -209,3 +209,58 @@ def test_engine_backend_windows_past_engine_defaults(model):
             assert toks == generate(model, p, r.params.max_new_tokens)[0].tolist() and reason == "length"
     finally:
         sched.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["model", "engine"])
+def test_overlapped_windows_equal_serial_and_generate(model, kind):
+    """With overlap a window is queued behind one whose tokens were not read yet (its inputs stay on the
+    device); tokens, finish reasons, cached turn-end states and slot accounting equal the serial scheduler's
+    and generate(), with length, stop-token and EOS stops inside windows."""
+    from fastxlstm.serving.engine_slots import EngineSlots
+
+    ps = prompts([6, 6, 11, 4, 9, 14, 7], seed=6)
+    ref = [generate(model, p, 23)[0].tolist() for p in ps]
+    stop_tok = next(t for i, t in enumerate(ref[1]) if i >= 3 and t not in ref[1][:i])
+    eos_tok = next(t for i, t in enumerate(ref[4]) if i >= 6 and t not in ref[4][:i])
+    budgets = [23, 23, 5, 17, 23, 2, 11]
+    results = {}
+    for overlap in (False, True):
+        be = ModelSlots(model, max_slots=4) if kind == "model" else EngineSlots(model, max_slots=4)
+        launches = []
+        cache = PrefixCache(10**8)
+        sched = Scheduler(be, eos_token_id=eos_tok, cache=cache, decode_steps_per_read=4, overlap=overlap)
+
+        def counted(slots, tokens, steps, logprobs=False, _orig=be.decode_greedy, _sched=sched, _launches=launches):
+            _launches.append(_sched._inflight is not None)  # a window still unread when this one is queued
+            assert isinstance(tokens, torch.Tensor)  # inputs come from the device, not from the host
+            return _orig(slots, tokens, steps, logprobs)
+
+        be.decode_greedy = counted
+        sched.start()
+        try:
+            params = [SamplingParams(max_new_tokens=m, temperature=0, logprobs=0 if i % 2 else None,
+                                     stop_token_ids=[stop_tok] if i == 1 else [], ignore_eos=i == 6)
+                      for i, m in enumerate(budgets)]
+            reqs = [GenerationRequest(p, sp, cache_generation_end=i < 4) for i, (p, sp) in enumerate(zip(ps, params))]
+            events = run_requests(sched, reqs)
+            results[overlap] = [[(e.token, e.logprob) for e in events[r.id] if isinstance(e, TokenEvent)]
+                                + [e.reason for e in events[r.id] if isinstance(e, FinishEvent)] for r in reqs]
+            assert sched.stats()["slots_free"] == 4 and sched._inflight is None
+            assert any(launches) == overlap
+            for i in range(len(reqs)):
+                toks = [t for t, _ in results[overlap][i][:-1]]
+                stops = [j + 1 for j, t in enumerate(ref[i]) if t == stop_tok and i == 1]
+                stops += [j + 1 for j, t in enumerate(ref[i]) if t == eos_tok and i != 6]
+                assert toks == ref[i][:min([budgets[i], *stops])], (overlap, i)
+                if i < 4 and results[overlap][i][-1] == "length":  # a turn that ended on its budget is cached:
+                    assert tuple(ps[i] + toks[:-1]) in cache._entries, (overlap, i)  # no window ran past it
+            for key, entry in cache._entries.items():  # every cached state is the state of its key
+                _, fresh = be.prefill(list(key), None)
+                assert close_states(entry.state, fresh, tol=1e-4), (overlap, len(key))
+        finally:
+            sched.shutdown()
+    assert [[t for t, _ in r[:-1]] + r[-1:] for r in results[True]] == \
+        [[t for t, _ in r[:-1]] + r[-1:] for r in results[False]]
+    for a, b in zip(results[True], results[False]):
+        assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5)
+                   for (_, la), (_, lb) in zip(a[:-1], b[:-1]))

@@ -250,3 +250,25 @@ def test_model_slots_decode_leaves_other_live_slots_alone():
     for row, (prompt, token) in enumerate((([5, 7, 9], 13), ([11, 2], 17))):
         ref = model(torch.tensor([prompt + [token]]), last_logits_only=True)[0][0, -1]
         torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_warm_prefill_covers_shape_classes_and_touches_no_slot():
+    """The start-up prefill warm-up runs on GPU backends only (unless forced), covers lengths on both sides of
+    each power of two with and without a start state, and leaves every slot's state as it was."""
+    from fastxlstm.serving.slots import ModelSlots, warm_prefill
+
+    model = perturbed_model(XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2))
+    be = ModelSlots(model, max_slots=2)
+    be.load(0, be.prefill([5, 6, 7], None)[1])
+    before = [t.clone() for layer in be.state for t in layer]
+    seen = []
+    batched = []
+    orig, orig_batch = be.prefill, be.prefill_batch
+    be.prefill = lambda toks, st: (seen.append((len(toks), st is not None)), orig(toks, st))[1]
+    be.prefill_batch = lambda toks, sts: (batched.append(len(toks[0])), orig_batch(toks, sts))[1]
+    assert warm_prefill(be, 300) == 0 and not seen  # CPU: nothing to compile
+    n = warm_prefill(be, 300, force=True)
+    assert n == len(seen) + len(batched) and batched and max(batched) <= 256
+    assert {(15, False), (16, False), (255, False), (256, False), (1, False)} <= set(seen)
+    assert any(s for _, s in seen) and max(k for k, _ in seen) <= 300
+    assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in be.state for t in layer)))

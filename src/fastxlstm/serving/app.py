@@ -47,7 +47,7 @@ from .schemas import (
     ModelList,
     Usage,
 )
-from .slots import ModelSlots, SlotBackend
+from .slots import ModelSlots, SlotBackend, warm_prefill
 from .text import StopText
 
 log = logging.getLogger("fastxlstm.serving")
@@ -66,6 +66,8 @@ class ServeConfig:
     stream_interval_ms: float = 0.0  # >0: hand a request's tokens to the HTTP side at most this often (first
     # token, finish and errors go at once): fewer, larger SSE chunks, up to this much extra latency per token
     decode_steps_per_read: int = 4  # greedy-only batches: decode steps between two host reads of the tokens
+    overlap_decode: bool = True  # queue the next window before reading the previous one's tokens
+    warm_prefill: bool = True  # at start-up, prefill once per kernel shape class (GPU backends only)
     max_model_len: int = 32768
     default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
     prefix_cache_bytes: int = 2 * 1024**3
@@ -401,7 +403,8 @@ class ServerState:
         self.scheduler = Scheduler(backend, tokenizer.eos_token_id, self.cache, self.metrics,
                                    max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
                                    stream_interval=config.stream_interval_ms / 1000,
-                                   decode_steps_per_read=config.decode_steps_per_read)
+                                   decode_steps_per_read=config.decode_steps_per_read,
+                                   overlap=config.overlap_decode)
         self.created = _now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
         self._pieces: dict[int, str] = {}
@@ -513,6 +516,8 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
         engine = getattr(backend, "engine", None)
         if engine is not None and hasattr(engine, "warmup"):  # capture CUDA graphs before serving (no-op on CPU)
             await asyncio.to_thread(engine.warmup)
+        if config.warm_prefill:  # compile the prefill kernels' variants before serving (GPU only)
+            await asyncio.to_thread(warm_prefill, backend, min(config.prefill_chunk, config.max_model_len - 1))
         server.scheduler.start()
         try:
             yield
@@ -734,12 +739,12 @@ def make_backend(model, max_slots: int, kind: str = "auto") -> SlotBackend:
         raise ValueError(f"backend must be 'auto', 'engine' or 'model', got {kind!r}")
     if kind in ("auto", "engine"):
         try:
-            from ..engine.backend import EngineSlotBackend
+            from .engine_slots import EngineSlots
         except ImportError:
             if kind == "engine":
                 raise
         else:
-            return EngineSlotBackend(model, max_slots)
+            return EngineSlots(model, max_slots)
     return ModelSlots(model, max_slots)
 
 

@@ -21,6 +21,11 @@ def serve(
         min=0, help="Send each stream's tokens at most this often (0: every decode step); fewer, larger chunks")] = 0.0,
     decode_steps_per_read: Annotated[int, typer.Option(
         min=1, help="Decode steps between host reads while every running request is plain greedy")] = 4,
+    overlap_decode: Annotated[bool, typer.Option(
+        help="Queue the next decode window before reading the previous one's tokens")] = True,
+    triton_autotune: Annotated[bool, typer.Option(
+        help="Autotune the Triton kernels for each new prompt shape while serving (each new shape stalls "
+             "the server for seconds); off: the first launch config that fits")] = False,
     max_model_len: Annotated[int, typer.Option(min=2, help="Limit on prompt + completion tokens")] = 32768,
     prefix_cache_mb: Annotated[int, typer.Option(min=0, help="Prefix-cache size in MiB (0 disables)")] = 2048,
     request_timeout: Annotated[float, typer.Option(min=0, help="Seconds per request (0: none)")] = 600.0,
@@ -37,7 +42,12 @@ def serve(
     log_level: str = "info",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
+    import os
+
     import uvicorn
+
+    # read when the kernels are first imported (below, with the model)
+    os.environ["FASTXLSTM_TRITON_AUTOTUNE"] = "1" if triton_autotune else "0"
 
     from ..checkpoint import load_model_and_tokenizer
     from ..cli import _dtype, console, fail
@@ -62,6 +72,7 @@ def serve(
         max_model_len=max_model_len, prefix_cache_bytes=prefix_cache_mb * 1024**2,
         request_timeout=request_timeout or None, api_key=api_key, backend=backend,
         stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
+        overlap_decode=overlap_decode,
     )
     try:
         app = build_app(net, tok, config, template, drain_timeout=drain_timeout)

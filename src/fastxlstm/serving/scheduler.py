@@ -124,6 +124,18 @@ class _Choice:
     cancelled: bool = False
 
 
+@dataclass
+class _Window:
+    """A multi-step decode launched on the device whose tokens are not read yet."""
+
+    active: list[_Choice]
+    owners: list[GenerationRequest]
+    steps: int
+    tokens: Tensor  # [n, steps] (host copy in flight, or on the device backend's own host memory)
+    logprobs: Tensor | None
+    event: torch.cuda.Event | None  # recorded after the copies (CUDA only)
+
+
 _ids = itertools.count()
 
 
@@ -174,7 +186,7 @@ class Scheduler:
 
     def __init__(self, backend: SlotBackend, eos_token_id: int | None, cache: PrefixCache | None = None,
                  metrics: Metrics | None = None, max_waiting: int = 256, prefill_chunk: int = 512,
-                 stream_interval: float = 0.0, decode_steps_per_read: int = 1):
+                 stream_interval: float = 0.0, decode_steps_per_read: int = 1, overlap: bool = True):
         self.backend = backend
         self.eos_token_id = eos_token_id
         self.cache = cache
@@ -187,6 +199,9 @@ class Scheduler:
         if decode_steps_per_read < 1:
             raise ValueError(f"decode_steps_per_read must be >= 1, got {decode_steps_per_read}")
         self.decode_steps_per_read = decode_steps_per_read
+        self.overlap = overlap  # launch the next window before reading the previous one
+        self._inflight: _Window | None = None
+        self._next_in: Tensor | None = None
         self.free_slots: list[int] = list(range(backend.max_slots))  # a heap: lowest slot first
         self.waiting: deque[GenerationRequest] = deque()
         self.prefilling: list[GenerationRequest] = []
@@ -262,7 +277,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------------- scheduler thread
     def _has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self._inflight is not None)
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -545,7 +560,7 @@ class Scheduler:
         if choices:
             self._sample_and_emit(choices, owners, torch.stack(rows), "prefill")
 
-    def _decode(self) -> None:
+    def _active(self) -> tuple[list[_Choice], list[GenerationRequest]]:
         active: list[_Choice] = []
         owners: list[GenerationRequest] = []
         for req in self.running:
@@ -553,25 +568,35 @@ class Scheduler:
                 if not choice.done:
                     active.append(choice)
                     owners.append(req)
+        return active, owners
+
+    def _decode(self) -> None:
+        active, owners = self._active()
+        if self._inflight is not None:  # sequences whose budget the window in flight uses up are not relaunched
+            keep = [j for j, c in enumerate(active) if c.sampler.params.max_new_tokens - c.fed - 1 > 0]
+            active, owners = [active[j] for j in keep], [owners[j] for j in keep]
+        steps = self._window(active, owners) if active else 0
+        if steps > 1:
+            try:
+                window = self._launch(active, owners, steps)
+            except Exception:  # fall back to single steps (which isolate a failing sequence)
+                log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
+                self._drain()
+            else:
+                # the previous window's tokens are read and handed out while this one runs on the device
+                prev, self._inflight = self._inflight, window
+                if prev is not None:
+                    self._finish_window(prev)
+                if not self.overlap:
+                    self._drain()
+                return
+        self._drain()
+        active, owners = self._active()
         if not active:
             self._last_decode = 0.0
             return
         slots = [c.slot for c in active]
         tokens = [c.generated[-1] for c in active]
-        steps = self._window(active, owners)
-        if steps > 1:
-            want_lp = any(c.sampler.params.logprobs == 0 for c in active)
-            try:
-                out = self.backend.decode_greedy(slots, tokens, steps, logprobs=want_lp)
-                self.prof.lap("decode_launch")
-                block, lps = (out[0].tolist(), out[1].tolist()) if want_lp else (out.tolist(), None)  # one read
-                self.prof.lap("decode_wait")
-            except Exception:  # fall back to single steps (which isolate a failing sequence)
-                log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
-            else:
-                self._emit_block(active, owners, block, lps)
-                self.prof.lap("decode_emit")
-                return
         try:
             logits = self.backend.decode(slots, tokens)
         except Exception:  # find the sequence(s) at fault: retry one by one, fail only those
@@ -604,7 +629,8 @@ class Scheduler:
         greedy without top logprobs (the backend's argmax is the sampler), and at most the longest remaining
         budget (at most the shortest for a chat turn whose end state goes to the prefix cache, so a
         length stop leaves a state that matches the tokens). Requests arriving meanwhile are admitted
-        after the window (their first token waits up to ``k - 1`` steps longer)."""
+        after the window (their first token waits up to ``k - 1`` steps longer). The budget left counts
+        the tokens of a window still in flight (``fed``: inputs handed to the device)."""
         k = self.decode_steps_per_read
         if k <= 1 or not hasattr(self.backend, "decode_greedy"):
             return 1
@@ -613,11 +639,58 @@ class Scheduler:
             p = choice.sampler.params
             if not p.greedy_plain or p.logprobs:  # top alternatives need the host (logprobs=0 does not)
                 return 1
-            left = p.max_new_tokens - len(choice.generated)
+            left = p.max_new_tokens - choice.fed - 1
             longest = max(longest, left)
             if req.cache_generation_end and self.cache is not None:
                 k = min(k, left)
         return max(1, min(k, longest))
+
+    def _next_inputs(self) -> Tensor:
+        """Each slot's next decode input on the device (kept there, so a window can follow a window
+        still in flight)."""
+        if self._next_in is None:
+            self._next_in = torch.zeros(self.backend.max_slots, dtype=torch.long, device=self.backend.device)
+        return self._next_in
+
+    def _launch(self, active: list[_Choice], owners: list[GenerationRequest], steps: int) -> _Window:
+        """Queue a greedy window on the device and start copying its tokens to the host (no wait)."""
+        want_lp = any(c.sampler.params.logprobs == 0 for c in active)
+        nxt = self._next_inputs()
+        idx = torch.tensor([c.slot for c in active], dtype=torch.long).to(nxt.device, non_blocking=True)
+        out = self.backend.decode_greedy([c.slot for c in active], nxt.index_select(0, idx), steps, logprobs=want_lp)
+        tokens, lps = out if want_lp else (out, None)
+        nxt.index_copy_(0, idx, tokens[:, -1])
+        for choice in active:
+            choice.fed += steps
+        event = None
+        if tokens.device.type == "cuda":  # copy to pinned host memory behind the window, and mark its end
+            tokens = tokens.to("cpu", non_blocking=True)
+            lps = lps.to("cpu", non_blocking=True) if lps is not None else None
+            event = torch.cuda.Event()
+            event.record()
+        self.prof.lap("decode_launch")
+        return _Window(active, owners, steps, tokens, lps, event)
+
+    def _drain(self) -> None:
+        """Read and hand out the window in flight, if any."""
+        if self._inflight is not None:
+            window, self._inflight = self._inflight, None
+            self._finish_window(window)
+
+    def _finish_window(self, w: _Window) -> None:
+        try:
+            if w.event is not None:
+                w.event.synchronize()
+            block = w.tokens.tolist()
+            lps = w.logprobs.tolist() if w.logprobs is not None else None
+        except Exception as e:  # an asynchronous device error: fail that window's requests
+            log.error("reading a decode window failed:\n%s", traceback.format_exc())
+            for req in {id(r): r for r in w.owners}.values():
+                self._fail(req, e)
+            return
+        self.prof.lap("decode_wait")
+        self._emit_block(w.active, w.owners, block, lps)
+        self.prof.lap("decode_emit")
 
     def _emit_block(self, active: list[_Choice], owners: list[GenerationRequest], block: list[list[int]],
                     lps: list[list[float]] | None) -> None:
@@ -633,7 +706,6 @@ class Scheduler:
             self.metrics.decode_batch.observe(len(active))
         emitted = 0
         for j, (choice, req, row) in enumerate(zip(active, owners, block)):
-            choice.fed += steps
             want = choice.sampler.params.logprobs == 0
             for i, token in enumerate(row):
                 if choice.done:
@@ -699,6 +771,12 @@ class Scheduler:
             chosen_t = rows.gather(1, token_t[want_lp][:, None])[:, 0]
             k = max(choices[j].sampler.params.logprobs for j in rows_idx)
             top_t = rows.topk(k, dim=-1) if k else None
+        if self.decode_steps_per_read > 1 and hasattr(self.backend, "decode_greedy"):  # a window may follow
+            rows = [r for r, j in enumerate(ok) if choices[j].slot is not None]
+            nxt = self._next_inputs()
+            idx = torch.tensor([choices[ok[r]].slot for r in rows], dtype=torch.long).to(nxt.device,
+                                                                                          non_blocking=True)
+            nxt.index_copy_(0, idx, token_t[rows] if len(rows) < len(ok) else token_t)
         self.prof.lap(f"{phase}_launch")
         tokens = token_t.tolist()  # the host sync of the step
         self.prof.lap(f"{phase}_wait")

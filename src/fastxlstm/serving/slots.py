@@ -51,10 +51,11 @@ class BatchedSlotBackend(SlotBackend, Protocol):
                       ) -> tuple[Tensor, list[ModelState]]:
         """Prefill prompts of one length together (states all None or all given); logits ``[n, V]``, states."""
 
-    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int, logprobs: bool = False
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int] | Tensor, steps: int, logprobs: bool = False
                       ) -> Tensor | tuple[Tensor, Tensor]:
         """``steps`` greedy decode steps, each argmax fed back on the device; tokens ``[n, steps]`` (no host
-        read) and, with ``logprobs``, their float32 log-probabilities ``[n, steps]``."""
+        read) and, with ``logprobs``, their float32 log-probabilities ``[n, steps]``. The input ``tokens`` may
+        be a device tensor (the scheduler launches a window behind one whose tokens it has not read)."""
 
 
 def chosen_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -75,6 +76,28 @@ def stack_states(states: Sequence[ModelState | None], device: torch.device) -> M
         raise ValueError("cannot batch prompts with and without a start state")
     return [tuple(torch.cat([s[i][k].to(device) for s in states]) for k in range(len(states[0][i])))
             for i in range(len(states[0]))]
+
+
+def warm_prefill(backend: SlotBackend, max_len: int, force: bool = False) -> int:
+    """Run the prefill once per shape class the server meets (lengths around 16..2048, with and without a
+    start state, one and two prompts), so Triton compiles its kernel variants before the first request
+    instead of stalling it (seconds per new variant). GPU backends only unless ``force``. Returns the
+    prefills run."""
+    if not force and getattr(backend, "device", torch.device("cpu")).type != "cuda":
+        return 0
+    runs = 0
+    lengths = sorted({n for b in (16, 64, 256, 1024, 2048, 4096) for n in (b - 1, b) if n <= max_len} | {1, 2})
+    for n in lengths:
+        ids = [(7 * t + 3) % backend.vocab_size for t in range(n)]
+        _, state = backend.prefill(ids, None)
+        backend.prefill(ids[: max(1, n // 2)], state)  # continuing a state (prefix-cache hits, split prompts)
+        runs += 2
+        if hasattr(backend, "prefill_batch") and n <= 256:
+            backend.prefill_batch([ids, ids], [None, None])
+            runs += 1
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize(backend.device)
+    return runs
 
 
 class ModelSlots:
@@ -137,7 +160,8 @@ class ModelSlots:
                       ) -> Tensor | tuple[Tensor, Tensor]:
         if len(slots) != len(tokens) or not slots or steps < 1:
             raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
-        tok = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        tok = torch.as_tensor(tokens if isinstance(tokens, Tensor) else list(tokens), dtype=torch.long,
+                              device=self.device)
         out, lps = [], []
         for _ in range(steps):
             logits = self._decode(slots, tok)

@@ -7,7 +7,10 @@ whose remaining prompts have exactly one length go through the backend's ``prefi
 never padded), (4) runs the decode step(s) over every running sequence -- ``decode_steps_per_read``
 steps with one host read when every running sequence is plain greedy without top logprobs (the
 backend feeds its argmax back on the device; tokens past a stop are dropped,
-and a state that ran past a stop is never cached), else one step -- then (5) hands the new tokens
+and a state that ran past a stop is never cached), else one step. With ``overlap`` (default) the next
+window is queued from the device-resident last tokens *before* the previous window's tokens (copied to
+pinned host memory behind it) are read and handed out, so that host work runs while the device decodes;
+sequences whose budget the window in flight uses up are not relaunched -- then (5) hands the new tokens
 to the requests' asyncio queues (with ``stream_interval`` > 0, a request's tokens are handed over at
 most once per interval -- fewer, larger chunks and event-loop wake-ups for a bounded extra latency;
 its first token, its end and errors go at once). Requests with ``n > 1`` prefill once and fork the state.

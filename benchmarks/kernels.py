@@ -3,6 +3,8 @@
   python benchmarks/kernels.py --check            # accuracy at the 7B shapes vs a float64 reference
   python benchmarks/kernels.py --bench            # timings (JSON + markdown table + plot)
   python benchmarks/kernels.py --bench --quick    # a subset (B=1, S in {8k, 32k}) with a per-kernel breakdown
+  python benchmarks/kernels.py --diag             # host vs GPU time at B=1 (launch path), cProfile, profiler
+  python benchmarks/kernels.py --fp32             # fp32 h error next to the float32 reference's own
 
 Shapes: xLSTM 7B cell (NH 8, DQK 256, DV 512), bf16 q/k/v, fp32 gates. Peers in the same run:
 ``mlstm-kernels`` (``chunkwise--triton_xl_chunk``, ``chunkwise--triton_limit_chunk``; PyPI) and torch SDPA

@@ -143,7 +143,9 @@ class FastLaunch:
 
     The cache key holds everything the compiled kernel depends on: the exact keyword arguments
     (constexprs and the autotune bucket ``TK``), and per positional argument what Triton specialises
-    on (:func:`_spec`). Any failure of the direct launch turns the fast path off for this kernel.
+    on (:func:`_spec`). Any failure of the direct launch turns the fast path off for this kernel. Launch
+    hooks (a Triton-level profiler) are checked when an entry is cached, not on every launch: set them
+    before the first call, or set ``FASTXLSTM_TRITON_FAST_LAUNCH=0``.
     """
 
     def __init__(self, launcher, fn, config_of):

@@ -111,7 +111,12 @@ def _worker() -> dict:
     for batch, nh, dqk, dv in ((1, 2, 24, 32), (3, 2, 40, 16), (4, 1, 16, 64)):
         for dt in (torch.float32, torch.bfloat16):
             cells[f"B{batch}_NH{nh}_{dqk}x{dv}_{str(dt)[6:]}"] = _cell_case(batch, nh, dqk, dv, dt, batch + dqk)
-    return {"cell": cells, "gemv": _gemv_cases(), "engine": _engine_case()}
+    from fastxlstm.engine.kernels import heads_major
+
+    x = torch.randn(37, 100)[:, 3:67]  # a strided column block, as q/k/v of a fused projection are
+    y = heads_major(x, 4)
+    split = bool(torch.equal(y, x.reshape(37, 4, 16).transpose(0, 1)) and y.is_contiguous())
+    return {"cell": cells, "gemv": _gemv_cases(), "engine": _engine_case(), "heads_major_exact": split}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +142,10 @@ def test_gemv_prologues_epilogues_match_torch(interp):
     for shape, r in interp["gemv"].items():
         for name, err in r.items():
             assert err < 1e-5, (shape, name, err)
+
+
+def test_heads_major_copy(interp):
+    assert interp["heads_major_exact"]
 
 
 def test_engine_decode_paths_match_model(interp):

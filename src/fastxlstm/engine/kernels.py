@@ -12,7 +12,9 @@ Ops (rows are the leading dim, features the last):
   state bit-for-bit unchanged);
 * :func:`mhnorm_ogate` - per-head LayerNorm of ``h`` times its weight, times ``sigmoid(o)``;
 * :func:`silu_mul` - ``silu(gate) * up`` of the fused gate|up projection;
-* :func:`softcap_logits` - float32 ``cap * tanh(x / cap)`` of the LM-head output.
+* :func:`softcap_logits` - float32 ``cap * tanh(x / cap)`` of the LM-head output;
+* :func:`heads_major` - ``[S, NH*D]`` column blocks of a projection as contiguous ``[NH, S, D]``
+  (the chunkwise kernels' layout; one tiled copy instead of a strided transpose per tensor).
 """
 
 from __future__ import annotations
@@ -134,6 +136,17 @@ if HAS_TRITON:
         tl.store(y_ptr + row * s_y + cols, x, mask=mask)
 
 
+    @triton.jit
+    def _heads_major_kernel(x_ptr, y_ptr, sx, S, D: tl.constexpr, BS: tl.constexpr):
+        pid_s = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)
+        rows = (pid_s * BS + tl.arange(0, BS)).to(tl.int64)
+        cols = tl.arange(0, D)
+        mask = rows[:, None] < S
+        x = tl.load(x_ptr + rows[:, None] * sx + head * D + cols[None, :], mask=mask)
+        tl.store(y_ptr + head * S * D + rows[:, None] * D + cols[None, :], x, mask=mask)
+
+
 @functools.cache
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
@@ -237,3 +250,15 @@ def softcap_logits(x: Tensor, cap: float | None) -> Tensor:
         return y
     y = x.float()
     return y if cap is None else cap * torch.tanh(y / cap)
+
+
+def heads_major(x: Tensor, num_heads: int) -> Tensor:
+    """``x [S, NH*D]`` (last dim contiguous, any row stride) as a contiguous ``[NH, S, D]`` tensor."""
+    s, width = x.shape
+    d = width // num_heads
+    if use_triton(x) and x.stride(-1) == 1 and d == _next_pow2(d) and d <= 1024:
+        y = torch.empty(num_heads, s, d, device=x.device, dtype=x.dtype)
+        bs = max(1, 8192 // d)
+        _heads_major_kernel[(triton.cdiv(s, bs), num_heads)](x, y, x.stride(0), s, D=d, BS=bs, num_warps=4)
+        return y
+    return x.reshape(s, num_heads, d).transpose(0, 1).contiguous()

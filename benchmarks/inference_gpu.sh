@@ -28,5 +28,5 @@ case $mode in
   full)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -4
     python3 benchmarks/inference.py --out-dir "$OUT" --tag inference \
-      --deadlines fastxlstm=95,official=115,hf-xlstm=55,llama=210 "$@" ;;
+      --deadlines fastxlstm=120,official=115,hf-xlstm=55,llama=210 "$@" ;;
 esac

@@ -68,14 +68,19 @@ def markdown(results: dict) -> str:
     head = ["figure", "fastxlstm"] + [f"{LABELS[p]}" for p in peers] + [f"x vs {p}" for p in peers]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     specs = [("decode", "batch", "tok_s", "decode tok/s, batch {}", "tok/s", True),
+             ("decode_bf16_state", "batch", "tok_s", "decode tok/s, batch {}, opt-in bf16 C state (peers: their "
+              "default)", "tok/s", True),
              ("ttft", "prompt_len", "ms", "TTFT ms, prompt {}", "ms", False),
              ("ttft", "prompt_len", "peak_gb", "peak GB, prefill {}", "GB", False),
              ("generate", "new_tokens", "s", "generate {} tokens, s (batch 1)", "s", False)]
     for kind, key, val, label, unit, higher_better in specs:
-        keys = sorted(set(_rows(ours, kind, key, val)) | {k for p in peers for k in _rows(systems[p], kind, key, val)})
-        for k in keys:
+        peer_kind = "decode" if kind == "decode_bf16_state" else kind
+        keys = set(_rows(ours, kind, key, val))
+        if peer_kind == kind:
+            keys |= {k for p in peers for k in _rows(systems[p], kind, key, val)}
+        for k in sorted(keys):
             mine = _rows(ours, kind, key, val).get(k)
-            vals = [_rows(systems[p], kind, key, val).get(k) for p in peers]
+            vals = [_rows(systems[p], peer_kind, key, val).get(k) for p in peers]
             ratios = []
             for v in vals:
                 if mine is None or v is None or v == 0 or mine == 0:

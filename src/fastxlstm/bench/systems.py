@@ -93,11 +93,43 @@ def _weights_gb(model: torch.nn.Module) -> float:
 
 
 # ------------------------------------------------------------------------------ fastxlstm
+def _decode_engine(model, plan: Plan, vocab: int, slots_n: int, state_dtype: str):
+    """An engine with ``slots_n`` slots, each continuing the same short prompt (greedy, no stops)."""
+    from ..engine import Engine
+    from ..generation.sampling import SamplingParams
+
+    eng = Engine(model, max_slots=slots_n, prefill_chunk_size=plan.prefill_chunk, state_dtype=state_dtype)
+    slot0 = eng.allocate_slot()
+    logits = eng.prefill_into_slot(slot0, seeded_tokens(plan.decode_prompt, vocab)[0])
+    for layer in eng.states:
+        for buf in layer:
+            buf.copy_(buf[0:1].clone().expand_as(buf))
+    slots = [slot0] + [eng.allocate_slot() for _ in range(slots_n - 1)]
+    params = SamplingParams(max_new_tokens=1 << 30, ignore_eos=True)
+    for s in slots:
+        eng.configure_slot(s, params)
+    eng.sample(slots, logits[None].expand(slots_n, -1).contiguous())
+    return eng
+
+
+def _decode_loop(plan: Plan, rec: Recorder, eng, batches, kind: str) -> None:
+    for b in batches:
+        if rec.out_of_time(f"{kind} {b}", need_s=10):
+            break
+        try:
+            eng.decode_step(slots=list(range(b)), return_outputs=False)  # sets the active set, captures the graph
+            ms = _decode_timing(lambda eng=eng: eng.decode_step(return_outputs=False), plan.decode_steps)
+            rec.add(kind, batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
+        except Exception as e:  # noqa: BLE001
+            rec.error(f"{kind} {b}", e)
+            if not is_oom(e):
+                break
+
+
 def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
     from ..config import XLSTMConfig, preset
     from ..engine import LLM, Engine
     from ..engine.engine import capture_graph
-    from ..generation.sampling import SamplingParams
 
     if plan.model.startswith("random:"):
         cfg = XLSTMConfig(**XLSTM_SMALL, weight_mode="fused") if plan.small else preset(
@@ -144,34 +176,14 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
     # Decode throughput: one engine with max(batch) slots; every slot continues a short prompt.
     max_b = max(plan.batch_sizes)
     try:
-        eng = Engine(model, max_slots=max_b, prefill_chunk_size=plan.prefill_chunk, state_dtype=plan.state_dtype)
+        eng = _decode_engine(model, plan, vocab, max_b, plan.state_dtype)
         rec.set("state_dtype", plan.state_dtype)
         rec.set("decode_paths", {"fused_cell": eng.runner.fused_cell, "gemv_batch1": eng.runner.gemv_decode})
-        slot0 = eng.allocate_slot()
-        logits = eng.prefill_into_slot(slot0, seeded_tokens(plan.decode_prompt, vocab)[0])
-        for layer in eng.states:
-            for buf in layer:
-                buf.copy_(buf[0:1].clone().expand_as(buf))
-        slots = [slot0] + [eng.allocate_slot() for _ in range(max_b - 1)]
-        params = SamplingParams(max_new_tokens=1 << 30, ignore_eos=True)
-        for s in slots:
-            eng.configure_slot(s, params)
-        eng.sample(slots, logits[None].expand(max_b, -1).contiguous())
         rec.set("state_buffer_gb", sum(t.numel() * t.element_size() for layer in eng.states for t in layer) / GB)
     except Exception as e:  # noqa: BLE001
         rec.error("decode setup", e)
         return
-    for b in plan.batch_sizes:
-        if rec.out_of_time(f"decode {b}", need_s=10):
-            break
-        try:
-            eng.decode_step(slots=list(range(b)), return_outputs=False)  # sets the active set, captures the graph
-            ms = _decode_timing(lambda eng=eng: eng.decode_step(return_outputs=False), plan.decode_steps)
-            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
-        except Exception as e:  # noqa: BLE001
-            rec.error(f"decode {b}", e)
-            if not is_oom(e):
-                break
+    _decode_loop(plan, rec, eng, plan.batch_sizes, "decode")
     # CUDA graph vs eager: same greedy tokens (batch 4, 16 steps, same start state).
     try:
         n = min(4, max_b)
@@ -222,6 +234,19 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
         rec.error("floors", e)
     eng = None
     free_memory()
+
+    # The opt-in bf16 state store (C in bf16, float32 math) at the batch sizes it is for.
+    if plan.state_dtype == "float32" and not plan.small:
+        extra = [b for b in plan.batch_sizes if b in (32, 128, 256)]
+        if extra and not rec.out_of_time("decode_bf16_state", need_s=25):
+            try:
+                rec.data.setdefault("decode_bf16_state", [])
+                eng = _decode_engine(model, plan, vocab, max(extra), "bfloat16")
+                _decode_loop(plan, rec, eng, extra, "decode_bf16_state")
+            except Exception as e:  # noqa: BLE001
+                rec.error("decode_bf16_state", e)
+            eng = None
+            free_memory()
 
     # End-to-end generate() through the Python API (batch 1, greedy, no EOS stop).
     try:

@@ -48,8 +48,12 @@ def test_prefill_batch_equals_one_by_one(model, kind):
             assert close_states(states[j], st) and states[j][0][0].shape[0] == 1
         starts = states  # second round: continue from the states (prefix-cache hits)
         assert with_state or all(s is not None for s in starts)
-    with pytest.raises(ValueError):
-        be.prefill_batch([[1, 2], [3]], [None, None])
+    if getattr(be, "prefill_padded", False):  # different lengths: right-padded (tests/test_engine_padded_prefill.py)
+        with pytest.raises(ValueError):
+            be.prefill_batch([[1, 2], []], [None, None])
+    else:
+        with pytest.raises(ValueError):
+            be.prefill_batch([[1, 2], [3]], [None, None])
 
 
 @pytest.mark.parametrize("kind", ["model", "engine"])
@@ -264,3 +268,69 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
     for a, b in zip(results[True], results[False]):
         assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5)
                    for (_, la), (_, lb) in zip(a[:-1], b[:-1]))
+
+
+def test_mixed_length_prefill_buckets_exact(model):
+    """The engine backend prefills prompts of different lengths together (right-padded, padded tokens at most
+    ``prefill_pad_ratio`` x real and at most the prefill budget per forward); tokens equal generate(), every
+    cached prompt-end state equals a fresh prefill of its key, and no slot leaks."""
+    from fastxlstm.serving.engine_slots import EngineSlots
+
+    be = EngineSlots(model, max_slots=12)
+    calls = []
+    orig = be.prefill_batch
+    be.prefill_batch = lambda t, s: (calls.append([len(x) for x in t]), orig(t, s))[1]
+    cache = PrefixCache(10**8)
+    sched = Scheduler(be, eos_token_id=None, cache=cache, decode_steps_per_read=4, prefill_chunk=64,
+                      prefill_pad_ratio=1.3)
+    lengths = [20, 22, 9, 10, 11, 40, 3, 21, 60, 12, 1, 2]
+    ps = prompts(lengths, seed=8)
+    ref = [generate(model, p, 6)[0].tolist() for p in ps]
+    sched.start()
+    try:
+        reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)) for p in ps]
+        events = run_requests(sched, reqs)
+        for i, r in enumerate(reqs):
+            assert tokens_and_finish(events[r.id]) == (ref[i], "length"), i
+        assert sched.stats()["slots_free"] == 12
+        assert any(len(set(c)) > 1 for c in calls), calls  # different lengths shared a forward
+        for c in calls:
+            assert len(c) > 1 and max(c) * len(c) <= 64 and max(c) * len(c) <= 1.3 * sum(c) + 1e-9, c
+        batched = sum(len(c) for c in calls)
+        assert batched >= 8, calls  # most of the wave went through batched forwards
+        for p in ps:
+            _, fresh = be.prefill(p, None)
+            assert close_states(cache._entries[tuple(p)].state, fresh, tol=1e-4), len(p)
+    finally:
+        sched.shutdown()
+
+
+def test_bucket_plan_bounds():
+    """The plan itself: the group holds the first-come request, respects the budget and the padding ratio,
+    never mixes start-state kinds, and a backend without padding gets equal lengths only."""
+    class Stub:
+        max_slots, vocab_size, device = 64, 10, torch.device("cpu")
+        prefill_padded = True
+
+        def prefill_batch(self, tokens, states):
+            raise AssertionError("not called")
+
+    sched = Scheduler(Stub(), eos_token_id=None, prefill_chunk=1000, prefill_pad_ratio=1.3)
+    g = torch.Generator().manual_seed(0)
+    reqs = []
+    for j, n in enumerate(torch.randint(1, 300, (40,), generator=g).tolist()):
+        r = GenerationRequest([1] * n, SamplingParams(max_new_tokens=1))
+        if j % 7 == 3:
+            r.state = object()  # a prefix-cache hit: may not share a forward with cold prompts
+        reqs.append(r)
+    sched.prefilling = reqs
+    for budget in (1000, 300, 2000):
+        for head in reqs[:10]:
+            group = sched._bucket(head, budget, set())
+            lens = [len(r.prompt) for r in group]
+            assert head in group and len({r.state is None for r in group}) == 1
+            assert max(lens) * len(lens) <= budget or len(group) == 1
+            assert max(lens) * len(lens) <= 1.3 * sum(lens) + 1e-9
+    Stub.prefill_padded = False
+    for head in reqs[:10]:
+        assert len({len(r.prompt) for r in sched._bucket(head, 1000, set())}) == 1

@@ -37,19 +37,31 @@ class EngineSlotBackend:
         hidden, new_state = eng.runner.forward_tokens(ids, None if state is None else eng._as_state(state))
         return eng.runner.logits(hidden)[0], new_state
 
+    # prompts of different lengths may share one forward (right padding with neutral gates)
+    prefill_padded = True
+
     @torch.no_grad()
     def prefill_batch(self, tokens: Sequence[Sequence[int]], states: Sequence[list[State] | None]
                       ) -> tuple[Tensor, list[list[State]]]:
-        """Prompts of one length in one forward (no padding); logits ``[n, V]`` and batch-1 states."""
+        """Prompts in one forward, right-padded to the longest (the pads get neutral gates and leave the
+        state untouched, so each row computes what it would alone); start states all None or all given.
+        Returns the logits after each prompt's last token ``[n, V]`` and batch-1 states (views of one
+        batched state: copy before keeping them past the next prefill, as the prefix cache does)."""
         from ..serving.slots import split_state, stack_states
 
-        if not tokens or len({len(t) for t in tokens}) != 1 or len(states) != len(tokens):
-            raise ValueError("prefill_batch needs prompts of one length and one state (or None) each")
+        if not tokens or len(states) != len(tokens) or not all(len(t) for t in tokens):
+            raise ValueError("prefill_batch needs non-empty prompts and one state (or None) each")
         eng = self.engine
-        ids = torch.stack([eng._ids(list(t)) for t in tokens])
+        lengths = [len(t) for t in tokens]
+        width = max(lengths)
+        ids = torch.tensor([list(t) + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size {self.vocab_size}")
+        ids = ids.to(eng.device, non_blocking=True)
         start = stack_states([None if s is None else eng._as_state(s) for s in states], eng.device)
-        hidden, new_state = eng.runner.forward_tokens(ids, start)
-        return eng.runner.logits(hidden), split_state(new_state, len(tokens))
+        hidden, new_state = eng.runner.forward_tokens(ids, start, lengths if min(lengths) < width else None)
+        return eng.runner.logits(hidden), split_state(new_state, len(tokens), copy=False)
 
     def load(self, slot: int, state: list[State]) -> None:
         self.engine.set_slot_state(slot, state)

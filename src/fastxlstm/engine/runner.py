@@ -8,7 +8,7 @@ is one token for a batch of state rows updated in place (what the CUDA graphs ca
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -226,11 +226,14 @@ class Runner:
         """float32 soft-capped logits of normed hidden states ``[N, D]``."""
         return K.softcap_logits(F.linear(hidden, self.lm_head), self.config.output_logit_soft_cap)
 
-    def _mlstm_seq(self, lw: LayerWeights, y: Tensor, b: int, s: int, state: State | None) -> tuple[Tensor, State]:
+    def _mlstm_seq(self, lw: LayerWeights, y: Tensor, b: int, s: int, state: State | None,
+                   real: Tensor | None = None) -> tuple[Tensor, State]:
+        """The mLSTM layer over ``s`` tokens of ``b`` rows; ``real [b*s]`` (bool) marks the real tokens:
+        the others (right padding) get neutral gates ``i = -inf, f = +inf`` and leave the state as it is."""
         cfg = self.config
         proj = F.linear(y, lw.w_in)  # [b*s, P]
         q, k, v, o, g = proj.split(self.splits, dim=-1)
-        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, bias=lw.gate_bias)
+        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias)
         if b == 1:  # head-major copies in one tiled kernel each (the chunkwise kernels' layout)
             q, k, v = (K.heads_major(t, self.nh)[None] for t in (q, k, v))
         else:
@@ -267,12 +270,26 @@ class Runner:
 
     # --------------------------------------------------------------------- prefill
     @torch.no_grad()
-    def forward_tokens(self, ids: Tensor, state: list[State] | None = None) -> tuple[Tensor, list[State]]:
+    def forward_tokens(self, ids: Tensor, state: list[State] | None = None,
+                       lengths: Sequence[int] | None = None) -> tuple[Tensor, list[State]]:
         """Prefill ``ids [b, S]`` from ``state`` (None: zeros). Returns the final normed hidden state of
         the last position ``[b, D]`` and the new state (fresh tensors, float32). The sequence is
-        processed in chunks of ``chunk_size`` tokens with the state carried across."""
+        processed in chunks of ``chunk_size`` tokens with the state carried across.
+
+        ``lengths`` (prompts of different lengths in one forward): row ``j``'s tokens are
+        ``ids[j, :lengths[j]]`` and the rest is right padding (any valid ids). Padded positions get
+        neutral gates (input gate ``-inf``, forget gate ``+inf``: log f = 0), so the state after them is
+        the state after the row's last real token; nothing crosses positions but the mLSTM cell, so the
+        real positions compute what they would alone, and the hidden state returned is each row's at its
+        own last real token."""
         cfg = self.config
         b, total = ids.shape
+        if lengths is not None:
+            lengths = [int(n) for n in lengths]
+            if len(lengths) != b or min(lengths) < 1 or max(lengths) > total:
+                raise ValueError(f"lengths must be {b} values in [1, {total}], got {lengths}")
+            if min(lengths) == total:
+                lengths = None  # no padding
         if state is None:
             state = [None] * cfg.num_blocks  # type: ignore[list-item]
         state = list(state)
@@ -280,6 +297,10 @@ class Runner:
         for start in range(0, total, self.chunk_size):
             chunk = ids[:, start:start + self.chunk_size]
             s = chunk.shape[1]
+            real = None
+            if lengths is not None and min(lengths) < start + s:
+                pos = torch.arange(start, start + s, device=ids.device)
+                real = (pos[None, :] < torch.tensor(lengths, device=ids.device)[:, None]).view(b * s)
             x = F.embedding(chunk, self.embedding).reshape(b * s, -1)
             delta = None
             for idx, lw in enumerate(self.layers):
@@ -288,16 +309,24 @@ class Runner:
                     if state[idx] is None:
                         state[idx] = self._zero_state(b)
                     c, n, m = (t.clone() for t in state[idx])
-                    h = self._mlstm_step(lw, y, c, n, m, None)
+                    h = self._mlstm_step(lw, y, c, n, m, real)
                     state[idx] = (c, n, m)
                 else:
-                    h, state[idx] = self._mlstm_seq(lw, y, b, s, state[idx])
+                    h, state[idx] = self._mlstm_seq(lw, y, b, s, state[idx], real)
                 y = K.add_rmsnorm(x, h_proj := F.linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
                 del h_proj
                 delta = self._ffn(lw, y)
-            last = x.view(b, s, -1)[:, -1].clone()
-            last_delta = delta.view(b, s, -1)[:, -1]
-            last += last_delta
+            if lengths is None:
+                last = x.view(b, s, -1)[:, -1].clone()
+                last += delta.view(b, s, -1)[:, -1]
+            else:  # rows whose last real token lies in this chunk
+                rows = [j for j, n in enumerate(lengths) if start < n <= start + s]
+                if rows:
+                    if last is None:
+                        last = torch.empty(b, x.shape[-1], device=x.device, dtype=x.dtype)
+                    flat = torch.tensor([j * s + lengths[j] - 1 - start for j in rows], device=x.device)
+                    sel = torch.tensor(rows, device=x.device)
+                    last.index_copy_(0, sel, x.index_select(0, flat) + delta.index_select(0, flat))
             del x, delta, y
         hidden = K.add_rmsnorm(last, None, self.out_norm, cfg.norm_eps)
         return hidden, state

@@ -63,6 +63,7 @@ class ServeConfig:
     max_slots: int = 32
     max_waiting: int = 256
     prefill_chunk: int = 2048  # prompt tokens prefilled per scheduler iteration (between two decode steps)
+    prefill_pad_ratio: float = 1.3  # prompts of different lengths share a forward while padded <= this x real
     stream_interval_ms: float = 0.0  # >0: hand a request's tokens to the HTTP side at most this often (first
     # token, finish and errors go at once): fewer, larger SSE chunks, up to this much extra latency per token
     decode_steps_per_read: int = 4  # greedy-only batches: decode steps between two host reads of the tokens
@@ -404,7 +405,7 @@ class ServerState:
                                    max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
                                    stream_interval=config.stream_interval_ms / 1000,
                                    decode_steps_per_read=config.decode_steps_per_read,
-                                   overlap=config.overlap_decode)
+                                   overlap=config.overlap_decode, prefill_pad_ratio=config.prefill_pad_ratio)
         self.created = _now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
         self._pieces: dict[int, str] = {}

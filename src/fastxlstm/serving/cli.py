@@ -17,6 +17,9 @@ def serve(
     max_slots: Annotated[int, typer.Option(min=1, help="Concurrent sequences (each holds one recurrent state)")] = 32,
     max_waiting: Annotated[int, typer.Option(min=1, help="Queued requests before answering 429")] = 256,
     prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled between decode steps")] = 2048,
+    prefill_pad_ratio: Annotated[float, typer.Option(
+        min=1.0, help="Prompts of different lengths share one prefill forward (right-padded) while the padded "
+                      "tokens are at most this many times the real ones (1: equal lengths only)")] = 1.3,
     stream_interval_ms: Annotated[float, typer.Option(
         min=0, help="Send each stream's tokens at most this often (0: every decode step); fewer, larger chunks")] = 0.0,
     decode_steps_per_read: Annotated[int, typer.Option(
@@ -72,7 +75,7 @@ def serve(
         max_model_len=max_model_len, prefix_cache_bytes=prefix_cache_mb * 1024**2,
         request_timeout=request_timeout or None, api_key=api_key, backend=backend,
         stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
-        overlap_decode=overlap_decode,
+        overlap_decode=overlap_decode, prefill_pad_ratio=prefill_pad_ratio,
     )
     try:
         app = build_app(net, tok, config, template, drain_timeout=drain_timeout)

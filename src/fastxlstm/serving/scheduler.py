@@ -2,12 +2,14 @@
 
 Each loop iteration (1) drops cancelled and timed-out requests and frees their slots, (2) admits
 waiting requests while slots are free (looking up the prefix cache), (3) prefills at most
-``prefill_chunk`` prompt tokens (so a long prompt does not stall running decodes for long; requests
-whose remaining prompts have exactly one length go through the backend's ``prefill_batch`` together,
-never padded), (4) runs the decode step(s) over every running sequence -- ``decode_steps_per_read``
-steps with one host read when every running sequence is plain greedy without top logprobs (the
-backend feeds its argmax back on the device; tokens past a stop are dropped,
-and a state that ran past a stop is never cached), else one step. With ``overlap`` (default) the next
+``prefill_chunk`` prompt tokens, padded ones counted (so a long prompt does not stall running decodes
+for long: it is prefilled in chunks), first come first served; a request whose whole remaining prompt
+fits goes through the backend's ``prefill_batch`` with the waiting prompts of lengths nearest its own
+(right-padded to the longest while padded tokens <= ``prefill_pad_ratio`` x real ones, where the backend
+is ``prefill_padded``; exactly one length otherwise), (4) runs the decode step(s) over every running
+sequence -- ``decode_steps_per_read`` steps with one host read when every running sequence is plain
+greedy without top logprobs (the backend feeds its argmax back on the device; tokens past a stop are
+dropped, and a state that ran past a stop is never cached), else one step. With ``overlap`` (default) the next
 window is queued from the device-resident last tokens *before* the previous window's tokens (copied to
 pinned host memory behind it) are read and handed out, so that host work runs while the device decodes;
 sequences whose budget the window in flight uses up are not relaunched -- then (5) hands the new tokens
@@ -189,7 +191,8 @@ class Scheduler:
 
     def __init__(self, backend: SlotBackend, eos_token_id: int | None, cache: PrefixCache | None = None,
                  metrics: Metrics | None = None, max_waiting: int = 256, prefill_chunk: int = 512,
-                 stream_interval: float = 0.0, decode_steps_per_read: int = 1, overlap: bool = True):
+                 stream_interval: float = 0.0, decode_steps_per_read: int = 1, overlap: bool = True,
+                 prefill_pad_ratio: float = 1.3):
         self.backend = backend
         self.eos_token_id = eos_token_id
         self.cache = cache
@@ -203,6 +206,9 @@ class Scheduler:
             raise ValueError(f"decode_steps_per_read must be >= 1, got {decode_steps_per_read}")
         self.decode_steps_per_read = decode_steps_per_read
         self.overlap = overlap  # launch the next window before reading the previous one
+        if prefill_pad_ratio < 1.0:
+            raise ValueError(f"prefill_pad_ratio must be >= 1, got {prefill_pad_ratio}")
+        self.prefill_pad_ratio = prefill_pad_ratio  # padded / real tokens allowed in one batched prefill
         self._inflight: _Window | None = None
         self._next_in: Tensor | None = None
         self.free_slots: list[int] = list(range(backend.max_slots))  # a heap: lowest slot first
@@ -465,19 +471,25 @@ class Scheduler:
             self.prefilling.append(req)
 
     def _prefill(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt tokens (padded tokens count), first come first served:
+        a request whose whole remaining prompt fits goes into one forward with others of similar length
+        (:meth:`_bucket`); a longer one (or one with a cache point inside) is prefilled in chunks."""
         budget = self.prefill_chunk
-        groups = self._prefill_groups() if hasattr(self.backend, "prefill_batch") else {}
+        batched = hasattr(self.backend, "prefill_batch")
         started: list[GenerationRequest] = []
+        done: set[int] = set()
         for req in list(self.prefilling):
             if budget <= 0:
                 break
-            if req.pos == len(req.prompt) and req in started:
+            if id(req) in done or req not in self.prefilling:
                 continue
-            length = len(req.prompt) - req.pos
-            group = groups.pop((length, req.state is None, id(req)), None)
-            if group and len(group) > 1 and budget >= 2 * length:
-                budget -= self._prefill_batch(group[: budget // length], started)
-                continue
+            done.add(id(req))
+            if batched and self._whole(req) and len(req.prompt) - req.pos <= budget:
+                group = self._bucket(req, budget, done)
+                if len(group) > 1:
+                    done.update(id(r) for r in group)
+                    budget -= self._prefill_batch(group, started)
+                    continue
             try:
                 n_prompt = len(req.prompt)
                 while req.pos < n_prompt and budget > 0:
@@ -498,20 +510,45 @@ class Scheduler:
         self.prof.lap("prefill_launch")
         self._start_decoding([r for r in started if r in self.prefilling])
 
-    def _prefill_groups(self) -> dict[tuple[int, bool, int], list[GenerationRequest]]:
-        """Requests whose whole remaining prompt (no cache point inside it) can be prefilled in one go,
-        grouped by exact remaining length and start-state kind; keyed by the group's first request."""
-        by_key: dict[tuple[int, bool], list[GenerationRequest]] = {}
-        for req in self.prefilling:
-            n = len(req.prompt)
-            if req.pos < n and not any(req.pos < p < n for p in req.cache_points):
-                by_key.setdefault((n - req.pos, req.state is None), []).append(req)
-        return {(*key, id(reqs[0])): reqs for key, reqs in by_key.items()}
+    @staticmethod
+    def _whole(req: GenerationRequest) -> bool:
+        """Whether the remaining prompt can go in one forward (no cache point inside it)."""
+        n = len(req.prompt)
+        return req.pos < n and not any(req.pos < p < n for p in req.cache_points)
+
+    def _bucket(self, req: GenerationRequest, budget: int, done: set[int]) -> list[GenerationRequest]:
+        """``req`` and the waiting prompts of lengths nearest to its own that can share its forward: same
+        start-state kind, whole remaining prompt, padded tokens (longest x count) at most ``budget`` and
+        at most ``prefill_pad_ratio`` x the real tokens (1: equal lengths only, what a backend without
+        ``prefill_padded`` gets). Grown one prompt at a time from ``req`` outwards in sorted length."""
+        ratio = self.prefill_pad_ratio if getattr(self.backend, "prefill_padded", False) else 1.0
+        kind = req.state is None
+        pool = sorted((r for r in self.prefilling if r is req or (
+            id(r) not in done and (r.state is None) == kind and self._whole(r))),
+            key=lambda r: len(r.prompt) - r.pos)
+        lens = [len(r.prompt) - r.pos for r in pool]
+        lo = hi = pool.index(req)  # the group is pool[lo:hi + 1]
+        total, longest = lens[lo], lens[lo]
+        while True:
+            options = []
+            if lo > 0:  # a shorter prompt: the longest stays
+                options.append((longest - lens[lo - 1], lo - 1, longest))
+            if hi + 1 < len(pool):  # a longer one: every row pads to it
+                options.append((lens[hi + 1] - lens[hi], hi + 1, lens[hi + 1]))
+            for _, j, new_longest in sorted(options):
+                count = hi - lo + 2
+                padded = new_longest * count
+                if padded <= budget and padded <= ratio * (total + lens[j]) + 1e-9:
+                    lo, hi = min(lo, j), max(hi, j)
+                    total, longest = total + lens[j], new_longest
+                    break
+            else:
+                return pool[lo:hi + 1]
 
     def _prefill_batch(self, group: list[GenerationRequest], started: list[GenerationRequest]) -> int:
-        """Prefill ``group`` (one remaining length) in one backend call; on failure one by one. Returns
-        the tokens spent."""
-        length = len(group[0].prompt) - group[0].pos
+        """Prefill ``group`` in one backend call (padded to its longest prompt); on failure one by one.
+        Returns the tokens spent (padded)."""
+        length = max(len(r.prompt) - r.pos for r in group)
         try:
             logits, states = self.backend.prefill_batch([r.prompt[r.pos:] for r in group], [r.state for r in group])
         except Exception:

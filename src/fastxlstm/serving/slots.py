@@ -5,9 +5,10 @@ so it can sit on another slot engine later. Slot states are rows of batched stat
 A decode step over the active slots either gathers their rows (few active) or runs the whole
 slot batch (most active, and every live slot is in the step; the free rows compute on stale
 states nobody owns and are overwritten when a sequence takes the slot). A prefill runs with
-one prompt (or, with :meth:`ModelSlots.prefill_batch`, several of exactly one length) and never
-touches a slot until :meth:`load` writes its final state, so padding never
-reaches any sequence's state.
+one prompt (or several: of exactly one length with :meth:`ModelSlots.prefill_batch`; right-padded
+to the longest with the engine's backend, whose ``prefill_padded`` pads with neutral gates that leave
+each row's state as its last real token left it) and never touches a slot until :meth:`load`
+writes its final state.
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ def chosen_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
 
 
-def split_state(state: ModelState, n: int) -> list[ModelState]:
-    """Rows of a batched state as ``n`` batch-1 states (copies, so no row keeps the batch alive)."""
+def split_state(state: ModelState, n: int, copy: bool = True) -> list[ModelState]:
+    """Rows of a batched state as ``n`` batch-1 states: copies (so no row keeps the batch alive), or
+    with ``copy=False`` views (no device work; whoever keeps one for long copies it)."""
+    if not copy:
+        return [[tuple(t[j:j + 1] for t in layer) for layer in state] for j in range(n)]
     return [[tuple(t[j:j + 1].clone() for t in layer) for layer in state] for j in range(n)]
 
 
@@ -94,6 +98,9 @@ def warm_prefill(backend: SlotBackend, max_len: int, force: bool = False) -> int
         runs += 2
         if hasattr(backend, "prefill_batch") and n <= 256:
             backend.prefill_batch([ids, ids], [None, None])
+            runs += 1
+        if getattr(backend, "prefill_padded", False) and n > 1:  # different lengths: the padding-mask variants
+            backend.prefill_batch([ids, ids[: max(1, n * 4 // 5)]], [None, None])
             runs += 1
     if backend.device.type == "cuda":
         torch.cuda.synchronize(backend.device)

@@ -81,6 +81,82 @@ def engine_peer(model_spec: str, slots: int, steps: int, dtype: str) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------- backend audit
+def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: int) -> dict:
+    """(Runs in its own process, autotuning off as in ``serve``.) The slot backend's calls as the scheduler
+    makes them, without the server: host time (until the call returns) and total time (until the device is
+    done) of one-by-one vs batched mixed-length prefill, a prefilled group's hand-over (prefix-cache copy,
+    slot load, first-token read) and a 4-step greedy window over all slots; and which of these calls wait
+    for the device (``torch.cuda.set_sync_debug_mode``: every synchronising call and where it was made)."""
+    import statistics
+    import warnings
+
+    import torch
+
+    from fastxlstm.checkpoint import load
+    from fastxlstm.serving.engine_slots import EngineSlots
+    from fastxlstm.serving.prefix_cache import clone_state
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype] if cuda else \
+        torch.float32
+    torch.set_grad_enabled(False)
+    model = load(model_spec, device=dev, dtype=dt, weight_mode="fused")
+    be = EngineSlots(model, slots)
+    be.engine.warmup()
+    rng = random.Random(0)
+    mid = (min_p + max_p) // 2
+    ps = [[rng.randrange(3, 259) for _ in range(rng.randint(mid - mid // 8, mid + mid // 8))] for _ in range(8)]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(fn, reps: int = 3) -> dict:
+        fn()  # warm-up (compiles)
+        host, total = [], []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            sync()
+            host.append((t1 - t0) * 1000)
+            total.append((time.perf_counter() - t0) * 1000)
+        return {"host_ms": statistics.median(host), "total_ms": statistics.median(total)}
+
+    def hand_over(n: int) -> None:  # what the scheduler does with a prefilled group
+        logits, states = be.prefill_batch(ps[:n], [None] * n)
+        for j, st in enumerate(states):
+            clone_state(st)  # the prefix-cache insert's copy
+            be.load(j, st)
+        logits.argmax(-1).tolist()
+
+    out: dict = {"prompt_lengths": [len(p) for p in ps]}
+    out["prefill_4_one_by_one"] = timed(lambda: [be.prefill(p, None) for p in ps[:4]])
+    out["prefill_4_batched"] = timed(lambda: be.prefill_batch(ps[:4], [None] * 4))
+    out["prefill_8_batched"] = timed(lambda: be.prefill_batch(ps, [None] * 8))
+    out["hand_over_4"] = timed(lambda: hand_over(4))
+    _, st = be.prefill(ps[0], None)
+    for s in range(slots):
+        be.load(s, st)
+    nxt = torch.zeros(slots, dtype=torch.long, device=dev)
+    out["window_4_steps_all_slots"] = timed(lambda: be.decode_greedy(list(range(slots)), nxt, 4, logprobs=True))
+    if cuda:  # where the scheduler's calls wait for the device
+        torch.cuda.set_sync_debug_mode(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            be.prefill(ps[0], None)
+            hand_over(4)
+            tokens = be.decode_greedy(list(range(slots)), nxt, 4, logprobs=True)[0]
+            tokens.to("cpu", non_blocking=True)
+        torch.cuda.set_sync_debug_mode(0)
+        where: dict[str, int] = {}
+        for w in caught:
+            key = f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:80]}"
+            where[key] = where.get(key, 0) + 1
+        out["synchronising_calls"] = where
+    return out
+
+
 # ----------------------------------------------------------------------------------------- the client
 async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> dict:
     t0 = time.perf_counter()
@@ -311,12 +387,19 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=2000)
     ap.add_argument("--peer-steps", type=int, default=100)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-audit", action="store_true", help="skip the backend audit (host vs device time, syncs)")
+    ap.add_argument("--audit-only", action="store_true", help=argparse.SUPPRESS)  # the audit's own process
     ap.add_argument("--backend", default="auto", help="the server's slot backend (engine, model, auto)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SERVER ARGS",
                     help="a server configuration to load-test, e.g. 'k1=--decode-steps-per-read 1' (repeatable; "
                          "default: one run with the server's defaults); the first one also runs the prefix test")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.audit_only:
+        print(json.dumps(backend_audit(args.model, args.max_slots, args.dtype, args.min_prompt, args.max_prompt)))
+        return
+    if args.out is None:
+        ap.error("--out is required")
 
     import torch
 
@@ -339,6 +422,18 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         print(f"peer done in {time.perf_counter() - t:.1f}s: {result.get('engine_peer')}", flush=True)
+    if not args.skip_audit:
+        t = time.perf_counter()
+        cmd = [sys.executable, __file__, "--audit-only", "--model", args.model, "--max-slots", str(args.max_slots),
+               "--dtype", args.dtype, "--min-prompt", str(args.min_prompt), "--max-prompt", str(args.max_prompt)]
+        proc = subprocess.run(cmd, env={**os.environ, "FASTXLSTM_TRITON_AUTOTUNE": "0"}, capture_output=True,
+                              text=True, timeout=300)
+        try:
+            result["backend_audit"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            result["backend_audit_error"] = proc.stderr[-2000:]
+        print(f"audit done in {time.perf_counter() - t:.1f}s: {json.dumps(result.get('backend_audit'))}"
+              f"{proc.stderr[-1500:] if proc.returncode else ''}", flush=True)
     result["backend"] = args.backend
     variants = [v.split("=", 1) if "=" in v else (v, "") for v in args.variant] or [("default", "")]
     result["runs"] = []

@@ -395,11 +395,17 @@ def test_one_failing_request_does_not_hurt_others(tiny, backend):
     with start(tiny, max_slots=8, backend=backend) as srv:
         backend = scheduler(srv).backend
         real_prefill, real_decode = backend.prefill, backend.decode
+        real_batch = getattr(backend, "prefill_batch", None)
 
         def prefill(tokens, state):
             if tokens and tokens[0] == poison:
                 raise RuntimeError("injected prefill fault")
             return real_prefill(tokens, state)
+
+        def prefill_batch(tokens, states):  # a batch holding the poisoned prompt fails as a whole
+            if any(t and t[0] == poison for t in tokens):
+                raise RuntimeError("injected batched prefill fault")
+            return real_batch(tokens, states)
 
         def decode(slots, tokens):
             if poison in tokens:
@@ -407,6 +413,8 @@ def test_one_failing_request_does_not_hurt_others(tiny, backend):
             return real_decode(slots, tokens)
 
         backend.prefill, backend.decode = prefill, decode
+        if real_batch is not None:
+            backend.prefill_batch = prefill_batch
         aclient = openai.AsyncOpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
 
         async def good(p):

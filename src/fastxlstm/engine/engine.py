@@ -176,7 +176,7 @@ class Engine:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size {self.vocab_size}")
-        return ids.to(self.device)
+        return ids.to(self.device, non_blocking=True)  # (a blocking copy would wait for all queued GPU work)
 
     @torch.no_grad()
     def prefill_into_slot(self, slot: int, token_ids: Sequence[int] | Tensor, state: list[State] | None = None,

@@ -300,7 +300,8 @@ class Runner:
             real = None
             if lengths is not None and min(lengths) < start + s:
                 pos = torch.arange(start, start + s, device=ids.device)
-                real = (pos[None, :] < torch.tensor(lengths, device=ids.device)[:, None]).view(b * s)
+                lens = torch.tensor(lengths).to(ids.device, non_blocking=True)  # no wait on queued GPU work
+                real = (pos[None, :] < lens[:, None]).view(b * s)
             x = F.embedding(chunk, self.embedding).reshape(b * s, -1)
             delta = None
             for idx, lw in enumerate(self.layers):
@@ -324,8 +325,8 @@ class Runner:
                 if rows:
                     if last is None:
                         last = torch.empty(b, x.shape[-1], device=x.device, dtype=x.dtype)
-                    flat = torch.tensor([j * s + lengths[j] - 1 - start for j in rows], device=x.device)
-                    sel = torch.tensor(rows, device=x.device)
+                    flat = torch.tensor([j * s + lengths[j] - 1 - start for j in rows]).to(x.device, non_blocking=True)
+                    sel = torch.tensor(rows).to(x.device, non_blocking=True)
                     last.index_copy_(0, sel, x.index_select(0, flat) + delta.index_select(0, flat))
             del x, delta, y
         hidden = K.add_rmsnorm(last, None, self.out_norm, cfg.norm_eps)

@@ -29,6 +29,9 @@ def serve(
     triton_autotune: Annotated[bool, typer.Option(
         help="Autotune the Triton kernels for each new prompt shape while serving (each new shape stalls "
              "the server for seconds); off: the first launch config that fits")] = False,
+    gil_switch_ms: Annotated[float, typer.Option(
+        min=0.05, help="Python's thread switch interval (ms): how long the scheduler thread can wait for the GIL "
+                       "while the HTTP thread holds it (Python's default is 5)")] = 1.0,
     max_model_len: Annotated[int, typer.Option(min=2, help="Limit on prompt + completion tokens")] = 32768,
     prefix_cache_mb: Annotated[int, typer.Option(min=0, help="Prefix-cache size in MiB (0 disables)")] = 2048,
     request_timeout: Annotated[float, typer.Option(min=0, help="Seconds per request (0: none)")] = 600.0,
@@ -46,8 +49,11 @@ def serve(
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     import os
+    import sys
 
     import uvicorn
+
+    sys.setswitchinterval(gil_switch_ms / 1000)  # the scheduler and HTTP threads share one GIL
 
     # read when the kernels are first imported (below, with the model)
     os.environ["FASTXLSTM_TRITON_AUTOTUNE"] = "1" if triton_autotune else "0"

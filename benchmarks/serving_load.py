@@ -104,7 +104,7 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
     torch.set_grad_enabled(False)
     model = load(model_spec, device=dev, dtype=dt, weight_mode="fused")
     be = EngineSlots(model, slots)
-    be.engine.warmup()
+    be.engine.warmup([slots])
     rng = random.Random(0)
     mid = (min_p + max_p) // 2
     ps = [[rng.randrange(3, 259) for _ in range(rng.randint(mid - mid // 8, mid + mid // 8))] for _ in range(8)]
@@ -131,6 +131,18 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
         logits.argmax(-1).tolist()
 
     out: dict = {"prompt_lengths": [len(p) for p in ps]}
+    # exactness on this device: the padded batch against each prompt alone
+    logits, states = be.prefill_batch(ps, [None] * len(ps))
+    worst = {"logits_rel": 0.0, "state_rel": 0.0, "argmax_equal": 0}
+    for j, p in enumerate(ps):
+        lone, lone_state = be.prefill(p, None)
+        worst["logits_rel"] = max(worst["logits_rel"], ((logits[j] - lone).norm() / lone.norm()).item())
+        worst["argmax_equal"] += int(logits[j].argmax() == lone.argmax())
+        for layer, lone_layer in zip(states[j], lone_state):
+            for t, w in zip(layer, lone_layer):
+                worst["state_rel"] = max(worst["state_rel"], ((t - w).float().norm() / w.float().norm().clamp_min(
+                    1e-30)).item())
+    out["padded_vs_alone"] = worst
     out["prefill_4_one_by_one"] = timed(lambda: [be.prefill(p, None) for p in ps[:4]])
     out["prefill_4_batched"] = timed(lambda: be.prefill_batch(ps[:4], [None] * 4))
     out["prefill_8_batched"] = timed(lambda: be.prefill_batch(ps, [None] * 8))

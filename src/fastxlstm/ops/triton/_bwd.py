@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import TUNE_KEY, autotune, fast, tune_configs
+from ._common import causal_decay, chunk_rows, dv_part, fast, load_tile, scale_rows, state_dot, store_tile, tuned
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def bwd_dstates_kernel(
     mkv = mk[:, None] & mv[None, :]
     offs_l = tl.arange(0, L)
     if HAS_DFINAL:
-        gc = tl.load(DCN + bh * DQK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0)
+        gc = load_tile(DCN + bh * DQK * DV, offs_k, mk, offs_v, mv, DV)
         gn = tl.load(DNN + bh * DQK + offs_k, mask=mk, other=0.0)
     else:
         gc = tl.zeros([BK, BV], dtype=tl.float32)
@@ -116,7 +116,7 @@ def bwd_dstates_kernel(
         t = ci * L + offs_l
         mt = t < S
         qt = tl.load(q_base + t[None, :] * DQK + offs_k[:, None], mask=mt[None, :] & mk[:, None], other=0.0)
-        dht = tl.load(dh_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        dht = load_tile(dh_base, t, mt, offs_v, mv, DV)
         qw = qt.to(tl.float32) * w[None, :]
         delta = (dht.to(tl.float32) * inv[:, None]).to(qt.dtype)
         gc = decay * gc + tl.dot(qw.to(qt.dtype), delta, input_precision=PREC)
@@ -124,6 +124,28 @@ def bwd_dstates_kernel(
     if WRITE_DINIT:
         tl.store(DC0 + bh * DQK * DV + offs_k[:, None] * DV + offs_v[None, :], gc, mask=mkv)
         tl.store(DN0 + bh * DQK + offs_k, gn, mask=mk & (offs_k * 0 + pid_v == 0))
+
+
+@triton.jit
+def _dv_dots(A, ra, ma, B, rb, mb, ST, rs, mst, inv, pacc, sacc,
+             DV: tl.constexpr, BV: tl.constexpr, SCALE_A: tl.constexpr, PREC: tl.constexpr,
+             STATE_F32: tl.constexpr):
+    """Sums over the DV tiles of ``a`` (rows ``ra`` of A), ``b`` (rows ``rb`` of B) and ``st`` (rows ``rs``
+    of the chunk state ST), all row-major with DV columns: ``pacc + a b^T`` and ``sacc + a st^T``, the rows
+    of ``a`` (``SCALE_A``) or else of ``b`` multiplied by ``inv``."""
+    for v0 in range(0, DV, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mv = offs_v < DV
+        a = load_tile(A, ra, ma, offs_v, mv, DV)
+        b = load_tile(B, rb, mb, offs_v, mv, DV)
+        st = load_tile(ST, rs, mst, offs_v, mv, DV)
+        if SCALE_A:
+            a = scale_rows(a, inv)
+        else:
+            b = scale_rows(b, inv)
+        pacc += tl.dot(a, tl.trans(b), input_precision=PREC)
+        sacc += state_dot(a, tl.trans(st), PREC, STATE_F32)
+    return pacc, sacc
 
 
 @triton.jit
@@ -136,15 +158,7 @@ def bwd_dq_kernel(
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    q0 = pid_q * BLQ
-    ci = q0 // L
-    c0 = ci * L
-    offs_t = q0 + tl.arange(0, BLQ)
-    mt = offs_t < S
-    offs_s = c0 + tl.arange(0, L)
-    ms = offs_s < S
-    offs_d = tl.arange(0, DQKP)
-    md = offs_d < DQK
+    ci, offs_t, mt, offs_s, ms, offs_d, md = chunk_rows(pid_q, S, DQK, DQKP, L, BLQ)  # a query tile, its chunk
     g_base = bh * S
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
     m_t = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
@@ -155,28 +169,15 @@ def bwd_dq_kernel(
     s_off = (bh * NC + ci) * DQK
     dh_base = DH + bh * S * DV
     v_base = V + bh * S * DV
-    pacc = tl.zeros([BLQ, L], dtype=tl.float32)
-    dqi = tl.zeros([BLQ, DQKP], dtype=tl.float32)
-    for v0 in range(0, DV, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        mv = offs_v < DV
-        dht = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-        cst = tl.load(CS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
-                      other=0.0)
-        delta = (dht.to(tl.float32) * inv[:, None]).to(dht.dtype)
-        pacc += tl.dot(delta, tl.trans(vt), input_precision=PREC)
-        if STATE_F32:
-            dqi += tl.dot(delta.to(tl.float32), tl.trans(cst), input_precision=PREC)
-        else:
-            dqi += tl.dot(delta, tl.trans(cst))
+    # over DV: pacc = delta_t . v_s (delta = dh * inv), dqi = C_c delta_t
+    pacc, dqi = _dv_dots(dh_base, offs_t, mt, v_base, offs_s, ms, CS + s_off * DV, offs_d, md, inv,
+                         tl.zeros([BLQ, L], dtype=tl.float32), tl.zeros([BLQ, DQKP], dtype=tl.float32),
+                         DV, BV, True, PREC, STATE_F32)
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-    keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
-    d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - m_t[:, None]), -float("inf")))
+    d = causal_decay(offs_t, mt, bt, m_t, offs_s, ms, b_s, i_s, KEYS_ON_ROWS=False)
     p = (pacc + nu[:, None]) * d
-    kc = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
-                 other=0.0)
+    kc = load_tile(K + bh * S * DQK, offs_s, ms, offs_d, md, DQK)
     nst = tl.load(NS + s_off + offs_d, mask=md, other=0.0)
     acc = (dqi + nu[:, None] * nst[None, :]) * w[:, None] + tl.dot(p.to(kc.dtype), kc, input_precision=PREC)
     dq = acc * scale
@@ -197,35 +198,16 @@ def bwd_dk_kernel(
 ):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    j0 = pid_s * BLK
-    ci = j0 // L
-    c0 = ci * L
-    offs_s = j0 + tl.arange(0, BLK)  # this program's keys
-    ms = offs_s < S
-    offs_t = c0 + tl.arange(0, L)  # the chunk's queries
-    mt = offs_t < S
-    offs_d = tl.arange(0, DQKP)
-    md = offs_d < DQK
+    ci, offs_s, ms, offs_t, mt, offs_d, md = chunk_rows(pid_s, S, DQK, DQKP, L, BLK)  # a key tile, its chunk
     g_base = bh * S
     inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
     s_off = (bh * NC + ci) * DQK
     dh_base = DH + bh * S * DV
     v_base = V + bh * S * DV
-    pacc = tl.zeros([BLK, L], dtype=tl.float32)
-    dki = tl.zeros([BLK, DQKP], dtype=tl.float32)
-    for v0 in range(0, DV, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        mv = offs_v < DV
-        vs = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-        dhc = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        dcs = tl.load(DCS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
-                      other=0.0)
-        deltac = (dhc.to(tl.float32) * inv[:, None]).to(dhc.dtype)
-        pacc += tl.dot(vs, tl.trans(deltac), input_precision=PREC)
-        if STATE_F32:
-            dki += tl.dot(vs.to(tl.float32), tl.trans(dcs), input_precision=PREC)
-        else:
-            dki += tl.dot(vs, tl.trans(dcs))
+    # over DV: pacc = v_s . delta_t (delta = dh * inv), dki = dC_{c+1} v_s
+    pacc, dki = _dv_dots(v_base, offs_s, ms, dh_base, offs_t, mt, DCS + s_off * DV, offs_d, md, inv,
+                         tl.zeros([BLK, L], dtype=tl.float32), tl.zeros([BLK, DQKP], dtype=tl.float32),
+                         DV, BV, False, PREC, STATE_F32)
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
     e = tl.where(ms, tl.exp(tl.load(AA + g_base + offs_s, mask=ms, other=-float("inf"))
@@ -233,11 +215,9 @@ def bwd_dk_kernel(
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
     m_t = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
     nu = tl.load(NU + g_base + offs_t, mask=mt, other=0.0)
-    keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
-    dT = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - m_t[None, :]), -float("inf")))
+    dT = causal_decay(offs_t, mt, bt, m_t, offs_s, ms, b_s, i_s, KEYS_ON_ROWS=True)
     pt = (pacc + nu[None, :]) * dT * scale
-    qc = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :],
-                 other=0.0)
+    qc = load_tile(Q + bh * S * DQK, offs_t, mt, offs_d, md, DQK)
     dns = tl.load(DNS + s_off + offs_d, mask=md, other=0.0)
     dk = (dki + dns[None, :]) * e[:, None] + tl.dot(pt.to(qc.dtype), qc, input_precision=PREC)
     ptr = bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :]
@@ -258,15 +238,7 @@ def bwd_dv_kernel(
     pid_s = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
-    j0 = pid_s * BLK
-    ci = j0 // L
-    c0 = ci * L
-    offs_s = j0 + tl.arange(0, BLK)
-    ms = offs_s < S
-    offs_t = c0 + tl.arange(0, L)
-    mt = offs_t < S
-    offs_d = tl.arange(0, DQKP)
-    md = offs_d < DQK
+    ci, offs_s, ms, offs_t, mt, offs_d, md = chunk_rows(pid_s, S, DQK, DQKP, L, BLK)  # a key tile, its chunk
     g_base = bh * S
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
@@ -275,31 +247,21 @@ def bwd_dv_kernel(
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
     m_t = tl.load(MM + g_base + offs_t, mask=mt, other=0.0)
     inv = tl.load(INV + g_base + offs_t, mask=mt, other=0.0)
-    ks = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
-                 other=0.0)
-    qc = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :],
-                 other=0.0)
-    keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
-    dT = tl.exp(tl.where(keep, (bt[None, :] - b_s[:, None]) + (i_s[:, None] - m_t[None, :]), -float("inf")))
+    ks = load_tile(K + bh * S * DQK, offs_s, ms, offs_d, md, DQK)
+    qc = load_tile(Q + bh * S * DQK, offs_t, mt, offs_d, md, DQK)
+    dT = causal_decay(offs_t, mt, bt, m_t, offs_s, ms, b_s, i_s, KEYS_ON_ROWS=True)
     at = (tl.dot(ks, tl.trans(qc), input_precision=PREC) * scale * dT).to(ks.dtype)
     s_off = (bh * NC + ci) * DQK
     dh_base = DH + bh * S * DV
-    part = (DV + NVP - 1) // NVP
-    v_end = pid_v * part + part
-    for v0 in range(pid_v * part, v_end, BV):
+    v_start, v_end = dv_part(pid_v, DV, NVP)
+    for v0 in range(v_start, v_end, BV):
         offs_v = v0 + tl.arange(0, BV)
         mv = (offs_v < DV) & (offs_v < v_end)
-        dhc = tl.load(dh_base + offs_t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        dcs = tl.load(DCS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
-                      other=0.0)
-        deltac = (dhc.to(tl.float32) * inv[:, None]).to(dhc.dtype)
-        if STATE_F32:
-            dvt = tl.dot(ks.to(tl.float32), dcs, input_precision=PREC)
-        else:
-            dvt = tl.dot(ks, dcs)
-        dvt = dvt * e[:, None] + tl.dot(at, deltac, input_precision=PREC)
-        tl.store(DVO + bh * S * DV + offs_s[:, None] * DV + offs_v[None, :], dvt.to(DVO.dtype.element_ty),
-                 mask=ms[:, None] & mv[None, :])
+        dhc = load_tile(dh_base, offs_t, mt, offs_v, mv, DV)
+        dcs = load_tile(DCS + s_off * DV, offs_d, md, offs_v, mv, DV)
+        deltac = scale_rows(dhc, inv)
+        dvt = state_dot(ks, dcs, PREC, STATE_F32) * e[:, None] + tl.dot(at, deltac, input_precision=PREC)
+        store_tile(DVO + bh * S * DV, offs_s, ms, offs_v, mv, DV, dvt)
 
 
 # ----------------------------------------------------------------------------- gate gradients
@@ -399,50 +361,13 @@ bwd_gates_a = fast(bwd_gates_a_kernel)
 bwd_gates_b = fast(bwd_gates_b_kernel)
 bwd_gates_c = fast(bwd_gates_c_kernel)
 
-bwd_dstates = autotune(
-    tune_configs([
-        ({"BK": 64, "BV": 64, "PREFETCH": True}, 4, 2),
-        ({"BK": 64, "BV": 64, "PREFETCH": False}, 8, 3),
-        ({"BK": 64, "BV": 64, "PREFETCH": True}, 8, 3),
-        ({"BK": 64, "BV": 128, "PREFETCH": False}, 8, 2),
-        ({"BK": 64, "BV": 64, "PREFETCH": False}, 4, 1),
-    ]),
-    key=TUNE_KEY,
-    interpret_config=triton.Config({"BK": 16, "BV": 16, "PREFETCH": True}),
-)(bwd_dstates_kernel)
-
-bwd_dq = autotune(
-    tune_configs([
-        ({"BLQ": 64, "BV": 32}, 8, 3),
-        ({"BLQ": 64, "BV": 64}, 8, 2),
-        ({"BLQ": 64, "BV": 64}, 4, 2),
-        ({"BLQ": 32, "BV": 64}, 4, 2),
-        ({"BLQ": 64, "BV": 32}, 8, 1),  # fits fp32 inputs (chunk 64)
-    ]),
-    key=TUNE_KEY,
-    interpret_config=triton.Config({"BLQ": 16, "BV": 16}),
-)(bwd_dq_kernel)
-
-bwd_dk = autotune(
-    tune_configs([
-        ({"BLK": 64, "BV": 32}, 8, 3),
-        ({"BLK": 64, "BV": 64}, 8, 2),
-        ({"BLK": 64, "BV": 32}, 8, 2),
-        ({"BLK": 32, "BV": 64}, 4, 2),
-        ({"BLK": 64, "BV": 32}, 8, 1),  # fits fp32 inputs (chunk 64)
-    ]),
-    key=TUNE_KEY,
-    interpret_config=triton.Config({"BLK": 16, "BV": 16}),
-)(bwd_dk_kernel)
-
-bwd_dv = autotune(
-    tune_configs([
-        ({"BLK": 64, "BV": 32, "NVP": 1}, 8, 2),
-        ({"BLK": 64, "BV": 32, "NVP": 2}, 8, 2),
-        ({"BLK": 64, "BV": 64, "NVP": 1}, 8, 2),
-        ({"BLK": 64, "BV": 64, "NVP": 2}, 8, 2),
-        ({"BLK": 64, "BV": 32, "NVP": 1}, 8, 1),  # fits fp32 inputs (chunk 64)
-    ]),
-    key=TUNE_KEY,
-    interpret_config=triton.Config({"BLK": 16, "BV": 16, "NVP": 2}),
-)(bwd_dv_kernel)
+# rows: the constexprs named, then num_warps, num_stages (a single-stage row of an intra-chunk kernel
+# is for fp32 inputs only, see ``_common._fits``)
+bwd_dstates = tuned(bwd_dstates_kernel, "BK BV PREFETCH", interpret=(16, 16, True), rows=[
+    (64, 64, True, 4, 2), (64, 64, False, 8, 3), (64, 64, True, 8, 3), (64, 128, False, 8, 2), (64, 64, False, 4, 1)])
+bwd_dq = tuned(bwd_dq_kernel, "BLQ BV", interpret=(16, 16), rows=[
+    (64, 32, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 8, 1)])
+bwd_dk = tuned(bwd_dk_kernel, "BLK BV", interpret=(16, 16), rows=[
+    (64, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2), (64, 32, 8, 1)])
+bwd_dv = tuned(bwd_dv_kernel, "BLK BV NVP", interpret=(16, 16, 2), rows=[
+    (64, 32, 1, 8, 2), (64, 32, 2, 8, 2), (64, 64, 1, 8, 2), (64, 64, 2, 8, 2), (64, 32, 1, 8, 1)])

@@ -59,9 +59,15 @@ def _fits(cfg: triton.Config, args: dict) -> bool:
 TUNE_KEY = ["DQK", "DV", "L", "TK"]
 
 
-def tune_configs(items: list[tuple[dict, int, int]]) -> list[triton.Config]:
-    """``triton.Config`` per ``(kwargs, num_warps, num_stages)``."""
-    return [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in items]
+def tuned(kernel, names: str, interpret: tuple, rows: list[tuple]):
+    """The :func:`autotune` launcher of ``kernel`` (keyed by :data:`TUNE_KEY`), one config per row:
+    the values of the constexprs ``names`` (space separated), then ``num_warps`` and ``num_stages``;
+    ``interpret`` holds the constexpr values used in the interpreter."""
+    keys = names.split()
+    configs = [triton.Config(dict(zip(keys, row[:-2], strict=True)), num_warps=row[-2], num_stages=row[-1])
+               for row in rows]
+    interpret_config = triton.Config(dict(zip(keys, interpret, strict=True)))
+    return autotune(configs, key=TUNE_KEY, interpret_config=interpret_config)(kernel)
 
 
 def autotune(configs: list[triton.Config], key: list[str], interpret_config: triton.Config):
@@ -251,3 +257,65 @@ def logsigmoid(x):
 @triton.jit
 def max_fn(a, b):
     return tl.maximum(a, b)
+
+
+@triton.jit
+def load_tile(base, rows, mr, cols, mc, stride):
+    """The ``[rows, cols]`` tile of a row-major matrix at ``base`` (``stride`` elements a row), 0 off the masks."""
+    return tl.load(base + rows[:, None] * stride + cols[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(base, rows, mr, cols, mc, stride, x):
+    """Stores ``x`` (cast to the pointee type) as the ``[rows, cols]`` tile of a row-major matrix at ``base``."""
+    tl.store(base + rows[:, None] * stride + cols[None, :], x.to(base.dtype.element_ty), mask=mr[:, None] & mc[None, :])
+
+
+@triton.jit
+def scale_rows(x, inv):
+    """``x`` with row ``r`` multiplied by ``inv[r]`` in fp32, back in x's dtype (dh divided by the denominator)."""
+    return (x.to(tl.float32) * inv[:, None]).to(x.dtype)
+
+
+@triton.jit
+def state_dot(a, st, PREC: tl.constexpr, STATE_F32: tl.constexpr):
+    """``a @ st`` with ``st`` a tile of a chunk state: in fp32 at ``PREC`` where the states are kept in fp32,
+    otherwise in the inputs' dtype (the states have it then)."""
+    if STATE_F32:
+        out = tl.dot(a.to(tl.float32), st, input_precision=PREC)
+    else:
+        out = tl.dot(a, st.to(a.dtype))
+    return out
+
+
+@triton.jit
+def chunk_rows(pid, S, DQK: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr, BL: tl.constexpr):
+    """Offsets of an intra-chunk program: ``(ci, rows, mask, chunk_rows, mask, cols, mask)``, its ``BL``
+    rows (tile ``pid``), the ``L`` rows of their chunk ``ci`` and the DQK columns (``DQKP`` wide)."""
+    r0 = pid * BL
+    ci = r0 // L
+    c0 = ci * L
+    offs_r = r0 + tl.arange(0, BL)
+    offs_c = c0 + tl.arange(0, L)
+    offs_d = tl.arange(0, DQKP)
+    return ci, offs_r, offs_r < S, offs_c, offs_c < S, offs_d, offs_d < DQK
+
+
+@triton.jit
+def causal_decay(offs_t, mt, bt, m_t, offs_s, ms, b_s, i_s, KEYS_ON_ROWS: tl.constexpr):
+    """The intra-chunk decay ``D_ts = exp((b_t - b_s) + (i_s - m_t))`` of queries ``t`` and keys ``s <= t``
+    (0 elsewhere and off the masks): ``[t, s]``, or ``[s, t]`` with ``KEYS_ON_ROWS``."""
+    if KEYS_ON_ROWS:
+        keep = (offs_s[:, None] <= offs_t[None, :]) & ms[:, None] & mt[None, :]
+        x = (bt[None, :] - b_s[:, None]) + (i_s[:, None] - m_t[None, :])
+    else:
+        keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
+        x = (bt[:, None] - b_s[None, :]) + (i_s[None, :] - m_t[:, None])
+    return tl.exp(tl.where(keep, x, -float("inf")))
+
+
+@triton.jit
+def dv_part(pid_v, DV: tl.constexpr, NVP: tl.constexpr):
+    """First and end column of the ``pid_v``-th of ``NVP`` parts of DV (a program's share of the value tiles)."""
+    part = (DV + NVP - 1) // NVP
+    return pid_v * part, pid_v * part + part

@@ -24,7 +24,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import TUNE_KEY, autotune, fast, logsigmoid, max_fn, tune_configs
+from ._common import (
+    causal_decay,
+    chunk_rows,
+    dv_part,
+    fast,
+    load_tile,
+    logsigmoid,
+    max_fn,
+    state_dot,
+    store_tile,
+    tuned,
+)
 
 
 @triton.jit
@@ -67,7 +78,7 @@ def fwd_states_kernel(
     offs_l = tl.arange(0, L)
     writer = (pid_k == 0) & (pid_v == 0)
     if HAS_INIT:
-        c = tl.load(C0 + bh * DQK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0)
+        c = load_tile(C0 + bh * DQK * DV, offs_k, mk, offs_v, mv, DV)
         n = tl.load(N0 + bh * DQK + offs_k, mask=mk, other=0.0)
         m = tl.load(M0 + bh)
     else:
@@ -94,7 +105,7 @@ def fwd_states_kernel(
         t = ci * L + offs_l
         mt = t < S
         kt = tl.load(k_base + t[None, :] * DQK + offs_k[:, None], mask=mt[None, :] & mk[:, None], other=0.0)
-        vt = tl.load(v_base + t[:, None] * DV + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        vt = load_tile(v_base, t, mt, offs_v, mv, DV)
         m_next = tl.maximum(g + m, amax)
         decay = tl.exp(g + m - m_next)
         e = tl.exp(a - m_next)  # weight of each token in the next state, <= 1
@@ -120,58 +131,39 @@ def fwd_out_kernel(
     pid_q = tl.program_id(0)
     pid_v = tl.program_id(1)  # which of the NVP parts of DV this program writes
     bh = tl.program_id(2).to(tl.int64)
-    q0 = pid_q * BLQ
-    ci = q0 // L
-    c0 = ci * L
-    offs_t = q0 + tl.arange(0, BLQ)
-    mt = offs_t < S
-    offs_s = c0 + tl.arange(0, L)
-    ms = offs_s < S
-    offs_d = tl.arange(0, DQKP)
-    md = offs_d < DQK
+    ci, offs_t, mt, offs_s, ms, offs_d, md = chunk_rows(pid_q, S, DQK, DQKP, L, BLQ)  # a query tile, its chunk
     g_base = bh * S
-    q = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_d[None, :], mask=mt[:, None] & md[None, :],
-                other=0.0)
+    q = load_tile(Q + bh * S * DQK, offs_t, mt, offs_d, md, DQK)
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
     mc = tl.load(MC + bh * (NC + 1) + ci)
     m_t = bt + tl.maximum(tl.load(CM + g_base + offs_t, mask=mt, other=0.0), mc)
     w = tl.exp(bt + mc - m_t) * scale
     # scores of the query tile against the whole chunk (keys after the query are masked)
-    kc = tl.load(K + bh * S * DQK + offs_s[:, None] * DQK + offs_d[None, :], mask=ms[:, None] & md[None, :],
-                 other=0.0)
+    kc = load_tile(K + bh * S * DQK, offs_s, ms, offs_d, md, DQK)
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
-    keep = (offs_s[None, :] <= offs_t[:, None]) & ms[None, :] & mt[:, None]
-    d = tl.exp(tl.where(keep, (bt[:, None] - b_s[None, :]) + (i_s[None, :] - m_t[:, None]), -float("inf")))
+    d = causal_decay(offs_t, mt, bt, m_t, offs_s, ms, b_s, i_s, KEYS_ON_ROWS=False)
     sd = tl.dot(q, tl.trans(kc), input_precision=PREC) * scale * d
     s_off = (bh * NC + ci) * DQK
     qn = tl.zeros([BLQ], dtype=tl.float32)
     for d0 in tl.static_range(0, DQKP, 64):  # q . n_c in fp32, a slice at a time (few registers)
         offs_e = d0 + tl.arange(0, 64)
         me = offs_e < DQK
-        qs = tl.load(Q + bh * S * DQK + offs_t[:, None] * DQK + offs_e[None, :], mask=mt[:, None] & me[None, :],
-                     other=0.0)
+        qs = load_tile(Q + bh * S * DQK, offs_t, mt, offs_e, me, DQK)
         qn += tl.sum(qs.to(tl.float32) * tl.load(NS + s_off + offs_e, mask=me, other=0.0)[None, :], axis=1)
     den = tl.sum(sd, axis=1) + qn * w
     dd = tl.maximum(tl.abs(den), tl.exp(-m_t)) + eps
     sdq = sd.to(q.dtype)
     v_base = V + bh * S * DV
     h_base = H + bh * S * DV
-    part = (DV + NVP - 1) // NVP
-    v_end = pid_v * part + part
-    for v0 in range(pid_v * part, v_end, BV):
+    v_start, v_end = dv_part(pid_v, DV, NVP)
+    for v0 in range(v_start, v_end, BV):
         offs_v = v0 + tl.arange(0, BV)
         mv = (offs_v < DV) & (offs_v < v_end)
-        cst = tl.load(CS + s_off * DV + offs_d[:, None] * DV + offs_v[None, :], mask=md[:, None] & mv[None, :],
-                      other=0.0)
-        vt = tl.load(v_base + offs_s[:, None] * DV + offs_v[None, :], mask=ms[:, None] & mv[None, :], other=0.0)
-        if STATE_F32:
-            acc = tl.dot(q.to(tl.float32), cst, input_precision=PREC)
-        else:
-            acc = tl.dot(q, cst.to(q.dtype))
-        acc = acc * w[:, None] + tl.dot(sdq, vt, input_precision=PREC)
-        tl.store(h_base + offs_t[:, None] * DV + offs_v[None, :], (acc / dd[:, None]).to(H.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        cst = load_tile(CS + s_off * DV, offs_d, md, offs_v, mv, DV)
+        vt = load_tile(v_base, offs_s, ms, offs_v, mv, DV)
+        acc = state_dot(q, cst, PREC, STATE_F32) * w[:, None] + tl.dot(sdq, vt, input_precision=PREC)
+        store_tile(h_base, offs_t, mt, offs_v, mv, DV, acc / dd[:, None])
     first = offs_t * 0 + pid_v == 0
     tl.store(MM + g_base + offs_t, m_t, mask=mt & first)
     tl.store(DEN + g_base + offs_t, den, mask=mt & first)
@@ -180,25 +172,9 @@ def fwd_out_kernel(
 # Launchers (the tuned ones keyed by :data:`TUNE_KEY`).
 fwd_gates = fast(fwd_gates_kernel)
 
-fwd_states = autotune(
-    tune_configs([
-        ({"BK": 64, "BV": 64}, 4, 2),
-        ({"BK": 64, "BV": 64}, 8, 3),
-        ({"BK": 64, "BV": 128}, 8, 2),
-        ({"BK": 64, "BV": 64}, 4, 1),
-    ]),
-    key=TUNE_KEY,
-    interpret_config=triton.Config({"BK": 16, "BV": 16}),
-)(fwd_states_kernel)
-
-fwd_out = autotune(
-    tune_configs([
-        ({"BLQ": 64, "BV": 32, "NVP": 1}, 8, 2),
-        ({"BLQ": 64, "BV": 64, "NVP": 1}, 8, 2),
-        ({"BLQ": 64, "BV": 32, "NVP": 2}, 8, 2),
-        ({"BLQ": 128, "BV": 64, "NVP": 1}, 8, 2),
-        ({"BLQ": 64, "BV": 32, "NVP": 1}, 8, 1),  # fits fp32 inputs (chunk 64)
-    ]),
-    key=TUNE_KEY,
-    interpret_config=triton.Config({"BLQ": 16, "BV": 16, "NVP": 2}),
-)(fwd_out_kernel)
+# rows: the constexprs named, then num_warps, num_stages (a single-stage row of an intra-chunk kernel
+# is for fp32 inputs only, see ``_common._fits``)
+fwd_states = tuned(fwd_states_kernel, "BK BV", interpret=(16, 16), rows=[
+    (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 1)])
+fwd_out = tuned(fwd_out_kernel, "BLQ BV NVP", interpret=(16, 16, 2), rows=[
+    (64, 32, 1, 8, 2), (64, 64, 1, 8, 2), (64, 32, 2, 8, 2), (128, 64, 1, 8, 2), (64, 32, 1, 8, 1)])

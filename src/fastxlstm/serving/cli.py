@@ -31,7 +31,8 @@ def serve(
              "the server for seconds); off: the first launch config that fits")] = False,
     gil_switch_ms: Annotated[float, typer.Option(
         min=0.05, help="Python's thread switch interval (ms): how long the scheduler thread can wait for the GIL "
-                       "while the HTTP thread holds it (Python's default is 5)")] = 1.0,
+                       "while the HTTP thread holds it; Python's default, 5, until a GPU load test says otherwise)")]
+    = 5.0,
     max_model_len: Annotated[int, typer.Option(min=2, help="Limit on prompt + completion tokens")] = 32768,
     prefix_cache_mb: Annotated[int, typer.Option(min=0, help="Prefix-cache size in MiB (0 disables)")] = 2048,
     request_timeout: Annotated[float, typer.Option(min=0, help="Seconds per request (0: none)")] = 600.0,

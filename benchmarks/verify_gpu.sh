@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call that checks the tree on the GPU: every `gpu`-marked test, then the kernels' accuracy
+# check and a quick kernel timing against the official kernels (JSON under $OUT).
+#   bash benchmarks/verify_gpu.sh          (carry .whl with the official wheels for the peer columns)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/fastxlstm-verify}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15
+python3 benchmarks/kernels.py --check --out "$OUT" --tag verify 2>&1 | tail -15
+python3 benchmarks/kernels.py --bench --quick --out "$OUT" --tag verify 2>&1 | tail -20

@@ -94,7 +94,7 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
     import torch
 
     from fastxlstm.checkpoint import load
-    from fastxlstm.serving.engine_slots import EngineSlots
+    from fastxlstm.engine.backend import EngineSlotBackend
     from fastxlstm.serving.prefix_cache import clone_state
 
     cuda = torch.cuda.is_available()
@@ -103,7 +103,7 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
         torch.float32
     torch.set_grad_enabled(False)
     model = load(model_spec, device=dev, dtype=dt, weight_mode="fused")
-    be = EngineSlots(model, slots)
+    be = EngineSlotBackend(model, slots)
     be.engine.warmup([slots])
     rng = random.Random(0)
     mid = (min_p + max_p) // 2

@@ -220,7 +220,7 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
     """With overlap a window is queued behind one whose tokens were not read yet (its inputs stay on the
     device); tokens, finish reasons, cached turn-end states and slot accounting equal the serial scheduler's
     and generate(), with length, stop-token and EOS stops inside windows."""
-    from fastxlstm.serving.engine_slots import EngineSlots
+    from fastxlstm.engine.backend import EngineSlotBackend
 
     ps = prompts([6, 6, 11, 4, 9, 14, 7], seed=6)
     ref = [generate(model, p, 23)[0].tolist() for p in ps]
@@ -229,7 +229,7 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
     budgets = [23, 23, 5, 17, 23, 2, 11]
     results = {}
     for overlap in (False, True):
-        be = ModelSlots(model, max_slots=4) if kind == "model" else EngineSlots(model, max_slots=4)
+        be = ModelSlots(model, max_slots=4) if kind == "model" else EngineSlotBackend(model, max_slots=4)
         launches = []
         cache = PrefixCache(10**8)
         sched = Scheduler(be, eos_token_id=eos_tok, cache=cache, decode_steps_per_read=4, overlap=overlap)
@@ -274,9 +274,9 @@ def test_mixed_length_prefill_buckets_exact(model):
     """The engine backend prefills prompts of different lengths together (right-padded, padded tokens at most
     ``prefill_pad_ratio`` x real and at most the prefill budget per forward); tokens equal generate(), every
     cached prompt-end state equals a fresh prefill of its key, and no slot leaks."""
-    from fastxlstm.serving.engine_slots import EngineSlots
+    from fastxlstm.engine.backend import EngineSlotBackend
 
-    be = EngineSlots(model, max_slots=12)
+    be = EngineSlotBackend(model, max_slots=12)
     calls = []
     orig = be.prefill_batch
     be.prefill_batch = lambda t, s: (calls.append([len(x) for x in t]), orig(t, s))[1]

@@ -82,16 +82,19 @@ class EngineSlotBackend:
         return out.logits
 
     @torch.no_grad()
-    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int], steps: int, logprobs: bool = False
+    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int] | Tensor, steps: int, logprobs: bool = False
                       ) -> Tensor | tuple[Tensor, Tensor]:
         """``steps`` greedy steps, the engine feeding each sampled token back on the device; tokens
         ``[n, steps]`` as a device tensor (the caller's one host read) and, with ``logprobs``, their
-        log-probabilities ``[n, steps]``. Needs the slots configured greedy, which :meth:`load` does."""
+        log-probabilities ``[n, steps]``. Needs the slots configured greedy, which :meth:`load` does.
+        ``tokens`` (the first inputs) may be a device tensor, e.g. the last column of a window whose
+        tokens the caller has not read yet: the next window queues behind it with no host round trip."""
         from ..serving.slots import chosen_logprobs
 
         if len(slots) != len(tokens) or not slots or steps < 1:
             raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
-        slots, feed = list(slots), list(tokens)
+        slots = list(slots)
+        feed = tokens if isinstance(tokens, Tensor) else list(tokens)
         out, lps = [], []
         for _ in range(steps):  # explicit slots keep every row running (the stops are the host's)
             step = self.engine.decode_step(slots, feed, return_logits=logprobs)

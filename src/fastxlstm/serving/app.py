@@ -740,12 +740,12 @@ def make_backend(model, max_slots: int, kind: str = "auto") -> SlotBackend:
         raise ValueError(f"backend must be 'auto', 'engine' or 'model', got {kind!r}")
     if kind in ("auto", "engine"):
         try:
-            from .engine_slots import EngineSlots
+            from ..engine.backend import EngineSlotBackend
         except ImportError:
             if kind == "engine":
                 raise
         else:
-            return EngineSlots(model, max_slots)
+            return EngineSlotBackend(model, max_slots)
     return ModelSlots(model, max_slots)
 
 

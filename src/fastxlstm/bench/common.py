@@ -151,6 +151,29 @@ def random_xlstm(config, device: str | torch.device = "cuda", dtype: torch.dtype
     return model.eval()
 
 
+def graph_equals_eager(engine, n: int, steps: int) -> bool:
+    """Whether ``steps`` greedy decode steps of slots ``0..n-1`` give the same tokens replayed from the
+    engine's CUDA graphs as run eagerly, both runs starting from the slots' current states and pending
+    tokens (the slots end where the eager run left them)."""
+    start = [engine.get_slot_state(s) for s in range(n)]
+    first = engine.tokens[:n].clone()
+    runs, before = {}, engine.use_cuda_graph
+    try:
+        for graph in (True, False):
+            engine.use_cuda_graph = graph
+            for s in range(n):
+                engine.set_slot_state(s, start[s])
+            engine.decode_step(slots=list(range(n)), tokens=first, return_outputs=False)
+            seq = [engine.tokens[:n].clone()]
+            for _ in range(steps - 1):
+                engine.decode_step(return_outputs=False)
+                seq.append(engine.tokens[:n].clone())
+            runs[graph] = torch.stack(seq, 1).tolist()
+    finally:
+        engine.use_cuda_graph = before
+    return runs[True] == runs[False]
+
+
 def seeded_tokens(n: int, vocab: int, batch: int = 1, device: str = "cuda", seed: int = 0) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(3, vocab, (batch, n), generator=gen).to(device)

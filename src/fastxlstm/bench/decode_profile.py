@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from .common import device_name, random_xlstm
+from .common import device_name, graph_equals_eager, random_xlstm
 
 
 def _graph_ms(fn, iters: int = 20, warmup: int = 2) -> float:
@@ -210,21 +210,7 @@ def decode_variants(out: dict, model, best_gemv: dict, batches) -> None:
         eng.runner.fused_cell, eng.runner.gemv_decode = True, True
         # graph vs eager greedy tokens (B1 gemv path and B4 fused), 12 steps from the same state
         for n in (1, 4):
-            start = [eng.get_slot_state(s) for s in range(n)]
-            toks = eng.tokens[:n].clone()
-            seqs = {}
-            for graph in (True, False):
-                eng.use_cuda_graph = graph
-                for s in range(n):
-                    eng.set_slot_state(s, start[s])
-                eng.decode_step(slots=list(range(n)), tokens=toks, return_outputs=False)
-                seq = [eng.tokens[:n].clone()]
-                for _ in range(11):
-                    eng.decode_step(return_outputs=False)
-                    seq.append(eng.tokens[:n].clone())
-                seqs[graph] = torch.stack(seq, 1).tolist()
-            eng.use_cuda_graph = True
-            out.setdefault("graph_equals_eager", {})[f"{sdt}_B{n}"] = seqs[True] == seqs[False]
+            out.setdefault("graph_equals_eager", {})[f"{sdt}_B{n}"] = graph_equals_eager(eng, n, 12)
         del eng
         torch.cuda.empty_cache()
     out["decode"] = rows

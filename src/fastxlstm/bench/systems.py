@@ -17,6 +17,7 @@ from .common import (
     Plan,
     Recorder,
     free_memory,
+    graph_equals_eager,
     is_oom,
     peak_gb,
     random_xlstm,
@@ -192,22 +193,7 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
     _decode_loop(plan, rec, eng, plan.batch_sizes, "decode")
     # CUDA graph vs eager: same greedy tokens (batch 4, 16 steps, same start state).
     try:
-        n = min(4, max_b)
-        start = [eng.get_slot_state(s) for s in range(n)]
-        toks = eng.tokens[:n].clone()
-        outs = {}
-        for graph in (True, False):
-            eng.use_cuda_graph = graph
-            for s in range(n):
-                eng.set_slot_state(s, start[s])
-            eng.decode_step(slots=list(range(n)), tokens=toks, return_outputs=False)
-            seq = [eng.tokens[:n].clone()]
-            for _ in range(15):
-                eng.decode_step(return_outputs=False)
-                seq.append(eng.tokens[:n].clone())
-            outs[graph] = torch.stack(seq, 1).tolist()
-        eng.use_cuda_graph = True
-        rec.set("graph_equals_eager", outs[True] == outs[False])
+        rec.set("graph_equals_eager", graph_equals_eager(eng, min(4, max_b), 16))
     except Exception as e:  # noqa: BLE001
         rec.error("graph vs eager", e)
     # What bounds decode: the same step with only its GEMMs (weights streaming) and the state

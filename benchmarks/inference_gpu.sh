@@ -3,11 +3,7 @@
 # (check: GPU engine tests + a tiny smoke run of every system + our 7B numbers; full: side by side;
 # profile: GPU engine/step tests, then kernel sweeps and per-kernel tables -> $OUT/decode_profile.json).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-/tmp/fastxlstm-bench}
 mode=${1:-check}
 shift || true

@@ -3,11 +3,7 @@
 # check and a quick kernel timing against the official kernels (JSON under $OUT).
 #   bash benchmarks/verify_gpu.sh          (carry .whl with the official wheels for the peer columns)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 OUT=${OUT:-/tmp/fastxlstm-verify}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

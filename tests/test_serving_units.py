@@ -113,11 +113,28 @@ def test_stop_text_holds_back_only_possible_stop_starts():
     for t in tok.encode("aaSTaaSTOPbb"):
         st.add(t)
     assert st.stopped and st.ready() == "aaSTaaSTOP"
-    # no stops: nothing held back; special tokens add no text; no tokenizer: no text, never stopped
+    # on a stop, the held-back text before it goes out at once (the server reads no final piece after a stop)
+    st = StopText(tok, ["STOP", "Tx"])
+    got = []
+    for t in tok.encode("aSTxy"):
+        st.add(t)
+        got.append(st.ready())
+    assert st.stopped and "".join(got) == "aS"  # "S" (may start "STOP") was held until "Tx" stopped the text
+    # the earliest stop string wins, whatever the order of the list
+    st = StopText(tok, ["ab", "b"])
+    for t in tok.encode("xab"):
+        st.add(t)
+    assert st.stopped and st.ready() == "x"
+    # no stops: nothing held back; special tokens add no text; finish() takes the decoder's held bytes;
+    # no tokenizer: no text, never stopped
     st = StopText(tok)
     st.add(tok.encode("q")[0])
-    st.add(5, special=True)
+    st.add(tok.encode("r")[0], special=True)
     assert st.ready() == "q"
+    st.add(tok.encode("\u00e9")[0])  # the first byte of a two-byte character: held by the decoder
+    assert st.ready() == ""
+    st.finish()
+    assert st.ready(final=True) == "\ufffd"
     none = StopText(None, ["x"])
     assert none.add(7) is False and none.ready(final=True) == "" and not none.stopped
     with pytest.raises(ValueError):

@@ -289,3 +289,12 @@ def test_warm_prefill_covers_shape_classes_and_touches_no_slot():
     assert {(15, False), (16, False), (255, False), (256, False), (1, False)} <= set(seen)
     assert any(s for _, s in seen) and max(k for k, _ in seen) <= 300
     assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in be.state for t in layer)))
+    # a padding backend (the engine's) also gets the different-length (padding-mask) variants
+    from fastxlstm.engine.backend import EngineSlotBackend
+
+    eb = EngineSlotBackend(model, max_slots=1)
+    calls = []
+    orig_engine_batch = eb.prefill_batch
+    eb.prefill_batch = lambda toks, sts: (calls.append([len(t) for t in toks]), orig_engine_batch(toks, sts))[1]
+    warm_prefill(eb, 20, force=True)
+    assert any(len(set(c)) > 1 for c in calls), calls

@@ -54,11 +54,8 @@ class EngineSlotBackend:
         eng = self.engine
         lengths = [len(t) for t in tokens]
         width = max(lengths)
-        ids = torch.tensor([list(t) + [0] * (width - len(t)) for t in tokens], dtype=torch.long)
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size {self.vocab_size}")
-        ids = ids.to(eng.device, non_blocking=True)
+        flat = [t for row in tokens for t in (*row, *(0,) * (width - len(row)))]  # right-padded with id 0
+        ids = eng._ids(flat).view(len(tokens), width)  # the engine's id check and non-blocking copy
         start = stack_states([None if s is None else eng._as_state(s) for s in states], eng.device)
         hidden, new_state = eng.runner.forward_tokens(ids, start, lengths if min(lengths) < width else None)
         return eng.runner.logits(hidden), split_state(new_state, len(tokens), copy=False)

@@ -99,6 +99,8 @@ PARTIAL_GRAD_CASES = {
 }
 NAMES = ["h", "C", "n", "m"]
 GRAD_NAMES = ["q", "k", "v", "i", "f", "C0", "n0", "m0"]
+# every gradient case with the outputs in its loss (the full cases: all of them)
+ALL_GRAD_CASES = {**{name: (*case, tuple(NAMES)) for name, case in GRAD_CASES.items()}, **PARTIAL_GRAD_CASES}
 
 
 def _worker() -> dict:
@@ -125,18 +127,7 @@ def _worker() -> dict:
     # the public dispatcher picks these kernels with backend="triton"
     d = dispatch(*xs, state, chunk_size=16, backend="triton")
     out["misc"]["dispatch"] = _rel(d[0], ref(*(t.double() for t in xs), tuple(t.double() for t in state))[0])
-    for name, (seed, b, nh, s, dqk, dv, gates, st, kc) in GRAD_CASES.items():
-        xs, state = _inputs(seed, b, nh, s, dqk, dv, gates, st)
-        leaves = xs + (list(state) if state is not None else [])
-        ours = [t.clone().requires_grad_() for t in leaves]
-        r64 = [t.double().requires_grad_() for t in leaves]
-        r32 = [t.clone().requires_grad_() for t in leaves]
-        _weighted(T.mlstm_chunkwise, ours, seed, kernel_chunk=kc).backward()
-        _weighted(ref, r64, seed, chunk_size=16).backward()
-        _weighted(ref, r32, seed, chunk_size=kc).backward()
-        out["grad"][name] = {nm: (_rel(a.grad, r.grad), _rel(c.grad, r.grad))
-                             for nm, a, c, r in zip(GRAD_NAMES, ours, r32, r64)}
-    for name, (seed, b, nh, s, dqk, dv, gates, st, kc, use) in PARTIAL_GRAD_CASES.items():
+    for name, (seed, b, nh, s, dqk, dv, gates, st, kc, use) in ALL_GRAD_CASES.items():
         xs, state = _inputs(seed, b, nh, s, dqk, dv, gates, st)
         leaves = xs + (list(state) if state is not None else [])
         ours = [t.clone().requires_grad_() for t in leaves]
@@ -209,12 +200,11 @@ def test_forward_and_final_state_match_reference(interp, case):
         assert ours <= bound, f"{case} {name}: {ours:.2e} > {bound:.2e} (float32 reference: {r32:.2e})"
 
 
-@pytest.mark.parametrize("case", list(GRAD_CASES) + list(PARTIAL_GRAD_CASES))
+@pytest.mark.parametrize("case", list(ALL_GRAD_CASES))
 def test_gradients_match_reference_autograd(interp, case):
     errs = interp["grad"][case]
-    retain = (GRAD_CASES.get(case) or PARTIAL_GRAD_CASES[case])[6] == "retain"
-    bound = _bound(errs, EXTREME_GRAD_FLOOR if case.startswith("extreme") or retain else GRAD_FLOOR)
-    has_state = (GRAD_CASES.get(case) or PARTIAL_GRAD_CASES[case])[7]
+    gates, has_state = ALL_GRAD_CASES[case][6:8]
+    bound = _bound(errs, EXTREME_GRAD_FLOOR if case.startswith("extreme") or gates == "retain" else GRAD_FLOOR)
     assert set(errs) == set(GRAD_NAMES[:8 if has_state else 5])
     for name, (ours, r32) in errs.items():
         assert ours <= bound, f"{case} d{name}: {ours:.2e} > {bound:.2e} (float32 reference: {r32:.2e})"

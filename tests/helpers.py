@@ -41,3 +41,21 @@ def hf_twin(model: XLSTMForCausalLM):
     hf = xLSTMForCausalLM(hf_config(model.config)).eval()
     hf.load_state_dict(_single_mode_state(model), strict=True)
     return hf
+
+
+def decode_cell_reference(proj: torch.Tensor, gate_bias: torch.Tensor, c: torch.Tensor, n: torch.Tensor,
+                          m: torch.Tensor, norm_weight: torch.Tensor, cap: float = 15.0, norm_eps: float = 1e-6):
+    """float64 reference of the one-launch decode cell (``fastxlstm.ops.triton.mlstm_decode_cell_``), every
+    row active: soft-capped gates of ``pre + gate_bias`` (the sum rounded to proj's dtype, as the kernel
+    does), the mLSTM step from ``(c, n, m)`` (shape ``[B,NH,DQK,DV]`` etc.), the per-head LayerNorm times
+    ``norm_weight`` and the output gate. Returns ``(y [B, NH*DV], (C, n, m))`` in float64."""
+    from fastxlstm.ops.reference import mlstm_step_reference
+
+    batch, nh, dqk, dv = c.shape
+    q, k, v, o, pre = proj.double().split([nh * dqk, nh * dqk, nh * dv, nh * dv, 2 * nh], -1)
+    gates = cap * torch.tanh((pre + gate_bias.double()).to(proj.dtype).double() / cap)
+    i, f = gates[:, :nh], gates[:, nh:]
+    h, state = mlstm_step_reference(q.reshape(batch, nh, dqk), k.reshape(batch, nh, dqk), v.reshape(batch, nh, dv),
+                                    i, f, (c.double(), n.double(), m.double()))
+    hn = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, keepdim=True, unbiased=False) + norm_eps)
+    return torch.sigmoid(o) * hn.flatten(-2) * norm_weight.double(), state

@@ -128,8 +128,9 @@ def test_bf16_state_close_to_fp32_state():
 def test_decode_cell_7b_shapes_vs_reference(batch, c_dtype):
     """The one-launch decode cell at the 7B cell shapes (every tile config the engine picks) against
     the float64 reference composition of gates, step, head norm and output gate."""
-    from fastxlstm.ops.reference import mlstm_step_reference
     from fastxlstm.ops.triton import mlstm_decode_cell_
+
+    from .helpers import decode_cell_reference
 
     nh, dqk, dv = 8, 256, 512
     g = torch.Generator(device="cuda").manual_seed(batch)
@@ -142,13 +143,7 @@ def test_decode_cell_7b_shapes_vs_reference(batch, c_dtype):
     n = torch.randn(batch, nh, dqk, device="cuda", generator=g)
     m = torch.randn(batch, nh, device="cuda", generator=g)
     w = (1 + 0.1 * torch.randn(nh * dv, device="cuda", generator=g)).to(torch.bfloat16)
-    q, k, v, o, pre = proj.double().split([nh * dqk, nh * dqk, nh * dv, nh * dv, 2 * nh], -1)
-    gates = 15 * torch.tanh((pre + gb.double()).to(torch.bfloat16).double() / 15)
-    i, f = gates[:, :nh], gates[:, nh:]
-    h, (c1, n1, m1) = mlstm_step_reference(q.reshape(batch, nh, dqk), k.reshape(batch, nh, dqk),
-                                           v.reshape(batch, nh, dv), i, f, (c.double(), n.double(), m.double()))
-    hn = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-6)
-    want = torch.sigmoid(o) * hn.flatten(-2) * w.double()
+    want, (c1, n1, m1) = decode_cell_reference(proj, gb, c, n, m, w)  # gates rounded to bf16 (proj's dtype)
     cs, ns, ms = c.to(c_dtype), n.clone(), m.clone()
     c0 = cs.clone()
     y = torch.empty(batch, nh * dv, device="cuda", dtype=torch.bfloat16)

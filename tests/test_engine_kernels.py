@@ -22,8 +22,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cell_case(batch: int, nh: int, dqk: int, dv: int, c_dtype: torch.dtype, seed: int) -> dict:
-    from fastxlstm.ops.reference import mlstm_step_reference
     from fastxlstm.ops.triton import mlstm_decode_cell_
+    from tests.helpers import decode_cell_reference
 
     g = torch.Generator().manual_seed(seed)
     proj = torch.randn(batch, 2 * nh * (dqk + dv + 1), generator=g)
@@ -33,13 +33,7 @@ def _cell_case(batch: int, nh: int, dqk: int, dv: int, c_dtype: torch.dtype, see
     c = torch.randn(batch, nh, dqk, dv, generator=g) * 0.3
     n, m = torch.randn(batch, nh, dqk, generator=g), torch.randn(batch, nh, generator=g)
     w = 1 + 0.1 * torch.randn(nh * dv, generator=g)
-    q, k, v, o, pre = proj.double().split([nh * dqk, nh * dqk, nh * dv, nh * dv, 2 * nh], -1)
-    gates = 15 * torch.tanh((pre + gb.double()) / 15)
-    i, f = gates[:, :nh], gates[:, nh:]
-    h, (c1, n1, m1) = mlstm_step_reference(q.reshape(batch, nh, dqk), k.reshape(batch, nh, dqk),
-                                           v.reshape(batch, nh, dv), i, f, (c.double(), n.double(), m.double()))
-    hn = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-6)
-    want = torch.sigmoid(o) * hn.flatten(-2) * w.double()
+    want, (c1, n1, m1) = decode_cell_reference(proj, gb, c, n, m, w)
     cs, ns, ms = c.to(c_dtype), n.clone(), m.clone()
     c0 = cs.clone()
     y = torch.empty(batch, nh * dv)

@@ -290,6 +290,8 @@ class Runner:
                 raise ValueError(f"lengths must be {b} values in [1, {total}], got {lengths}")
             if min(lengths) == total:
                 lengths = None  # no padding
+            else:
+                lens = torch.tensor(lengths).to(ids.device, non_blocking=True)  # no wait on queued GPU work
         if state is None:
             state = [None] * cfg.num_blocks  # type: ignore[list-item]
         state = list(state)
@@ -300,7 +302,6 @@ class Runner:
             real = None
             if lengths is not None and min(lengths) < start + s:
                 pos = torch.arange(start, start + s, device=ids.device)
-                lens = torch.tensor(lengths).to(ids.device, non_blocking=True)  # no wait on queued GPU work
                 real = (pos[None, :] < lens[:, None]).view(b * s)
             x = F.embedding(chunk, self.embedding).reshape(b * s, -1)
             delta = None

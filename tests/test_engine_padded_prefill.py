@@ -63,7 +63,8 @@ def _start_states(backend, n: int):
     return [backend.prefill(p, None)[1] for p in _prompts([5 + 3 * j for j in range(n)], seed=7)]
 
 
-@pytest.mark.parametrize("runner_chunk", [4096, 16, 5])
+# 7: the last runner chunk is one token (50 = 7 * 7 + 1), which takes the step path with padded rows
+@pytest.mark.parametrize("runner_chunk", [4096, 16, 7, 5])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_padded_prefill_equals_each_alone(runner_chunk, with_state):
     from fastxlstm.engine.backend import EngineSlotBackend

@@ -97,6 +97,17 @@ def test_new_specialisation_or_bucket_goes_through_triton(launch):
     assert len(inner.calls) == 7 and len(inner.kernel.calls) == 1
 
 
+def test_another_device_goes_through_triton(launch, monkeypatch):
+    fl, inner = launch
+    x, y = torch.zeros(8), torch.zeros(8)
+    fl[_grid](x, y, 32, 0.5, D=16, L=32, TK=7)
+    monkeypatch.setattr(_common.torch.cuda, "current_device", lambda: 1)
+    fl[_grid](x, y, 32, 0.5, D=16, L=32, TK=7)  # the handle cached on device 0 is not launched on device 1
+    assert len(inner.calls) == 2 and not inner.kernel.calls
+    fl[_grid](x, y, 32, 0.5, D=16, L=32, TK=7)
+    assert len(inner.calls) == 2 and inner.kernel.calls[0][3] == "stream1"  # on device 1's stream
+
+
 def test_failing_handle_falls_back_for_good(launch):
     fl, inner = launch
     x, y = torch.zeros(8), torch.zeros(8)

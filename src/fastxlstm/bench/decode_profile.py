@@ -162,12 +162,13 @@ def gemv_sweep(out: dict, model, only: tuple[str, ...] = ()) -> dict:
     return best
 
 
-def decode_variants(out: dict, model, best_gemv: dict, batches) -> None:
+def decode_variants(out: dict, model, batches) -> None:
+    """Decode step time per variant, with the shipped GEMV configs (gemv_config), as the benchmark runs."""
     from ..engine import Engine
     from ..generation.sampling import SamplingParams
     from .common import seeded_tokens
+    from .systems import _decode_timing
 
-    del best_gemv  # decode runs with the shipped defaults (gemv_config), as the benchmark does
     vocab = model.config.vocab_size
     rows = []
     tables = {}
@@ -192,17 +193,7 @@ def decode_variants(out: dict, model, best_gemv: dict, batches) -> None:
                 eng.runner.fused_cell, eng.runner.gemv_decode = fused, gv
                 eng._graphs.clear()
                 eng.decode_step(slots=list(range(b)), return_outputs=False)
-                for _ in range(3):
-                    eng.decode_step(return_outputs=False)
-                torch.cuda.synchronize()
-                a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                steps = 40 if b <= 32 else 16
-                a.record()
-                for _ in range(steps):
-                    eng.decode_step(return_outputs=False)
-                e.record()
-                torch.cuda.synchronize()
-                ms = a.elapsed_time(e) / steps
+                ms = _decode_timing(lambda eng=eng: eng.decode_step(return_outputs=False), 40 if b <= 32 else 16)
                 rows.append({"state": sdt, "batch": b, "variant": name, "ms": ms, "tok_s": b * 1e3 / ms})
                 print(f"[decode] {sdt} B{b} {name}: {ms:.3f} ms {b * 1e3 / ms:.0f} tok/s", flush=True)
                 if b == 1 and sdt == "float32":
@@ -286,10 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import preset
 
     model = random_xlstm(preset("xlstm-7b", weight_mode="fused"), "cuda", torch.bfloat16)
-    best: dict = {}
 
     def gemvs():
-        best.update(gemv_sweep(out, model, tuple(x for x in want if x.startswith("w_"))))
+        best = gemv_sweep(out, model, tuple(x for x in want if x.startswith("w_")))
         out["gemv_best"] = {str(k): v for k, v in best.items()}
         for name, row in out["gemv_sweep"].items():
             print(f"[gemv] {name} {row['shape']}: cublas {row['cublas_tb_s']:.2f} TB/s, best {row.get('best')}",
@@ -307,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     want = next((a.split("=", 1)[1].split(",") for a in args if a.startswith("--sections=")),
                 ["steps", "gemv", "decode", "prefill", "prefill_diag"])
     sections = (("steps", steps), ("gemv", gemvs), ("prefill_diag", lambda: prefill_diag(out, model)),
-                ("decode", lambda: decode_variants(out, model, best, (1, 8, 32, 128))),
+                ("decode", lambda: decode_variants(out, model, (1, 8, 32, 128))),
                 ("prefill", lambda: prefill_profile(out, model)))
     for name, fn in sections:
         if name not in want:

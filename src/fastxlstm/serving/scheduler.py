@@ -135,7 +135,6 @@ class _Window:
 
     active: list[_Choice]
     owners: list[GenerationRequest]
-    steps: int
     tokens: Tensor  # [n, steps] (host copy in flight, or on the device backend's own host memory)
     logprobs: Tensor | None
     event: torch.cuda.Event | None  # recorded after the copies (CUDA only)
@@ -709,7 +708,7 @@ class Scheduler:
             event = torch.cuda.Event()
             event.record()
         self.prof.lap("decode_launch")
-        return _Window(active, owners, steps, tokens, lps, event)
+        return _Window(active, owners, tokens, lps, event)
 
     def _drain(self) -> None:
         """Read and hand out the window in flight, if any."""

@@ -128,6 +128,12 @@ class _Choice:
     done: bool = False
     cancelled: bool = False
 
+    @property
+    def steps_left(self) -> int:
+        """Decode steps this choice may still launch: each step feeds one generated token, and the last of
+        its ``max_new_tokens`` is never fed, so ``max_new_tokens - 1`` less those already fed."""
+        return self.sampler.params.max_new_tokens - self.fed - 1
+
 
 @dataclass
 class _Window:
@@ -612,7 +618,7 @@ class Scheduler:
     def _decode(self) -> None:
         active, owners = self._active()
         if self._inflight is not None:  # sequences whose budget the window in flight uses up are not relaunched
-            keep = [j for j, c in enumerate(active) if c.sampler.params.max_new_tokens - c.fed - 1 > 0]
+            keep = [j for j, c in enumerate(active) if c.steps_left > 0]
             active, owners = [active[j] for j in keep], [owners[j] for j in keep]
         steps = self._window(active, owners) if active else 0
         if steps > 1:
@@ -678,7 +684,7 @@ class Scheduler:
             p = choice.sampler.params
             if not p.greedy_plain or p.logprobs:  # top alternatives need the host (logprobs=0 does not)
                 return 1
-            left = p.max_new_tokens - choice.fed - 1
+            left = choice.steps_left
             longest = max(longest, left)
             if req.cache_generation_end and self.cache is not None:
                 k = min(k, left)

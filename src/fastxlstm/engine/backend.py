@@ -68,7 +68,7 @@ class EngineSlotBackend:
         return self.engine.get_slot_state(slot)
 
     def release(self, slot: int) -> None:
-        self.engine.active[slot] = False
+        self.engine.active[slot:slot + 1].zero_()  # a 0-dim write would wait for the GPU
 
     @torch.no_grad()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:

@@ -19,6 +19,8 @@ from ..generation.sampling import (
 )
 from ..model import XLSTMForCausalLM
 from ..ops import State
+from .cuda_graph import capture_graph
+from .prefill_graph import PrefillGraphs
 from .runner import Runner
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -36,23 +38,6 @@ def resolve_state_dtype(value: str | torch.dtype | None) -> torch.dtype:
     elif str(value) in STATE_DTYPES:
         return STATE_DTYPES[str(value)]
     raise ValueError(f"state dtype must be one of {sorted(STATE_DTYPES)}, got {value!r}")
-
-
-def capture_graph(fn, warmup: int = 2, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Run ``fn`` ``warmup`` times on a side stream, then capture one call as a CUDA graph.
-
-    Returns the graph and what the captured call returned (its output buffers, refreshed by replays).
-    """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
-    return graph, out
 
 
 @dataclass
@@ -85,6 +70,7 @@ class Engine:
         self, model: XLSTMForCausalLM, max_slots: int = 8, *, use_cuda_graph: bool | None = None,
         prefill_chunk_size: int = 4096, backend: str = "auto", batch_buckets: Sequence[int] | None = None,
         eos_token_id: int | None = None, history: int = 256, state_dtype: str | torch.dtype | None = None,
+        prefill_graphs: bool | None = None,
     ):
         if max_slots <= 0:
             raise ValueError(f"max_slots must be positive, got {max_slots}")
@@ -99,6 +85,10 @@ class Engine:
         self.use_cuda_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         if self.use_cuda_graph and dev.type != "cuda":
             raise ValueError("use_cuda_graph=True needs the model on a CUDA device")
+        if prefill_graphs if prefill_graphs is not None else self.use_cuda_graph:
+            if dev.type != "cuda":
+                raise ValueError("prefill_graphs=True needs the model on a CUDA device")
+            self.runner.prefill_graphs = PrefillGraphs(self.runner)
         buckets = sorted({b for b in (batch_buckets or DEFAULT_BUCKETS) if b < n} | {n})
         self.buckets = buckets
         nh, dqk, dv = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
@@ -154,7 +144,7 @@ class Engine:
         self._check_slot(slot)
         if slot in self._free:
             raise ValueError(f"slot {slot} is not allocated")
-        self.active[slot] = False
+        self.active[slot:slot + 1].zero_()
         self._running.discard(slot)
         self._params[slot] = None
         heapq.heappush(self._free, slot)
@@ -257,14 +247,16 @@ class Engine:
         self._check_allocated(slot)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self._params[slot] = params
-        self.temperature[slot] = float(params.temperature)
-        self.top_k[slot] = int(params.top_k)
-        self.top_p[slot] = float(params.top_p)
-        self.min_p[slot] = float(params.min_p)
-        self.penalty[slot] = float(params.repetition_penalty)
-        self.seed[slot] = int(seed) & ((1 << 63) - 1)
-        self.counter[slot] = int(counter)
-        self.remaining[slot] = int(params.max_new_tokens)
+        # one-element fills: ``t[slot] = x`` copies a CPU scalar, which waits for all queued GPU work
+        one = slice(slot, slot + 1)
+        self.temperature[one].fill_(float(params.temperature))
+        self.top_k[one].fill_(int(params.top_k))
+        self.top_p[one].fill_(float(params.top_p))
+        self.min_p[one].fill_(float(params.min_p))
+        self.penalty[one].fill_(float(params.repetition_penalty))
+        self.seed[one].fill_(int(seed) & ((1 << 63) - 1))
+        self.counter[one].fill_(int(counter))
+        self.remaining[one].fill_(int(params.max_new_tokens))
         stops = list(params.stop_token_ids)
         if not params.ignore_eos and self.eos_token_id is not None:
             stops.append(int(self.eos_token_id))
@@ -275,7 +267,7 @@ class Engine:
             if not isinstance(history, Tensor):
                 history = torch.as_tensor(list(history), dtype=torch.long)
             self.seen[slot].index_fill_(0, history.to(self.device, non_blocking=True), True)
-        self.pos[slot] = 0
+        self.pos[one].zero_()
         self._read_pos[slot] = 0
 
     def _mode(self, slots) -> str:
@@ -411,7 +403,7 @@ class Engine:
                 self._check_allocated(s)
             ridx = torch.tensor(running, dtype=torch.long).to(self.device, non_blocking=True)
             self.active.zero_()
-            self.active[ridx] = True
+            self.active.index_fill_(0, ridx, True)
             self._running = set(running)
             if tokens is not None:
                 tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)

@@ -19,6 +19,7 @@ from ..model import XLSTMForCausalLM
 from ..ops import State, mlstm_chunkwise, resolve_backend
 from ..ops.reference import mlstm_step_reference
 from . import kernels as K
+from .prefill_graph import PrefillGraphs, padding_mask
 
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
 
@@ -216,6 +217,8 @@ class Runner:
         self._cell_fn = getattr(mod, "mlstm_decode_cell_", None)
         self.fused_cell = self._cell_fn is not None and pow2_ok(self.dv)
         self.gemv_decode = self.fused_cell and K.HAS_TRITON
+        # prefill: bucketed CUDA graphs for prompts of at most one chunk (set by the Engine)
+        self.prefill_graphs: PrefillGraphs | None = None
 
     @property
     def device(self) -> torch.device:
@@ -290,8 +293,11 @@ class Runner:
                 raise ValueError(f"lengths must be {b} values in [1, {total}], got {lengths}")
             if min(lengths) == total:
                 lengths = None  # no padding
-            else:
-                lens = torch.tensor(lengths).to(ids.device, non_blocking=True)  # no wait on queued GPU work
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.bucket(b, total) is not None:
+            return graphs.run(ids, state, lengths)
+        if lengths is not None:
+            lens = torch.tensor(lengths).to(ids.device, non_blocking=True)  # no wait on queued GPU work
         if state is None:
             state = [None] * cfg.num_blocks  # type: ignore[list-item]
         state = list(state)
@@ -301,23 +307,8 @@ class Runner:
             s = chunk.shape[1]
             real = None
             if lengths is not None and min(lengths) < start + s:
-                pos = torch.arange(start, start + s, device=ids.device)
-                real = (pos[None, :] < lens[:, None]).view(b * s)
-            x = F.embedding(chunk, self.embedding).reshape(b * s, -1)
-            delta = None
-            for idx, lw in enumerate(self.layers):
-                y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
-                if s == 1:
-                    if state[idx] is None:
-                        state[idx] = self._zero_state(b)
-                    c, n, m = (t.clone() for t in state[idx])
-                    h = self._mlstm_step(lw, y, c, n, m, real)
-                    state[idx] = (c, n, m)
-                else:
-                    h, state[idx] = self._mlstm_seq(lw, y, b, s, state[idx], real)
-                y = K.add_rmsnorm(x, h_proj := F.linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
-                del h_proj
-                delta = self._ffn(lw, y)
+                real = padding_mask(lens - start, s)
+            x, delta = self.blocks(chunk, state, real)
             if lengths is None:
                 last = x.view(b, s, -1)[:, -1].clone()
                 last += delta.view(b, s, -1)[:, -1]
@@ -329,9 +320,32 @@ class Runner:
                     flat = torch.tensor([j * s + lengths[j] - 1 - start for j in rows]).to(x.device, non_blocking=True)
                     sel = torch.tensor(rows).to(x.device, non_blocking=True)
                     last.index_copy_(0, sel, x.index_select(0, flat) + delta.index_select(0, flat))
-            del x, delta, y
+            del x, delta
         hidden = K.add_rmsnorm(last, None, self.out_norm, cfg.norm_eps)
         return hidden, state
+
+    def blocks(self, chunk: Tensor, state: list[State | None], real: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Every block over ``chunk [b, s]``; ``state`` (per block, None: zeros) is replaced in place by
+        the new states. Returns the residual stream ``x`` and the last FFN output ``delta`` ``[b*s, D]``
+        (the output is ``x + delta``); ``real [b*s]`` marks real tokens (None: all)."""
+        cfg = self.config
+        b, s = chunk.shape
+        x = F.embedding(chunk, self.embedding).reshape(b * s, -1)
+        delta = None
+        for idx, lw in enumerate(self.layers):
+            y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
+            if s == 1:
+                if state[idx] is None:
+                    state[idx] = self._zero_state(b)
+                c, n, m = (t.clone() for t in state[idx])
+                h = self._mlstm_step(lw, y, c, n, m, real)
+                state[idx] = (c, n, m)
+            else:
+                h, state[idx] = self._mlstm_seq(lw, y, b, s, state[idx], real)
+            y = K.add_rmsnorm(x, F.linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
+            del h
+            delta = self._ffn(lw, y)
+        return x, delta
 
     def _zero_state(self, b: int) -> State:
         dev = self.device

@@ -83,7 +83,9 @@ def test_chunked_prefill_matches_model_and_memory_flat():
         bf16 = unchunked(ids, last_logits_only=True)[0][0, -1]
     rel = ((got - want).norm() / want.norm()).item()
     rel_unchunked = ((bf16 - want).norm() / want.norm()).item()
-    assert rel < 3e-2 and rel <= 1.5 * rel_unchunked + 2e-3, (rel, rel_unchunked)
+    # measured on the H100 (2026-11-25): 0.0328 against 0.0340 for the unchunked bf16 forward; bf16 through
+    # this perturbed model is that far from float32, so the bound is relative to the unchunked forward
+    assert rel < 0.1 and rel <= 1.25 * rel_unchunked + 2e-3, (rel, rel_unchunked)
 
     def peak(n: int) -> int:
         long_ids = torch.randint(3, CFG.vocab_size, (n,), device="cuda", generator=g)

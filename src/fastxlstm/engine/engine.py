@@ -158,6 +158,11 @@ class Engine:
         if slot in self._free:
             raise ValueError(f"slot {slot} is not allocated (call allocate_slot first)")
 
+    def _long(self, values: Sequence[int]) -> Tensor:
+        """``values`` as an int64 device tensor, copied without waiting for queued GPU work
+        (``torch.tensor(values, device=cuda)`` is a blocking copy, which does wait)."""
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
     # ---------------------------------------------------------------------- prefill
     def _ids(self, token_ids: Sequence[int] | Tensor) -> Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
@@ -210,13 +215,13 @@ class Engine:
             batch = torch.stack([ids[j] for j in members])
             hidden, new_state = self.runner.forward_tokens(batch, start)
             logits[members] = self.runner.logits(hidden)
-            rows = torch.tensor([slots[j] for j in members], device=self.device)
+            rows = self._long([slots[j] for j in members])
             for (c, nn_, m), (c1, n1, m1) in zip(self.states, new_state):
                 c.index_copy_(0, rows, c1.to(c.dtype))
                 nn_.index_copy_(0, rows, n1)
                 m.index_copy_(0, rows, m1)
         for j, s in enumerate(slots):
-            hist = torch.as_tensor(list(histories[j]), dtype=torch.long).to(self.device)
+            hist = self._long(list(histories[j]))
             self.configure_slot(s, params[j] or SamplingParams(), torch.cat([hist, ids[j]]))
         return logits
 
@@ -261,7 +266,7 @@ class Engine:
         if not params.ignore_eos and self.eos_token_id is not None:
             stops.append(int(self.eos_token_id))
         stops += [-1] * (MAX_STOP_TOKEN_IDS - len(stops))
-        self.stop_ids[slot] = torch.tensor(stops, dtype=torch.long).to(self.device, non_blocking=True)
+        self.stop_ids[slot] = self._long(stops)
         self.seen[slot] = False
         if len(history):
             if not isinstance(history, Tensor):
@@ -328,7 +333,7 @@ class Engine:
             self._check_allocated(s)
         if logits.shape != (len(slots), self.vocab_size):
             raise ValueError(f"logits must have shape {(len(slots), self.vocab_size)}, got {tuple(logits.shape)}")
-        ridx = torch.tensor(slots, device=self.device)
+        ridx = self._long(slots)
         act = torch.ones(len(slots), device=self.device, dtype=torch.bool)
         nxt = self._advance(ridx, logits.float(), self._mode(slots), act)
         self._running.update(slots)
@@ -338,8 +343,9 @@ class Engine:
         """Make ``token`` (already chosen, not yet run) the slot's next decode input and start
         decoding (continuing a saved state that ends with a pending token)."""
         self._check_allocated(slot)
-        self.tokens[slot] = int(token)
-        self.active[slot] = bool(self.remaining[slot].item() > 0)
+        one = slice(slot, slot + 1)
+        self.tokens[one].fill_(int(token))
+        torch.gt(self.remaining[one], 0, out=self.active[one])
         self._running.add(slot)
 
     # ----------------------------------------------------------------------- decode
@@ -401,7 +407,7 @@ class Engine:
             running = [int(s) for s in slots]
             for s in running:
                 self._check_allocated(s)
-            ridx = torch.tensor(running, dtype=torch.long).to(self.device, non_blocking=True)
+            ridx = self._long(running)
             self.active.zero_()
             self.active.index_fill_(0, ridx, True)
             self._running = set(running)
@@ -419,7 +425,7 @@ class Engine:
             logits = self._step_fn(bsz, mode)()
         if not return_outputs:
             return None
-        ridx = torch.tensor(running, dtype=torch.long).to(self.device, non_blocking=True)
+        ridx = self._long(running)
         return DecodeOutput(running, self.tokens[ridx], ~self.active[ridx],
                             logits[ridx] if return_logits else None)
 
@@ -429,7 +435,7 @@ class Engine:
         slots = [int(s) for s in slots]
         if not slots:
             return []
-        ridx = torch.tensor(slots, device=self.device)
+        ridx = self._long(slots)
         packed = torch.cat([self.pos[ridx, None], self.active[ridx, None].long(), self.hist[ridx]], dim=1).cpu()
         out = []
         for j, s in enumerate(slots):

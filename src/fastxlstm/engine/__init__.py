@@ -1,4 +1,4 @@
-"""Inference engine: exact slot-based batching, chunked prefill, CUDA-graph decode, GPU sampling.
+"""Inference engine: exact slot-based batching, chunked prefill, CUDA-graph decode and prefill, GPU sampling.
 
 Python API (what most users want)::
 
@@ -17,7 +17,9 @@ Slot-level API (what a server builds on), ``engine = Engine(model, max_slots=64)
   memory), continuing ``state`` (a ``list[(C, n, m)]`` as from ``get_slot_state``) if given, writes the
   final state into the slot, configures its sampling (``SamplingParams``) and returns float32 next-token
   logits. ``prefill_into_slots(slots, token_ids_list, states=None, params=None, histories=None) ->
-  Tensor [n, V]`` does several (prompts of equal length share a forward; never any padding).
+  Tensor [n, V]`` does several (prompts of equal length share a forward). On CUDA a prompt batch of at
+  most one chunk runs as one CUDA-graph replay of its (batch, length) bucket (``prefill_graphs``,
+  ``engine.prefill_graph``): right-padded with neutral gates, which leaves each row's result exact.
 * ``configure_slot(slot, params, history=(), counter=0)``: (re)set a slot's sampling parameters.
 * ``sample(slots, logits [n, V]) -> Tensor [n]``: first token(s) from prefill logits; the slots start
   decoding with these tokens as their next inputs.

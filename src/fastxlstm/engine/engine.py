@@ -215,15 +215,25 @@ class Engine:
             batch = torch.stack([ids[j] for j in members])
             hidden, new_state = self.runner.forward_tokens(batch, start)
             logits[members] = self.runner.logits(hidden)
-            rows = self._long([slots[j] for j in members])
-            for (c, nn_, m), (c1, n1, m1) in zip(self.states, new_state):
-                c.index_copy_(0, rows, c1.to(c.dtype))
-                nn_.index_copy_(0, rows, n1)
-                m.index_copy_(0, rows, m1)
+            self._store_states([slots[j] for j in members], new_state)
         for j, s in enumerate(slots):
             hist = self._long(list(histories[j]))
             self.configure_slot(s, params[j] or SamplingParams(), torch.cat([hist, ids[j]]))
         return logits
+
+    def _store_states(self, slots: list[int], state: list[State]) -> None:
+        """Write the rows of ``state`` (leading dim ``len(slots)``) into the slots' state buffers: one
+        multi-tensor copy for a single slot, else one ``index_copy_`` per tensor."""
+        if len(slots) == 1:
+            s = slots[0]
+            dst = [t[s] for layer in self.states for t in layer]
+            torch._foreach_copy_(dst, [t[0] for layer in state for t in layer])
+            return
+        rows = self._long(slots)
+        for (c, nn_, m), (c1, n1, m1) in zip(self.states, state):
+            c.index_copy_(0, rows, c1.to(c.dtype))
+            nn_.index_copy_(0, rows, n1)
+            m.index_copy_(0, rows, m1)
 
     def _as_state(self, state: list[State]) -> list[State]:
         cfg = self.config
@@ -461,6 +471,4 @@ class Engine:
     def set_slot_state(self, slot: int, state: list[State]) -> None:
         """Overwrite the slot's recurrent state (shapes as :meth:`get_slot_state` returns)."""
         self._check_allocated(slot)
-        for layer, new in zip(self.states, self._as_state(state)):
-            for buf, t in zip(layer, new):
-                buf[slot:slot + 1].copy_(t)
+        self._store_states([slot], self._as_state(state))

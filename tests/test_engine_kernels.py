@@ -110,7 +110,33 @@ def _worker() -> dict:
     x = torch.randn(37, 100)[:, 3:67]  # a strided column block, as q/k/v of a fused projection are
     y = heads_major(x, 4)
     split = bool(torch.equal(y, x.reshape(37, 4, 16).transpose(0, 1)) and y.is_contiguous())
-    return {"cell": cells, "gemv": _gemv_cases(), "engine": _engine_case(), "heads_major_exact": split}
+    return {"cell": cells, "gemv": _gemv_cases(), "engine": _engine_case(), "heads_major_exact": split,
+            "gates": _gates_case()}
+
+
+def _gates_case() -> dict:
+    """The gates kernel in both output layouts ([N, NH] and head-major [N // seq, NH, seq]) against
+    the soft-capped, masked float32 math written out here."""
+    from fastxlstm.engine.kernels import gates
+
+    g = torch.Generator().manual_seed(5)
+    nh, b, s = 3, 2, 7
+    pre = torch.randn(b * s, 40, generator=g)[:, 5:5 + 2 * nh] * 20  # strided rows, past the cap
+    bias = torch.randn(2 * nh, generator=g)
+    real = torch.rand(b * s, generator=g) > 0.3
+    z = 15 * torch.tanh((pre + bias) / 15)
+    want_i = torch.where(real[:, None], z[:, :nh], float("-inf"))
+    want_f = torch.where(real[:, None], z[:, nh:], float("inf"))
+    out = {}
+    for name, seq in (("rows", None), ("head_major", s)):
+        i, f = gates(pre, nh, 15.0, real, bias=bias, seq=seq)
+        if seq is not None:
+            assert i.shape == (b, nh, s) and i.is_contiguous()
+            i, f = (t.transpose(1, 2).reshape(b * s, nh) for t in (i, f))
+        fin = torch.isfinite(want_i)
+        out[name] = {"i": _rel(i[fin], want_i[fin]), "f": _rel(f[fin], want_f[fin]),
+                     "masked_exact": bool(torch.equal(i[~fin], want_i[~fin]) and torch.equal(f[~fin], want_f[~fin]))}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +166,12 @@ def test_gemv_prologues_epilogues_match_torch(interp):
 
 def test_heads_major_copy(interp):
     assert interp["heads_major_exact"]
+
+
+def test_gates_kernel_layouts(interp):
+    for name, r in interp["gates"].items():
+        assert r["masked_exact"], name
+        assert r["i"] < 1e-6 and r["f"] < 1e-6, (name, r)
 
 
 def test_engine_decode_paths_match_model(interp):

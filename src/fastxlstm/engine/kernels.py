@@ -75,7 +75,7 @@ if HAS_TRITON:
         tl.store(y_ptr + row * sy + cols, y, mask=mask)
 
     @triton.jit
-    def _gates_kernel(p_ptr, b_ptr, a_ptr, i_ptr, f_ptr, sp, cap, NH: tl.constexpr, BLOCK: tl.constexpr,
+    def _gates_kernel(p_ptr, b_ptr, a_ptr, i_ptr, f_ptr, sp, seq, cap, NH: tl.constexpr, BLOCK: tl.constexpr,
                       HAS_CAP: tl.constexpr, HAS_ACTIVE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK)
@@ -92,8 +92,9 @@ if HAS_TRITON:
             act = tl.load(a_ptr + row + h * 0) != 0
             ig = tl.where(act, ig, float("-inf"))
             fg = tl.where(act, fg, float("inf"))
-        tl.store(i_ptr + row * NH + h, ig, mask=mask)
-        tl.store(f_ptr + row * NH + h, fg, mask=mask)
+        out = (row // seq) * NH * seq + row % seq + h * seq  # [N // seq, NH, seq] (seq = 1: [N, NH])
+        tl.store(i_ptr + out, ig, mask=mask)
+        tl.store(f_ptr + out, fg, mask=mask)
 
     @triton.jit
     def _mhnorm_ogate_kernel(h_ptr, o_ptr, w_ptr, y_ptr, s_hb, s_hh, s_ob, s_yb, eps,
@@ -183,17 +184,19 @@ def add_rmsnorm(x: Tensor, delta: Tensor | None, weight: Tensor | None, eps: flo
 
 
 def gates(pre: Tensor, num_heads: int, cap: float | None, active: Tensor | None = None,
-          bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+          bias: Tensor | None = None, seq: int | None = None) -> tuple[Tensor, Tensor]:
     """Soft-capped float32 gates ``(i, f)`` ``[N, NH]`` from ``pre = [i | f]`` preactivations ``[N, 2NH]``
-    (plus the float32 ``bias [2NH]``, rounded to pre's dtype as a linear layer's output is)."""
+    (plus the float32 ``bias [2NH]``, rounded to pre's dtype as a linear layer's output is). With ``seq``
+    (rows are ``N // seq`` sequences of ``seq`` tokens) they come head-major, ``[N // seq, NH, seq]``."""
     n = pre.shape[0]
+    shape = (n, num_heads) if seq is None else (n // seq, num_heads, seq)
     if bias is None:
         bias = torch.zeros(2 * num_heads, device=pre.device, dtype=torch.float32)
     if use_triton(pre) and pre.stride(-1) == 1:
-        i = torch.empty(n, num_heads, device=pre.device, dtype=torch.float32)
+        i = torch.empty(shape, device=pre.device, dtype=torch.float32)
         f = torch.empty_like(i)
         act = active if active is not None else i
-        _gates_kernel[(n,)](pre, bias, act, i, f, pre.stride(0), float(cap or 1.0), NH=num_heads,
+        _gates_kernel[(n,)](pre, bias, act, i, f, pre.stride(0), seq or 1, float(cap or 1.0), NH=num_heads,
                             BLOCK=_next_pow2(num_heads), HAS_CAP=cap is not None, HAS_ACTIVE=active is not None,
                             num_warps=1)
         return i, f
@@ -205,6 +208,8 @@ def gates(pre: Tensor, num_heads: int, cap: float | None, active: Tensor | None 
         a = active[:, None]
         i = torch.where(a, i, torch.full_like(i, float("-inf")))
         f = torch.where(a, f, torch.full_like(f, float("inf")))
+    if seq is not None:
+        i, f = (t.reshape(n // seq, seq, num_heads).transpose(1, 2) for t in (i, f))
     return i.contiguous(), f.contiguous()
 
 

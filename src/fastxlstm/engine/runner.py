@@ -236,15 +236,13 @@ class Runner:
         cfg = self.config
         proj = F.linear(y, lw.w_in)  # [b*s, P]
         q, k, v, o, g = proj.split(self.splits, dim=-1)
-        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias)
+        i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias, seq=s)  # [b, NH, s]
         if b == 1:  # head-major copies in one tiled kernel each (the chunkwise kernels' layout)
             q, k, v = (K.heads_major(t, self.nh)[None] for t in (q, k, v))
         else:
             q = q.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
             k = k.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
             v = v.reshape(b, s, self.nh, self.dv).transpose(1, 2)
-        i = i.view(b, s, self.nh).transpose(1, 2)
-        f = f.view(b, s, self.nh).transpose(1, 2)
         h, state = mlstm_chunkwise(q, k, v, i, f, state, chunk_size=cfg.chunk_size, backend=self.backend,
                                    eps=cfg.eps)
         h = h.transpose(1, 2).reshape(b * s, self.nh, self.dv)

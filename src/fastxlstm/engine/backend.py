@@ -4,6 +4,8 @@ server without changing its scheduler (``fastxlstm.serving.slots.SlotBackend``).
 
 from __future__ import annotations
 
+import logging
+import traceback
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +15,9 @@ from ..generation.sampling import SamplingParams
 from ..model import XLSTMForCausalLM
 from ..ops import State
 from .engine import Engine
+from .prefill_graph import PrefillGraphs
+
+log = logging.getLogger("fastxlstm.serving")
 
 # the server checks every stop condition on the host: the engine's own stops are disabled
 _GREEDY = SamplingParams(max_new_tokens=1 << 40, ignore_eos=True)
@@ -28,6 +33,52 @@ class EngineSlotBackend:
         self.device = self.engine.device
         for _ in range(max_slots):
             self.engine.allocate_slot()
+
+    @property
+    def _graphs(self) -> PrefillGraphs | None:
+        return self.engine.runner.prefill_graphs
+
+    @property
+    def prefill_max_batch(self) -> int | None:
+        """Most prompts in one batched prefill: the largest prefill-graph batch (None without graphs)."""
+        graphs = self._graphs
+        return max(graphs.batches) if graphs is not None else None
+
+    def prefill_cost(self, batch: int, length: int) -> int:
+        """Token positions the device computes for ``batch`` prompts padded to ``length``: the whole
+        (batch, length) bucket when a prefill graph holds it (its padding is computed too), else
+        ``batch * length``."""
+        graphs = self._graphs
+        key = graphs.bucket(batch, length) if graphs is not None else None
+        return key[0] * key[1] if key is not None else batch * length
+
+    def prefill_buckets(self, budget: int) -> list[tuple[int, int]]:
+        """The prefill-graph buckets a scheduler with a prefill budget of ``budget`` tokens per iteration
+        can meet: one prompt (or piece of one) of at most ``budget`` tokens, and groups whose bucket costs
+        at most ``budget`` (:meth:`prefill_cost`)."""
+        graphs = self._graphs
+        if graphs is None:
+            return []
+        single = graphs.bucket(1, min(budget, max(graphs.lengths)))
+        keys = {(1, n) for n in graphs.lengths if single is not None and n <= single[1]}
+        keys |= {(b, n) for b in graphs.batches for n in graphs.lengths if b > 1 and b * n <= budget}
+        return sorted(keys)
+
+    def capture_prefill_graphs(self, budget: int) -> list[tuple[int, int]]:
+        """Capture now every prefill graph of :meth:`prefill_buckets` (else each is captured, Triton
+        compiles included, inside the first request that needs it). Returns the buckets captured."""
+        graphs = self._graphs
+        keys = self.prefill_buckets(budget)
+        try:
+            for b, n in keys:
+                graphs.capture(b, n)  # type: ignore[union-attr]
+        except Exception:  # serve without prefill graphs (eager, host-bound prefill) rather than not at all
+            log.warning("capturing the prefill graphs failed; prefilling eagerly:\n%s", traceback.format_exc())
+            self.engine.runner.prefill_graphs = None
+            return []
+        if keys and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return keys
 
     @torch.no_grad()
     def prefill(self, tokens: Sequence[int], state: list[State] | None) -> tuple[Tensor, list[State]]:
@@ -90,13 +141,32 @@ class EngineSlotBackend:
 
         if len(slots) != len(tokens) or not slots or steps < 1:
             raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
-        slots = list(slots)
-        feed = tokens if isinstance(tokens, Tensor) else list(tokens)
+        eng = self.engine
+        # The engine runs its slots in ascending order: the first step lists them (and feeds ``tokens``),
+        # the later ones replay the same set with the tokens it sampled (``slots=None``: no host work per
+        # slot); the rows go back to the caller's order once, at the end.
+        order = sorted(range(len(slots)), key=lambda j: slots[j])
+        ordered = [int(slots[j]) for j in order]
+        same = order == list(range(len(order)))
+        if isinstance(tokens, Tensor):
+            feed = tokens if same else tokens.index_select(0, torch.tensor(order).to(tokens.device, non_blocking=True))
+        else:
+            feed = [int(tokens[j]) for j in order]
         out, lps = [], []
-        for _ in range(steps):  # explicit slots keep every row running (the stops are the host's)
-            step = self.engine.decode_step(slots, feed, return_logits=logprobs)
-            feed = None  # later steps feed the token sampled on the device
+        step = eng.decode_step(ordered, feed, return_logits=logprobs)
+        for i in range(steps):
+            if i:
+                step = eng.decode_step(None, return_logits=logprobs)
             out.append(step.tokens)
             if logprobs:
                 lps.append(chosen_logprobs(step.logits, step.tokens))
-        return (torch.stack(out, 1), torch.stack(lps, 1)) if logprobs else torch.stack(out, 1)
+        toks = torch.stack(out, 1)
+        lp = torch.stack(lps, 1) if logprobs else None
+        if not same:
+            back = [0] * len(order)
+            for pos, j in enumerate(order):
+                back[j] = pos
+            idx = eng._long(back)
+            toks = toks.index_select(0, idx)
+            lp = lp.index_select(0, idx) if lp is not None else None
+        return (toks, lp) if logprobs else toks

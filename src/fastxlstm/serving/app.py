@@ -515,10 +515,16 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = getattr(backend, "engine", None)
+        started = time.perf_counter()
         if engine is not None and hasattr(engine, "warmup"):  # capture CUDA graphs before serving (no-op on CPU)
             await asyncio.to_thread(engine.warmup)
-        if config.warm_prefill:  # compile the prefill kernels' variants before serving (GPU only)
-            await asyncio.to_thread(warm_prefill, backend, min(config.prefill_chunk, config.max_model_len - 1))
+            server.metrics.startup_seconds.labels(phase="decode_graphs").set(time.perf_counter() - started)
+        if config.warm_prefill:  # prefill graphs and kernel variants before serving (GPU only)
+            started = time.perf_counter()
+            runs = await asyncio.to_thread(warm_prefill, backend, min(config.prefill_chunk, config.max_model_len - 1),
+                                           budget=config.prefill_chunk)
+            server.metrics.startup_seconds.labels(phase="prefill_warmup").set(time.perf_counter() - started)
+            log.info("prefill warm-up: %d graphs and prefills in %.1f s", runs, time.perf_counter() - started)
         server.scheduler.start()
         try:
             yield

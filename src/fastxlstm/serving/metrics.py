@@ -42,6 +42,9 @@ class Metrics:
         self.loop_seconds = Counter("fastxlstm_scheduler_loop_seconds",
                                     "Wall time of the scheduler thread by phase (host work, GPU waits, idle)",
                                     ["phase"], registry=r)
+        self.startup_seconds = Gauge("fastxlstm_startup_seconds",
+                                     "Start-up time by phase (decode graphs, prefill graphs and warm-up)", ["phase"],
+                                     registry=r)
         self.loop_cpu = Counter("fastxlstm_scheduler_cpu_seconds", "CPU time of the scheduler thread", registry=r)
 
     def render(self) -> bytes:

@@ -38,7 +38,7 @@ from torch import Tensor
 from .metrics import Metrics
 from .prefix_cache import ModelState, PrefixCache
 from .sampling import SamplingParams, SequenceSampler
-from .slots import SlotBackend
+from .slots import SlotBackend, chosen_logprobs
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -215,7 +215,11 @@ class Scheduler:
             raise ValueError(f"prefill_pad_ratio must be >= 1, got {prefill_pad_ratio}")
         self.prefill_pad_ratio = prefill_pad_ratio  # padded / real tokens allowed in one batched prefill
         self._inflight: _Window | None = None
+        self._firsts: list[_Window] = []  # first tokens (greedy, from prefill logits) not read yet
         self._next_in: Tensor | None = None
+        # what a prefill of (batch, padded length) costs the device: the backend's graph bucket, else b * n
+        self._cost = getattr(backend, "prefill_cost", None) or (lambda b, n: b * n)
+        self._max_batch: int | None = getattr(backend, "prefill_max_batch", None)
         self.free_slots: list[int] = list(range(backend.max_slots))  # a heap: lowest slot first
         self.waiting: deque[GenerationRequest] = deque()
         self.prefilling: list[GenerationRequest] = []
@@ -291,7 +295,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------------- scheduler thread
     def _has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self._inflight is not None)
+        return bool(self.waiting or self.prefilling or self.running or self._inflight is not None or self._firsts)
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -476,9 +480,12 @@ class Scheduler:
             self.prefilling.append(req)
 
     def _prefill(self) -> None:
-        """Prefill up to ``prefill_chunk`` prompt tokens (padded tokens count), first come first served:
-        a request whose whole remaining prompt fits goes into one forward with others of similar length
-        (:meth:`_bucket`); a longer one (or one with a cache point inside) is prefilled in chunks."""
+        """Prefill up to ``prefill_chunk`` prompt tokens, counted as the device computes them (the
+        backend's ``prefill_cost``: a prefill graph computes its whole padded bucket), first come first
+        served: a request whose whole remaining prompt fits goes into one forward with others of similar
+        length (:meth:`_bucket`); one that would fit a fresh budget but not what is left of this one waits
+        for the next iteration (whole); a longer one (or one with a cache point inside) is prefilled in
+        pieces."""
         budget = self.prefill_chunk
         batched = hasattr(self.backend, "prefill_batch")
         started: list[GenerationRequest] = []
@@ -489,20 +496,24 @@ class Scheduler:
             if id(req) in done or req not in self.prefilling:
                 continue
             done.add(id(req))
-            if batched and self._whole(req) and len(req.prompt) - req.pos <= budget:
-                group = self._bucket(req, budget, done)
+            whole, cost = self._whole(req), self._cost(1, len(req.prompt) - req.pos)
+            if whole and cost <= budget:
+                group = self._bucket(req, budget, done) if batched else [req]
                 if len(group) > 1:
                     done.update(id(r) for r in group)
                     budget -= self._prefill_batch(group, started)
                     continue
+            elif whole and cost <= self.prefill_chunk:
+                break  # the next iteration prefills it in one forward
             try:
                 n_prompt = len(req.prompt)
                 while req.pos < n_prompt and budget > 0:
-                    end = min(n_prompt, req.pos + budget)
-                    end = min([end, *(p for p in req.cache_points if p > req.pos)])
+                    end = self._piece_end(req, budget)
+                    if end is None:
+                        break
                     req.logits, req.state = self.backend.prefill(req.prompt[req.pos:end], req.state)
                     self.metrics.prefill_tokens.inc(end - req.pos)
-                    budget -= end - req.pos
+                    budget -= self._cost(1, end - req.pos)
                     req.pos = end
                     if self.cache is not None and end in req.cache_points:
                         self.cache.insert(req.prompt[:end], req.state)
@@ -515,6 +526,21 @@ class Scheduler:
         self.prof.lap("prefill_launch")
         self._start_decoding([r for r in started if r in self.prefilling])
 
+    def _piece_end(self, req: GenerationRequest, budget: int) -> int | None:
+        """Where the next prefill piece of ``req`` ends: at its end or next cache point, cut to the longest
+        piece whose cost fits ``budget`` (None: none fits; a fresh budget always makes progress)."""
+        limit = min([len(req.prompt), *(p for p in req.cache_points if p > req.pos)]) - req.pos
+        n = min(limit, budget)
+        if self._cost(1, n) > budget:  # e.g. rounded up to a graph bucket: the longest piece that fits
+            lo, hi = 0, n
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if self._cost(1, mid) <= budget else (lo, mid - 1)
+            n = lo
+        if n == 0:
+            return None if budget < self.prefill_chunk else req.pos + min(limit, budget)
+        return req.pos + n
+
     @staticmethod
     def _whole(req: GenerationRequest) -> bool:
         """Whether the remaining prompt can go in one forward (no cache point inside it)."""
@@ -522,37 +548,41 @@ class Scheduler:
         return req.pos < n and not any(req.pos < p < n for p in req.cache_points)
 
     def _bucket(self, req: GenerationRequest, budget: int, done: set[int]) -> list[GenerationRequest]:
-        """``req`` and the waiting prompts of lengths nearest to its own that can share its forward: same
-        start-state kind, whole remaining prompt, padded tokens (longest x count) at most ``budget`` and
-        at most ``prefill_pad_ratio`` x the real tokens (1: equal lengths only, what a backend without
-        ``prefill_padded`` gets). Grown one prompt at a time from ``req`` outwards in sorted length."""
-        ratio = self.prefill_pad_ratio if getattr(self.backend, "prefill_padded", False) else 1.0
+        """``req`` and the waiting prompts of lengths nearest to its own that share its forward: same
+        start-state kind, whole remaining prompts, at most the backend's ``prefill_max_batch`` of them, and
+        a cost (:meth:`_cost` of the group padded to its longest) at most ``budget`` and at most
+        ``prefill_pad_ratio`` x what the prompts cost one by one (1: no extra device work; a backend without
+        ``prefill_padded`` gets equal lengths only). The largest such run of neighbours in length order,
+        the cheapest of those."""
+        padded = getattr(self.backend, "prefill_padded", False)
+        ratio = self.prefill_pad_ratio if padded else 1.0
         kind = req.state is None
         pool = sorted((r for r in self.prefilling if r is req or (
             id(r) not in done and (r.state is None) == kind and self._whole(r))),
             key=lambda r: len(r.prompt) - r.pos)
         lens = [len(r.prompt) - r.pos for r in pool]
-        lo = hi = pool.index(req)  # the group is pool[lo:hi + 1]
-        total, longest = lens[lo], lens[lo]
-        while True:
-            options = []
-            if lo > 0:  # a shorter prompt: the longest stays
-                options.append((longest - lens[lo - 1], lo - 1, longest))
-            if hi + 1 < len(pool):  # a longer one: every row pads to it
-                options.append((lens[hi + 1] - lens[hi], hi + 1, lens[hi + 1]))
-            for _, j, new_longest in sorted(options):
-                count = hi - lo + 2
-                padded = new_longest * count
-                if padded <= budget and padded <= ratio * (total + lens[j]) + 1e-9:
-                    lo, hi = min(lo, j), max(hi, j)
-                    total, longest = total + lens[j], new_longest
-                    break
-            else:
-                return pool[lo:hi + 1]
+        alone = [0]  # prefix sums of the one-by-one costs
+        for n in lens:
+            alone.append(alone[-1] + self._cost(1, n))
+        i = pool.index(req)
+        for k in range(min(len(pool), self._max_batch or len(pool)), 1, -1):
+            if self._cost(k, lens[i]) > budget:  # every run holding req is at least this long
+                continue
+            best = None
+            for lo in range(max(0, i - k + 1), min(i, len(pool) - k) + 1):
+                hi = lo + k
+                if not padded and lens[lo] != lens[hi - 1]:
+                    continue
+                cost = self._cost(k, lens[hi - 1])
+                if cost <= budget and cost <= ratio * (alone[hi] - alone[lo]) + 1e-9:
+                    best = min(best or (cost, lens[hi - 1] - lens[lo], lo), (cost, lens[hi - 1] - lens[lo], lo))
+            if best is not None:
+                return pool[best[2]:best[2] + k]
+        return [req]
 
     def _prefill_batch(self, group: list[GenerationRequest], started: list[GenerationRequest]) -> int:
         """Prefill ``group`` in one backend call (padded to its longest prompt); on failure one by one.
-        Returns the tokens spent (padded)."""
+        Returns the budget spent (:meth:`_cost`)."""
         length = max(len(r.prompt) - r.pos for r in group)
         try:
             logits, states = self.backend.prefill_batch([r.prompt[r.pos:] for r in group], [r.state for r in group])
@@ -565,11 +595,11 @@ class Scheduler:
                     self._fail(req, e)
                     continue
                 self._prefilled(req, started)
-            return length * len(group)
+            return self._cost(len(group), length)
         for j, req in enumerate(group):
             req.logits, req.state = logits[j], states[j]
             self._prefilled(req, started)
-        return length * len(group)
+        return self._cost(len(group), length)
 
     def _prefilled(self, req: GenerationRequest, started: list[GenerationRequest]) -> None:
         self.metrics.prefill_tokens.inc(len(req.prompt) - req.pos)
@@ -602,8 +632,25 @@ class Scheduler:
             choices.extend(req.choices)
             owners.extend([req] * len(req.choices))
             rows.extend([logits] * len(req.choices))
-        if choices:
-            self._sample_and_emit(choices, owners, torch.stack(rows), "prefill")
+        if not choices:
+            return
+        logits = torch.stack(rows)
+        # plain greedy choices that a window may continue: their first tokens stay on the device (the next
+        # window reads them from there) and reach the host behind it, with no wait here
+        later = [j for j, c in enumerate(choices) if self._windowed and c.sampler.params.greedy_plain
+                 and c.sampler.params.logprobs in (None, 0)]
+        if later:
+            sub = self._rows(logits, later)
+            first = sub.argmax(dim=-1)
+            lps = chosen_logprobs(sub, first) if any(choices[j].sampler.params.logprobs == 0 for j in later) else None
+            self._set_next(self._index([choices[j].slot for j in later]), first)
+            self._firsts.append(self._to_host([choices[j] for j in later], [owners[j] for j in later], first[:, None],
+                                              None if lps is None else lps[:, None]))
+        if len(later) < len(choices):
+            deferred = set(later)
+            rest = [j for j in range(len(choices)) if j not in deferred]
+            self._sample_and_emit([choices[j] for j in rest], [owners[j] for j in rest], self._rows(logits, rest),
+                                  "prefill")
 
     def _active(self) -> tuple[list[_Choice], list[GenerationRequest]]:
         active: list[_Choice] = []
@@ -617,9 +664,10 @@ class Scheduler:
 
     def _decode(self) -> None:
         active, owners = self._active()
-        if self._inflight is not None:  # sequences whose budget the window in flight uses up are not relaunched
-            keep = [j for j, c in enumerate(active) if c.steps_left > 0]
-            active, owners = [active[j] for j in keep], [owners[j] for j in keep]
+        # sequences whose budget the tokens not read yet use up are not relaunched (once every token is
+        # read, a sequence not done has steps left)
+        keep = [j for j, c in enumerate(active) if c.steps_left > 0]
+        active, owners = [active[j] for j in keep], [owners[j] for j in keep]
         steps = self._window(active, owners) if active else 0
         if steps > 1:
             try:
@@ -632,6 +680,7 @@ class Scheduler:
                 prev, self._inflight = self._inflight, window
                 if prev is not None:
                     self._finish_window(prev)
+                self._finish_firsts()
                 if not self.overlap:
                     self._drain()
                 return
@@ -677,7 +726,7 @@ class Scheduler:
         after the window (their first token waits up to ``k - 1`` steps longer). The budget left counts
         the tokens of a window still in flight (``fed``: inputs handed to the device)."""
         k = self.decode_steps_per_read
-        if k <= 1 or not hasattr(self.backend, "decode_greedy"):
+        if not self._windowed:
             return 1
         longest = 0
         for choice, req in zip(active, owners):
@@ -690,6 +739,11 @@ class Scheduler:
                 k = min(k, left)
         return max(1, min(k, longest))
 
+    @property
+    def _windowed(self) -> bool:
+        """Whether greedy sequences decode in multi-step windows (their inputs kept on the device)."""
+        return self.decode_steps_per_read > 1 and hasattr(self.backend, "decode_greedy")
+
     def _next_inputs(self) -> Tensor:
         """Each slot's next decode input on the device (kept there, so a window can follow a window
         still in flight)."""
@@ -697,32 +751,58 @@ class Scheduler:
             self._next_in = torch.zeros(self.backend.max_slots, dtype=torch.long, device=self.backend.device)
         return self._next_in
 
+    def _index(self, values: list[int]) -> Tensor:
+        """``values`` as a device index, copied without waiting for the device (``torch.tensor(values,
+        device=cuda)`` and indexing a device tensor with a list are blocking copies)."""
+        return torch.tensor(values, dtype=torch.long).to(self.backend.device, non_blocking=True)
+
+    def _rows(self, t: Tensor, rows: list[int]) -> Tensor:
+        """Rows ``rows`` of ``t`` (``t`` itself when that is all of them in order)."""
+        return t if rows == list(range(t.shape[0])) else t.index_select(0, self._index(rows))
+
+    def _set_next(self, idx: Tensor, tokens: Tensor) -> None:
+        """The next decode inputs of the slots ``idx`` (device): the one place they are written."""
+        self._next_inputs().index_copy_(0, idx, tokens)
+
+    def _to_host(self, active: list[_Choice], owners: list[GenerationRequest], tokens: Tensor,
+                 logprobs: Tensor | None) -> _Window:
+        """Start copying a block of tokens (and log-probabilities) to pinned host memory behind the work
+        queued so far, without waiting; :meth:`_finish_window` reads it."""
+        event = None
+        if tokens.device.type == "cuda":
+            tokens = tokens.to("cpu", non_blocking=True)
+            logprobs = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
+            event = torch.cuda.Event()
+            event.record()
+        return _Window(active, owners, tokens, logprobs, event)
+
     def _launch(self, active: list[_Choice], owners: list[GenerationRequest], steps: int) -> _Window:
         """Queue a greedy window on the device and start copying its tokens to the host (no wait)."""
         want_lp = any(c.sampler.params.logprobs == 0 for c in active)
-        nxt = self._next_inputs()
-        idx = torch.tensor([c.slot for c in active], dtype=torch.long).to(nxt.device, non_blocking=True)
-        out = self.backend.decode_greedy([c.slot for c in active], nxt.index_select(0, idx), steps, logprobs=want_lp)
+        slots = [c.slot for c in active]
+        idx = self._index(slots)
+        out = self.backend.decode_greedy(slots, self._next_inputs().index_select(0, idx), steps, logprobs=want_lp)
         tokens, lps = out if want_lp else (out, None)
-        nxt.index_copy_(0, idx, tokens[:, -1])
+        self._set_next(idx, tokens[:, -1])
         for choice in active:
             choice.fed += steps
-        event = None
-        if tokens.device.type == "cuda":  # copy to pinned host memory behind the window, and mark its end
-            tokens = tokens.to("cpu", non_blocking=True)
-            lps = lps.to("cpu", non_blocking=True) if lps is not None else None
-            event = torch.cuda.Event()
-            event.record()
+        window = self._to_host(active, owners, tokens, lps)
         self.prof.lap("decode_launch")
-        return _Window(active, owners, tokens, lps, event)
+        return window
 
     def _drain(self) -> None:
-        """Read and hand out the window in flight, if any."""
+        """Read and hand out the window in flight and the first tokens not read yet, if any."""
         if self._inflight is not None:
             window, self._inflight = self._inflight, None
             self._finish_window(window)
+        self._finish_firsts()
 
-    def _finish_window(self, w: _Window) -> None:
+    def _finish_firsts(self) -> None:
+        firsts, self._firsts = self._firsts, []
+        for window in firsts:
+            self._finish_window(window, "prefill")
+
+    def _finish_window(self, w: _Window, phase: str = "decode") -> None:
         try:
             if w.event is not None:
                 w.event.synchronize()
@@ -733,22 +813,24 @@ class Scheduler:
             for req in {id(r): r for r in w.owners}.values():
                 self._fail(req, e)
             return
-        self.prof.lap("decode_wait")
-        self._emit_block(w.active, w.owners, block, lps)
-        self.prof.lap("decode_emit")
+        self.prof.lap(f"{phase}_wait")
+        self._emit_block(w.active, w.owners, block, lps, decode=phase == "decode")
+        self.prof.lap(f"{phase}_emit")
 
     def _emit_block(self, active: list[_Choice], owners: list[GenerationRequest], block: list[list[int]],
-                    lps: list[list[float]] | None) -> None:
-        """Tokens of a multi-step window, row per sequence: each is emitted up to its first stop; what
-        the device computed past it is dropped (the slot is freed)."""
-        steps = len(block[0])
-        self.steps += steps
+                    lps: list[list[float]] | None, decode: bool = True) -> None:
+        """Tokens of a multi-step window (or, not ``decode``, first tokens from prefill logits), row per
+        sequence: each is emitted up to its first stop; what the device computed past it is dropped (the
+        slot is freed)."""
         now = time.monotonic()
-        if self._last_decode:  # interval between two reads (the window's tokens arrive together)
-            self.metrics.itl.observe(now - self._last_decode)
-        self._last_decode = now
-        for _ in range(steps):
-            self.metrics.decode_batch.observe(len(active))
+        if decode:
+            steps = len(block[0])
+            self.steps += steps
+            if self._last_decode:  # interval between two reads (the window's tokens arrive together)
+                self.metrics.itl.observe(now - self._last_decode)
+            self._last_decode = now
+            for _ in range(steps):
+                self.metrics.decode_batch.observe(len(active))
         emitted = 0
         for j, (choice, req, row) in enumerate(zip(active, owners, block)):
             want = choice.sampler.params.logprobs == 0
@@ -793,8 +875,7 @@ class Scheduler:
         else:
             picked: list[Tensor | None] = [None] * n
             if plain:
-                idx = torch.tensor(plain, device=logits.device)
-                for j, tok in zip(plain, logits.index_select(0, idx).argmax(dim=-1)):
+                for j, tok in zip(plain, self._rows(logits, plain).argmax(dim=-1)):
                     picked[j] = tok
             failed: set[int] = set()
             for j, choice in enumerate(choices):
@@ -812,16 +893,13 @@ class Scheduler:
         lp_info: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want_lp:
             rows_idx = [ok[r] for r in want_lp]
-            rows = torch.log_softmax(logits[rows_idx].float(), dim=-1)
-            chosen_t = rows.gather(1, token_t[want_lp][:, None])[:, 0]
+            rows = torch.log_softmax(self._rows(logits, rows_idx).float(), dim=-1)
+            chosen_t = rows.gather(1, self._rows(token_t, want_lp)[:, None])[:, 0]
             k = max(choices[j].sampler.params.logprobs for j in rows_idx)
             top_t = rows.topk(k, dim=-1) if k else None
-        if self.decode_steps_per_read > 1 and hasattr(self.backend, "decode_greedy"):  # a window may follow
+        if self._windowed:  # a window may follow: its inputs come from the device
             rows = [r for r, j in enumerate(ok) if choices[j].slot is not None]
-            nxt = self._next_inputs()
-            idx = torch.tensor([choices[ok[r]].slot for r in rows], dtype=torch.long).to(nxt.device,
-                                                                                          non_blocking=True)
-            nxt.index_copy_(0, idx, token_t[rows] if len(rows) < len(ok) else token_t)
+            self._set_next(self._index([choices[ok[r]].slot for r in rows]), self._rows(token_t, rows))
         self.prof.lap(f"{phase}_launch")
         tokens = token_t.tolist()  # the host sync of the step
         self.prof.lap(f"{phase}_wait")

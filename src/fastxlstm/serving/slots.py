@@ -82,15 +82,23 @@ def stack_states(states: Sequence[ModelState | None], device: torch.device) -> M
             for i in range(len(states[0]))]
 
 
-def warm_prefill(backend: SlotBackend, max_len: int, force: bool = False) -> int:
-    """Run the prefill once per shape class the server meets (lengths around 16..2048, with and without a
-    start state, one and two prompts), so Triton compiles its kernel variants before the first request
-    instead of stalling it (seconds per new variant). GPU backends only unless ``force``. Returns the
-    prefills run."""
+def warm_prefill(backend: SlotBackend, max_len: int, force: bool = False, budget: int | None = None) -> int:
+    """Before the first request: capture the backend's prefill CUDA graphs for every bucket a scheduler
+    with a prefill budget of ``budget`` (default ``max_len``) tokens can use (``capture_prefill_graphs``,
+    where the backend has it), then run the prefill once per shape class the server meets that no graph
+    holds (lengths around 16..2048, with and without a start state, one and two prompts), so that neither
+    a graph capture nor a Triton compile (seconds each) stalls a request. GPU backends only unless
+    ``force``. Returns the graphs captured plus the prefills run."""
     if not force and getattr(backend, "device", torch.device("cpu")).type != "cuda":
         return 0
-    runs = 0
-    lengths = sorted({n for b in (16, 64, 256, 1024, 2048, 4096) for n in (b - 1, b) if n <= max_len} | {1, 2})
+    runs, graphed = 0, 0
+    capture = getattr(backend, "capture_prefill_graphs", None)
+    if capture is not None:
+        keys = capture(budget or max_len)
+        runs += len(keys)
+        graphed = max((n for b, n in keys if b == 1), default=0)  # these lengths replay graphs: nothing to compile
+    lengths = sorted({n for b in (16, 64, 256, 1024, 2048, 4096) for n in (b - 1, b) if graphed < n <= max_len}
+                     | ({1, 2} if not graphed else set()))
     for n in lengths:
         ids = [(7 * t + 3) % backend.vocab_size for t in range(n)]
         _, state = backend.prefill(ids, None)

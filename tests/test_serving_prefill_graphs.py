@@ -1,0 +1,146 @@
+"""The server over the engine's bucketed prefill graphs: start-up captures every bucket the scheduler can
+use, so that no request meets a capture; the scheduler's prefill groups fit the buckets (rows, budget
+counted as the padded bucket) and stay exact; first tokens of greedy requests are read behind the next
+decode window, not waited for. On the CPU the buckets run eagerly on their static buffers
+(``PrefillGraphs(capture=False)``), which exercises the same padding and bucket logic."""
+
+from __future__ import annotations
+
+import torch
+
+from fastxlstm.config import XLSTMConfig
+from fastxlstm.engine.backend import EngineSlotBackend
+from fastxlstm.engine.prefill_graph import PrefillGraphs
+from fastxlstm.generation import generate
+from fastxlstm.serving.prefix_cache import PrefixCache
+from fastxlstm.serving.sampling import SamplingParams
+from fastxlstm.serving.scheduler import GenerationRequest, Scheduler
+from fastxlstm.serving.slots import warm_prefill
+
+from .helpers import perturbed_model
+from .test_serving_batching import close_states, prompts, tokens_and_finish
+from .test_serving_units import run_requests
+
+CFG = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2, weight_mode="fused", chunk_size=16)
+LENGTHS, BATCHES = (8, 16, 32, 48, 64), (1, 2, 4)
+
+
+def graphed_backend(model, slots: int) -> EngineSlotBackend:
+    be = EngineSlotBackend(model, max_slots=slots)
+    runner = be.engine.runner
+    runner.prefill_graphs = PrefillGraphs(runner, LENGTHS, BATCHES, capture=False)
+    return be
+
+
+def test_backend_buckets_cost_and_capture():
+    be = graphed_backend(perturbed_model(CFG), 2)
+    assert be.prefill_max_batch == 4
+    assert be.prefill_cost(1, 5) == 8 and be.prefill_cost(3, 17) == 4 * 32 and be.prefill_cost(1, 64) == 64
+    assert be.prefill_cost(5, 10) == 50 and be.prefill_cost(1, 100) == 100  # no bucket: what it is
+    keys = be.prefill_buckets(64)
+    # one prompt (or piece) of up to 64 tokens; groups whose padded bucket costs at most 64
+    assert keys == [(1, 8), (1, 16), (1, 32), (1, 48), (1, 64), (2, 8), (2, 16), (2, 32), (4, 8), (4, 16)]
+    assert be.prefill_buckets(40) == [(1, 8), (1, 16), (1, 32), (1, 48), (2, 8), (2, 16), (4, 8)]
+    assert warm_prefill(be, 64, force=True) == len(keys)  # every length is graphed: no eager warm-up runs
+    assert be.engine.runner.prefill_graphs.captured == keys
+    assert EngineSlotBackend(perturbed_model(CFG), max_slots=1).prefill_max_batch is None  # CPU: no graphs
+
+
+def test_scheduler_meets_only_captured_buckets_and_stays_exact():
+    """A wave of mixed-length prompts (some longer than the budget: prefilled in pieces) through the
+    scheduler after the start-up capture: no new bucket is captured, every forward holds at most the
+    largest graph batch and costs at most the budget, tokens equal generate(), cached states are exact."""
+    model = perturbed_model(CFG)
+    be = graphed_backend(model, 12)
+    budget = 64
+    keys = be.capture_prefill_graphs(budget)
+    graphs = be.engine.runner.prefill_graphs
+    calls = []
+    orig_batch, orig_one = be.prefill_batch, be.prefill
+    be.prefill_batch = lambda t, s: (calls.append([len(x) for x in t]), orig_batch(t, s))[1]
+    be.prefill = lambda t, s: (calls.append([len(t)]), orig_one(t, s))[1]
+    cache = PrefixCache(10**8)
+    sched = Scheduler(be, eos_token_id=None, cache=cache, decode_steps_per_read=4, prefill_chunk=budget)
+    lengths = [20, 22, 9, 10, 11, 40, 3, 21, 60, 12, 1, 150]
+    ps = prompts(lengths, seed=11)
+    ref = [generate(model, p, 6)[0].tolist() for p in ps]
+    sched.start()
+    try:
+        reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True,
+                                                    logprobs=0 if i % 2 else None)) for i, p in enumerate(ps)]
+        events = run_requests(sched, reqs)
+        for i, r in enumerate(reqs):
+            assert tokens_and_finish(events[r.id]) == (ref[i], "length"), i
+        assert sched.stats()["slots_free"] == 12
+    finally:
+        sched.shutdown()
+    assert graphs.captured == keys  # nothing was captured inside a request
+    assert any(len(c) > 1 for c in calls) and any(len(set(c)) > 1 for c in calls), calls
+    for c in calls:
+        assert len(c) <= 4 and be.prefill_cost(len(c), max(c)) <= budget, c
+    assert [64] in calls  # the 150-token prompt went in pieces of the whole budget
+    for p in ps:
+        _, fresh = model(torch.tensor([p]))
+        assert close_states(cache._entries[tuple(p)].state, fresh, tol=1e-4), len(p)
+
+
+def test_greedy_first_tokens_are_not_waited_for():
+    """With windows, a greedy request's first token goes to the device's next inputs and is read behind
+    the next window (no host sampling of prefill logits); sampled requests still pick theirs on the host."""
+    model = perturbed_model(CFG)
+    be = EngineSlotBackend(model, max_slots=4)
+    sched = Scheduler(be, eos_token_id=None, decode_steps_per_read=4)
+    phases = []
+    orig = sched._sample_and_emit
+    sched._sample_and_emit = lambda c, o, lg, phase="decode": (phases.append(phase), orig(c, o, lg, phase))[1]
+    ps = prompts([7, 7, 12], seed=12)
+    sched.start()
+    try:
+        reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+                for p, n in zip(ps, (1, 9, 5))]
+        events = run_requests(sched, reqs)
+        for p, r in zip(ps, reqs):
+            assert tokens_and_finish(events[r.id])[0] == generate(model, p, r.params.max_new_tokens)[0].tolist()
+        assert "prefill" not in phases and sched.steps == 8 and not sched._firsts
+        sampled = GenerationRequest(ps[0], SamplingParams(max_new_tokens=3, temperature=0.7, seed=1))
+        run_requests(sched, [sampled])
+        assert "prefill" in phases
+    finally:
+        sched.shutdown()
+
+
+def test_bucket_plan_with_graph_costs():
+    """The plan against a backend with graph buckets: at most ``prefill_max_batch`` rows, the padded
+    bucket's cost within the budget and within the ratio x the prompts' costs alone, the first-come request
+    in its group; groups fill whole batch buckets when the ratio allows no padded rows."""
+    class Stub:
+        max_slots, vocab_size, device = 64, 10, torch.device("cpu")
+        prefill_padded, prefill_max_batch = True, 8
+        lengths, batches = (16, 32, 64, 128, 192, 256, 384, 512), (1, 2, 4, 8)
+
+        def prefill_cost(self, b, n):
+            bb = next((x for x in self.batches if x >= b), None)
+            bl = next((x for x in self.lengths if x >= n), None)
+            return bb * bl if bb and bl else b * n
+
+        def prefill_batch(self, tokens, states):
+            raise AssertionError("not called")
+
+    stub = Stub()
+    g = torch.Generator().manual_seed(1)
+    reqs = [GenerationRequest([1] * n, SamplingParams(max_new_tokens=1))
+            for n in torch.randint(1, 300, (48,), generator=g).tolist()]
+    for ratio in (1.0, 1.3):
+        sched = Scheduler(stub, eos_token_id=None, prefill_chunk=2048, prefill_pad_ratio=ratio)
+        sched.prefilling = reqs
+        sizes = set()
+        for budget in (2048, 700, 100):
+            for head in reqs[:16]:
+                group = sched._bucket(head, budget, set())
+                lens = [len(r.prompt) for r in group]
+                cost = stub.prefill_cost(len(group), max(lens))
+                assert head in group and len(group) <= 8
+                assert len(group) == 1 or cost <= budget
+                assert len(group) == 1 or cost <= ratio * sum(stub.prefill_cost(1, n) for n in lens) + 1e-9
+                sizes.add(len(group))
+        assert sizes - {1} and (ratio > 1 or sizes <= {1, 2, 4, 8}), sizes

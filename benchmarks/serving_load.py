@@ -82,12 +82,14 @@ def engine_peer(model_spec: str, slots: int, steps: int, dtype: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- backend audit
-def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: int) -> dict:
+def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: int, budget: int = 2048) -> dict:
     """(Runs in its own process, autotuning off as in ``serve``.) The slot backend's calls as the scheduler
-    makes them, without the server: host time (until the call returns) and total time (until the device is
-    done) of one-by-one vs batched mixed-length prefill, a prefilled group's hand-over (prefix-cache copy,
-    slot load, first-token read) and a 4-step greedy window over all slots; and which of these calls wait
-    for the device (``torch.cuda.set_sync_debug_mode``: every synchronising call and where it was made)."""
+    makes them, without the server: the start-up capture of the prefill graphs the scheduler can use with
+    a prefill budget of ``budget`` tokens; host time (until the call returns) and total time (until the
+    device is done) of one-by-one vs batched mixed-length prefill, a prefilled group's hand-over
+    (prefix-cache copy, slot load, first-token read) and a 4-step greedy window over all slots; and which
+    calls wait for the device (``torch.cuda.set_sync_debug_mode``: every synchronising call and where it
+    was made), made by the backend alone and by the real scheduler loop over a wave of requests."""
     import statistics
     import warnings
 
@@ -95,7 +97,9 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
 
     from fastxlstm.checkpoint import load
     from fastxlstm.engine.backend import EngineSlotBackend
-    from fastxlstm.serving.prefix_cache import clone_state
+    from fastxlstm.serving.prefix_cache import PrefixCache, clone_state
+    from fastxlstm.serving.sampling import SamplingParams
+    from fastxlstm.serving.scheduler import GenerationRequest, Scheduler
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -105,9 +109,14 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
     model = load(model_spec, device=dev, dtype=dt, weight_mode="fused")
     be = EngineSlotBackend(model, slots)
     be.engine.warmup([slots])
+    out: dict = {}
+    t0 = time.perf_counter()
+    out["prefill_graph_buckets"] = len(be.capture_prefill_graphs(budget))
+    out["prefill_graph_capture_s"] = time.perf_counter() - t0
     rng = random.Random(0)
     mid = (min_p + max_p) // 2
     ps = [[rng.randrange(3, 259) for _ in range(rng.randint(mid - mid // 8, mid + mid // 8))] for _ in range(8)]
+    out["prompt_lengths"] = [len(p) for p in ps]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def timed(fn, reps: int = 3) -> dict:
@@ -130,11 +139,10 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
             be.load(j, st)
         logits.argmax(-1).tolist()
 
-    out: dict = {"prompt_lengths": [len(p) for p in ps]}
     # exactness on this device: the padded batch against each prompt alone
-    logits, states = be.prefill_batch(ps, [None] * len(ps))
+    logits, states = be.prefill_batch(ps[:2], [None] * 2)
     worst = {"logits_rel": 0.0, "state_rel": 0.0, "argmax_equal": 0}
-    for j, p in enumerate(ps):
+    for j, p in enumerate(ps[:2]):
         lone, lone_state = be.prefill(p, None)
         worst["logits_rel"] = max(worst["logits_rel"], ((logits[j] - lone).norm() / lone.norm()).item())
         worst["argmax_equal"] += int(logits[j].argmax() == lone.argmax())
@@ -143,29 +151,56 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
                 worst["state_rel"] = max(worst["state_rel"], ((t - w).float().norm() / w.float().norm().clamp_min(
                     1e-30)).item())
     out["padded_vs_alone"] = worst
-    out["prefill_4_one_by_one"] = timed(lambda: [be.prefill(p, None) for p in ps[:4]])
-    out["prefill_4_batched"] = timed(lambda: be.prefill_batch(ps[:4], [None] * 4))
-    out["prefill_8_batched"] = timed(lambda: be.prefill_batch(ps, [None] * 8))
-    out["hand_over_4"] = timed(lambda: hand_over(4))
+    out["prefill_2_one_by_one"] = timed(lambda: [be.prefill(p, None) for p in ps[:2]])
+    out["prefill_2_batched"] = timed(lambda: be.prefill_batch(ps[:2], [None] * 2))
+    out["hand_over_2"] = timed(lambda: hand_over(2))
     _, st = be.prefill(ps[0], None)
     for s in range(slots):
         be.load(s, st)
     nxt = torch.zeros(slots, dtype=torch.long, device=dev)
     out["window_4_steps_all_slots"] = timed(lambda: be.decode_greedy(list(range(slots)), nxt, 4, logprobs=True))
-    if cuda:  # where the scheduler's calls wait for the device
+
+    # the scheduler loop itself (no HTTP): a wave of greedy requests with logprobs=0 as the load test sends
+    sched = Scheduler(be, eos_token_id=None, cache=PrefixCache(1 << 30), decode_steps_per_read=4,
+                      prefill_chunk=budget)
+
+    def wave(seed: int, n: int = 24) -> dict:
+        r = random.Random(seed)
+        reqs = [GenerationRequest([r.randrange(3, 259) for _ in range(r.randint(min_p, max_p))],
+                                  SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, logprobs=0))
+                for _ in range(n)]
+        sched.waiting.extend(reqs)
+        sched.prof.seconds.clear()
+        sched.prof.restart()
+        t0 = time.perf_counter()
+        iterations = 0
+        while sched._has_work():
+            sched._iteration()
+            sched._pending.clear()  # no clients here
+            iterations += 1
+        sync()
+        return {"requests": n, "iterations": iterations, "wall_s": time.perf_counter() - t0,
+                "seconds": dict(sched.prof.seconds)}
+
+    wave(1)  # warm-up
+    out["scheduler_wave"] = wave(2)
+    if cuda:  # where the backend's and the scheduler's calls wait for the device
         torch.cuda.set_sync_debug_mode(1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             be.prefill(ps[0], None)
-            hand_over(4)
+            hand_over(2)
             tokens = be.decode_greedy(list(range(slots)), nxt, 4, logprobs=True)[0]
             tokens.to("cpu", non_blocking=True)
+            marker = len(caught)
+            wave(3, n=12)
         torch.cuda.set_sync_debug_mode(0)
-        where: dict[str, int] = {}
-        for w in caught:
-            key = f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:80]}"
-            where[key] = where.get(key, 0) + 1
-        out["synchronising_calls"] = where
+        for key, part in (("synchronising_calls", caught[:marker]), ("scheduler_synchronising_calls", caught[marker:])):
+            where: dict[str, int] = {}
+            for w in part:
+                k = f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:60]}"
+                where[k] = where.get(k, 0) + 1
+            out[key] = where
     return out
 
 
@@ -298,7 +333,7 @@ def metrics_snapshot(base: str) -> dict:
     out = {}
     for line in httpx.get(base + "/metrics").text.splitlines():
         name = line.split(" ")[0]
-        if name in want or name.startswith("fastxlstm_scheduler_loop_seconds_total{"):
+        if name in want or name.startswith(("fastxlstm_scheduler_loop_seconds_total{", "fastxlstm_startup_seconds{")):
             out[name] = float(line.split(" ")[1])
     return out
 
@@ -357,6 +392,8 @@ def run_server(args, variant: str, extra_args: list[str], result: dict, prefix: 
         print(f"[{variant}] server up in {out['server_start_s']:.1f}s", flush=True)
         asyncio.run(load_test(base, "bench", 16, 16, args.min_prompt, args.max_prompt, 16, seed=99))  # warm-up
         before, cpu0 = metrics_snapshot(base), process_cpu_s(proc.pid)
+        out["startup_s"] = {k.split('phase="', 1)[1].split('"', 1)[0]: v for k, v in before.items()
+                            if k.startswith("fastxlstm_startup_seconds{")}
         out["load"] = ld = asyncio.run(load_test(base, "bench", args.requests, args.concurrency, args.min_prompt,
                                                  args.max_prompt, args.output_tokens, procs=args.client_procs))
         after, cpu1 = metrics_snapshot(base), process_cpu_s(proc.pid)
@@ -472,7 +509,8 @@ def main() -> None:
               f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL p50 {ld['itl_ms']['p50']:.1f} ms "
               f"p99 {ld['itl_ms']['p99']:.1f} ms; server CPU {pr['server_cpu_us_per_token']:.0f} us/token")
         print(f"    {pr['decode_steps']:.0f} decode steps, mean batch {pr['mean_decode_batch']:.1f}, "
-              f"launch+wait {pr['decode_ms_per_step']:.2f} ms/step")
+              f"launch+wait {pr['decode_ms_per_step']:.2f} ms/step; server up in {run['server_start_s']:.0f} s "
+              f"(" + ", ".join(f"{k} {v:.1f} s" for k, v in run.get("startup_s", {}).items()) + ")")
         shares = sorted(pr["share_of_wall"].items(), key=lambda kv: -kv[1])
         print("    scheduler thread: " + ", ".join(f"{k} {v:.0%}" for k, v in shares))
 

@@ -67,11 +67,13 @@ class SequenceSampler:
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, device=device, dtype=torch.bool)
             if prompt_ids:
-                self.seen[torch.tensor(prompt_ids, device=device).clamp_(0, vocab_size - 1)] = True
+                ids = torch.tensor(prompt_ids).to(device, non_blocking=True)  # (a blocking copy waits for the device)
+                self.seen.index_fill_(0, ids.clamp_(0, vocab_size - 1), True)
         if params.logit_bias:
             self.bias = torch.zeros(vocab_size, device=device, dtype=torch.float32)
-            ids = torch.tensor(list(params.logit_bias), device=device)
-            self.bias[ids] = torch.tensor(list(params.logit_bias.values()), device=device, dtype=torch.float32)
+            ids = torch.tensor(list(params.logit_bias)).to(device, non_blocking=True)
+            values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+            self.bias.index_copy_(0, ids, values.to(device, non_blocking=True))
 
     def process(self, logits: Tensor) -> Tensor:
         """Penalties and bias applied to a ``[V]`` float32 row."""
@@ -96,9 +98,11 @@ class SequenceSampler:
             logits = logits.masked_fill(logits < cutoff, float("-inf"))
         return gen.sample(logits[None], p.temperature, p.top_k, p.top_p, self.generator)[0]
 
-    def observe(self, token: Tensor | int) -> None:
+    def observe(self, token: int) -> None:
         """Record a generated token for the penalties."""
+        # one-element updates: ``t[token] = x`` writes a CPU scalar into a 0-dim view, which waits for the device
+        one = slice(int(token), int(token) + 1)
         if self.counts is not None:
-            self.counts[token] += 1
+            self.counts[one] += 1
         if self.seen is not None:
-            self.seen[token] = True
+            self.seen[one] = True

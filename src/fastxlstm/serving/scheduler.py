@@ -752,9 +752,10 @@ class Scheduler:
         return self._next_in
 
     def _index(self, values: list[int]) -> Tensor:
-        """``values`` as a device index, copied without waiting for the device (``torch.tensor(values,
-        device=cuda)`` and indexing a device tensor with a list are blocking copies)."""
-        return torch.tensor(values, dtype=torch.long).to(self.backend.device, non_blocking=True)
+        """``values`` as a device index, copied from pinned memory without waiting for the device
+        (``torch.tensor(values, device=cuda)`` and indexing a device tensor with a list are blocking copies)."""
+        dev = self.backend.device
+        return torch.tensor(values, dtype=torch.long, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
 
     def _rows(self, t: Tensor, rows: list[int]) -> Tensor:
         """Rows ``rows`` of ``t`` (``t`` itself when that is all of them in order)."""

@@ -332,8 +332,8 @@ class Scheduler:
         self._admit()
         self.prof.lap("admit")
         self._prefill()
-        if self._pending:  # first tokens (and errors) go out before the decode step, not after it
-            self._flush()
+        if self._pending and not self._firsts:  # first tokens (and errors) go out before the decode step, not
+            self._flush()  # after it (first tokens still on the device go out behind the next window)
             self.prof.lap("flush")
         self._decode()
 
@@ -523,8 +523,8 @@ class Scheduler:
                     started.append(req)
             except Exception as e:
                 self._fail(req, e)
-        self.prof.lap("prefill_launch")
         self._start_decoding([r for r in started if r in self.prefilling])
+        self.prof.lap("prefill_launch")
 
     def _piece_end(self, req: GenerationRequest, budget: int) -> int | None:
         """Where the next prefill piece of ``req`` ends: at its end or next cache point, cut to the longest

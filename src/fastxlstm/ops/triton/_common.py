@@ -255,6 +255,13 @@ def logsigmoid(x):
 
 
 @triton.jit
+def tanh(x):
+    """tanh through exp, overflow-safe (``exp(2x)`` -> inf gives 1, -> 0 gives -1): the gate soft cap's. The one
+    Triton copy for this package; ``engine/gemv.py`` and ``engine/kernels.py`` still define their own ``_tanh``."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
 def max_fn(a, b):
     return tl.maximum(a, b)
 

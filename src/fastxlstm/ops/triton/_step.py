@@ -20,12 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, logsigmoid, pow2
-
-
-@triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+from ._common import INTERPRET, logsigmoid, pow2, tanh
 
 
 @triton.jit
@@ -114,8 +109,8 @@ def fused_step_kernel(
     fg = (tl.load(row + OFF_G + NH + hh).to(tl.float32) + tl.load(GB + NH + hh)).to(
         P.dtype.element_ty).to(tl.float32)
     if HAS_CAP:
-        ig = cap * _tanh(ig / cap)
-        fg = cap * _tanh(fg / cap)
+        ig = cap * tanh(ig / cap)
+        fg = cap * tanh(fg / cap)
     if HAS_ACTIVE:
         act = tl.load(ACT + bb) != 0
         ig = tl.where(act, ig, float("-inf"))

@@ -45,8 +45,14 @@ def summary(values: list[float], scale: float = 1000.0) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- the peer
-def engine_peer(model_spec: str, slots: int, steps: int, dtype: str) -> dict:
-    """The engine's batched decode without the server: all slots decoding, one CUDA-graph replay per step."""
+def engine_peer(model_spec: str, slots: int, steps: int, dtype: str, prompts: list[str] | None = None,
+                out_tokens: int = 0) -> dict:
+    """The engine's batched decode without the server: all slots decoding, one CUDA-graph replay per step.
+    With ``prompts``, also the engine doing the load test's work offline (``engine_offline``:
+    :meth:`LLM.generate` over the same prompts, ``out_tokens`` each, greedy, continuous batching over the
+    same slots, prefill included, no HTTP): the ceiling for the server on this workload."""
+    import gc
+
     import torch
 
     from fastxlstm.checkpoint import load
@@ -58,9 +64,9 @@ def engine_peer(model_spec: str, slots: int, steps: int, dtype: str) -> dict:
     eng = Engine(model, max_slots=slots)
     ids = [eng.allocate_slot() for _ in range(slots)]
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 259, (128,), generator=g).tolist() for _ in ids]
+    starts = [torch.randint(3, 259, (128,), generator=g).tolist() for _ in ids]
     params = SamplingParams(max_new_tokens=10**9, ignore_eos=True)
-    logits = eng.prefill_into_slots(ids, prompts, params=[params] * slots)
+    logits = eng.prefill_into_slots(ids, starts, params=[params] * slots)
     eng.sample(ids, logits)
     eng.warmup([slots])
     out = {}
@@ -78,7 +84,42 @@ def engine_peer(model_spec: str, slots: int, steps: int, dtype: str) -> dict:
         torch.cuda.synchronize()
         dt_s = time.perf_counter() - t0
         out[name] = {"step_ms": dt_s / steps * 1000, "tokens_per_s": slots * steps / dt_s}
+    if prompts:  # the load test's prompts
+        eng = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        out["engine_offline"] = engine_offline(model, model_spec, slots, prompts, out_tokens)
     return out
+
+
+def engine_offline(model, model_spec: str, slots: int, prompts: list[str], out_tokens: int) -> dict:
+    """:meth:`LLM.generate` over ``prompts`` (``out_tokens`` each, greedy, ``ignore_eos``) on ``slots`` slots:
+    the load test's work done by the engine alone, prefill graphs captured first as the server does."""
+    import torch
+
+    from fastxlstm.engine import LLM
+    from fastxlstm.tokenizer import Tokenizer
+
+    tok = Tokenizer.byte_level() if model_spec.startswith("random:") else Tokenizer.from_dir(model.source_dir)
+    ids = [tok.encode(p) for p in prompts]
+    llm = LLM(model, max_slots=slots)
+    graphs = llm.engine.runner.prefill_graphs
+    if graphs is not None:  # no capture inside the timed run
+        longest = graphs.bucket(1, max(map(len, ids)))
+        for b in (1, 2):  # equal-length prompts share a forward
+            for n in graphs.lengths:
+                if longest is not None and n <= longest[1]:
+                    graphs.capture(b, n)
+    llm.generate(ids[:slots], max_new_tokens=4, ignore_eos=True)  # decode graphs
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    res = llm.generate(ids, max_new_tokens=out_tokens, ignore_eos=True)
+    sync()
+    dt_s = time.perf_counter() - t0
+    done = sum(len(r.token_ids) for r in res)
+    return {"requests": len(ids), "prompt_tokens": sum(map(len, ids)), "completion_tokens": done, "wall_s": dt_s,
+            "output_tokens_per_s": done / dt_s}
 
 
 # ----------------------------------------------------------------------------------------- backend audit
@@ -417,8 +458,11 @@ def run_server(args, variant: str, extra_args: list[str], result: dict, prefix: 
         except subprocess.TimeoutExpired:
             proc.kill()
     if "engine_peer" in result:
-        out["server_over_engine_decode"] = ld["output_tokens_per_s"] / result["engine_peer"]["graph_replay"][
-            "tokens_per_s"]
+        peer = result["engine_peer"]
+        out["server_over_engine_decode"] = ld["output_tokens_per_s"] / peer["graph_replay"]["tokens_per_s"]
+        if "engine_offline" in peer:
+            offline = peer["engine_offline"]["output_tokens_per_s"]
+            out["server_over_engine_offline"] = ld["output_tokens_per_s"] / offline
     return out
 
 
@@ -459,7 +503,9 @@ def main() -> None:
     if not args.skip_peer and torch.cuda.is_available():
         t = time.perf_counter()
         try:
-            result["engine_peer"] = engine_peer(args.model, args.max_slots, args.peer_steps, args.dtype)
+            result["engine_peer"] = engine_peer(args.model, args.max_slots, args.peer_steps, args.dtype,
+                                                make_prompts(args.requests, args.min_prompt, args.max_prompt),
+                                                args.output_tokens)
         except Exception as e:  # record and go on: the server can still run on plain model calls
             import traceback
 
@@ -504,6 +550,8 @@ def main() -> None:
         ld, pr = run["load"], run["profile"]
         ratio = f", server / engine decode {run['server_over_engine_decode']:.2f}" if "server_over_engine_decode" in \
             run else ""
+        if "server_over_engine_offline" in run:
+            ratio += f", server / engine offline (same work) {run['server_over_engine_offline']:.2f}"
         print(f"  {run['variant']}: {ld['requests']} requests, {ld['concurrency']} concurrent: "
               f"{ld['output_tokens_per_s']:.0f} output tok/s{ratio}; TTFT p50 {ld['ttft_ms']['p50']:.0f} ms "
               f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL p50 {ld['itl_ms']['p50']:.1f} ms "

@@ -6,6 +6,8 @@ decode window, not waited for. On the CPU the buckets run eagerly on their stati
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from fastxlstm.config import XLSTMConfig
@@ -79,6 +81,8 @@ def test_scheduler_meets_only_captured_buckets_and_stays_exact():
     for c in calls:
         assert len(c) <= 4 and be.prefill_cost(len(c), max(c)) <= budget, c
     assert [64] in calls  # the 150-token prompt went in pieces of the whole budget
+    rows = Counter(n for c in calls for n in c)
+    assert all(rows[n] >= k for n, k in Counter(n for n in lengths if n <= budget).items()), rows  # never split
     for p in ps:
         _, fresh = model(torch.tensor([p]))
         assert close_states(cache._entries[tuple(p)].state, fresh, tol=1e-4), len(p)

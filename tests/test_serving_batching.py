@@ -219,7 +219,8 @@ def test_engine_backend_windows_past_engine_defaults(model):
 @pytest.mark.parametrize("kind", ["model", "engine"])
 def test_overlapped_windows_equal_serial_and_generate(model, kind):
     """With overlap a window is queued behind one whose tokens were not read yet (its inputs stay on the
-    device); tokens, finish reasons, cached turn-end states and slot accounting equal the serial scheduler's
+    device); with ``early_launch`` also before the iteration's prefill (which then runs with two windows
+    unread); tokens, finish reasons, cached turn-end states and slot accounting equal the serial scheduler's
     and generate(), with length, stop-token and EOS stops inside windows."""
     from fastxlstm.engine.backend import EngineSlotBackend
 
@@ -229,15 +230,23 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
     eos_tok = next(t for i, t in enumerate(ref[4]) if i >= 6 and t not in ref[4][:i])
     budgets = [23, 23, 5, 17, 23, 2, 11]
     results = {}
-    for overlap in (False, True):
+    for mode in ("serial", "overlap", "early"):
         be = ModelSlots(model, max_slots=4) if kind == "model" else EngineSlotBackend(model, max_slots=4)
-        launches, bad = [], []  # (an assertion inside the scheduler thread would only trigger its fallback)
-        cache = PrefixCache(10**8)
-        sched = Scheduler(be, eos_token_id=eos_tok, cache=cache, decode_steps_per_read=4, overlap=overlap)
+        launches, bad, at_prefill = [], [], []  # (an assertion inside the scheduler thread would only trigger
+        cache = PrefixCache(10**8)  # its fallback)
+        sched = Scheduler(be, eos_token_id=eos_tok, cache=cache, decode_steps_per_read=4, overlap=mode != "serial",
+                          early_launch=mode == "early")
+
+        def unread(_sched=sched) -> int:
+            return sum(w.phase == "decode" for w in _sched._unread)
+
+        for name in ("prefill", "prefill_batch"):  # decode windows unread while a prefill is queued
+            setattr(be, name, lambda *a, _orig=getattr(be, name), _seen=at_prefill, _unread=unread: (
+                _seen.append(_unread()), _orig(*a))[1])
 
         def counted(slots, tokens, steps, logprobs=False, _orig=be.decode_greedy, _sched=sched, _launches=launches,
                     _bad=bad):
-            _launches.append(_sched._inflight is not None)  # a window still unread when this one is queued
+            _launches.append(unread() > 0)  # a window still unread when this one is queued
             if not isinstance(tokens, torch.Tensor):  # inputs come from the device, not from the host
                 _bad.append(("host inputs", slots))
             live = {c.slot: c for r in _sched.running for c in r.choices if not c.done}
@@ -254,27 +263,29 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
                       for i, m in enumerate(budgets)]
             reqs = [GenerationRequest(p, sp, cache_generation_end=i < 4) for i, (p, sp) in enumerate(zip(ps, params))]
             events = run_requests(sched, reqs)
-            results[overlap] = [[(e.token, e.logprob) for e in events[r.id] if isinstance(e, TokenEvent)]
-                                + [e.reason for e in events[r.id] if isinstance(e, FinishEvent)] for r in reqs]
-            assert sched.stats()["slots_free"] == 4 and sched._inflight is None
-            assert any(launches) == overlap and not bad, bad
+            results[mode] = [[(e.token, e.logprob) for e in events[r.id] if isinstance(e, TokenEvent)]
+                             + [e.reason for e in events[r.id] if isinstance(e, FinishEvent)] for r in reqs]
+            assert sched.stats()["slots_free"] == 4 and not sched._unread
+            assert any(launches) == (mode != "serial") and not bad, bad
+            assert max(at_prefill) == (2 if mode == "early" else 1 if mode == "overlap" else 0), at_prefill
             for i in range(len(reqs)):
-                toks = [t for t, _ in results[overlap][i][:-1]]
+                toks = [t for t, _ in results[mode][i][:-1]]
                 stops = [j + 1 for j, t in enumerate(ref[i]) if t == stop_tok and i == 1]
                 stops += [j + 1 for j, t in enumerate(ref[i]) if t == eos_tok and i != 6]
-                assert toks == ref[i][:min([budgets[i], *stops])], (overlap, i)
-                if i < 4 and results[overlap][i][-1] == "length":  # a turn that ended on its budget is cached:
-                    assert tuple(ps[i] + toks[:-1]) in cache._entries, (overlap, i)  # no window ran past it
+                assert toks == ref[i][:min([budgets[i], *stops])], (mode, i)
+                if i < 4 and results[mode][i][-1] == "length":  # a turn that ended on its budget is cached:
+                    assert tuple(ps[i] + toks[:-1]) in cache._entries, (mode, i)  # no window ran past it
             for key, entry in cache._entries.items():  # every cached state is the state of its key
                 _, fresh = be.prefill(list(key), None)
-                assert close_states(entry.state, fresh, tol=1e-4), (overlap, len(key))
+                assert close_states(entry.state, fresh, tol=1e-4), (mode, len(key))
         finally:
             sched.shutdown()
-    assert [[t for t, _ in r[:-1]] + r[-1:] for r in results[True]] == \
-        [[t for t, _ in r[:-1]] + r[-1:] for r in results[False]]
-    for a, b in zip(results[True], results[False]):
-        assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5)
-                   for (_, la), (_, lb) in zip(a[:-1], b[:-1]))
+    for mode in ("overlap", "early"):
+        assert [[t for t, _ in r[:-1]] + r[-1:] for r in results[mode]] == \
+            [[t for t, _ in r[:-1]] + r[-1:] for r in results["serial"]], mode
+        for a, b in zip(results[mode], results["serial"]):
+            assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5)
+                       for (_, la), (_, lb) in zip(a[:-1], b[:-1]))
 
 
 def test_mixed_length_prefill_buckets_exact(model):

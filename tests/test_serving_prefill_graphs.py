@@ -105,7 +105,7 @@ def test_greedy_first_tokens_are_not_waited_for():
         events = run_requests(sched, reqs)
         for p, r in zip(ps, reqs):
             assert tokens_and_finish(events[r.id])[0] == generate(model, p, r.params.max_new_tokens)[0].tolist()
-        assert "prefill" not in phases and sched.steps == 8 and not sched._firsts
+        assert "prefill" not in phases and sched.steps == 8 and not sched._unread
         sampled = GenerationRequest(ps[0], SamplingParams(max_new_tokens=3, temperature=0.7, seed=1))
         run_requests(sched, [sampled])
         assert "prefill" in phases

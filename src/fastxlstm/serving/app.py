@@ -68,6 +68,7 @@ class ServeConfig:
     # token, finish and errors go at once): fewer, larger SSE chunks, up to this much extra latency per token
     decode_steps_per_read: int = 4  # greedy-only batches: decode steps between two host reads of the tokens
     overlap_decode: bool = True  # queue the next window before reading the previous one's tokens
+    early_launch: bool = False  # queue each iteration's window before its prefill (two windows ahead of the host)
     warm_prefill: bool = True  # at start-up, prefill once per kernel shape class (GPU backends only)
     max_model_len: int = 32768
     default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
@@ -405,7 +406,8 @@ class ServerState:
                                    max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
                                    stream_interval=config.stream_interval_ms / 1000,
                                    decode_steps_per_read=config.decode_steps_per_read,
-                                   overlap=config.overlap_decode, prefill_pad_ratio=config.prefill_pad_ratio)
+                                   overlap=config.overlap_decode, prefill_pad_ratio=config.prefill_pad_ratio,
+                                   early_launch=config.early_launch)
         self.created = _now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
         self._pieces: dict[int, str] = {}

@@ -26,6 +26,9 @@ def serve(
         min=1, help="Decode steps between host reads while every running request is plain greedy")] = 4,
     overlap_decode: Annotated[bool, typer.Option(
         help="Queue the next decode window before reading the previous one's tokens")] = True,
+    early_launch: Annotated[bool, typer.Option(
+        help="Queue each iteration's decode window before its prefill, so the device has two windows to run "
+             "while the host prefills (new requests join one window later)")] = False,
     triton_autotune: Annotated[bool, typer.Option(
         help="Autotune the Triton kernels for each new prompt shape while serving (each new shape stalls "
              "the server for seconds); off: the first launch config that fits")] = False,
@@ -82,7 +85,7 @@ def serve(
         max_model_len=max_model_len, prefix_cache_bytes=prefix_cache_mb * 1024**2,
         request_timeout=request_timeout or None, api_key=api_key, backend=backend,
         stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
-        overlap_decode=overlap_decode, prefill_pad_ratio=prefill_pad_ratio,
+        overlap_decode=overlap_decode, prefill_pad_ratio=prefill_pad_ratio, early_launch=early_launch,
     )
     try:
         app = build_app(net, tok, config, template, drain_timeout=drain_timeout)

@@ -2,22 +2,27 @@
 
 Each loop iteration (1) drops cancelled and timed-out requests and frees their slots, (2) admits
 waiting requests while slots are free (looking up the prefix cache), (3) prefills at most
-``prefill_chunk`` prompt tokens, padded ones counted (so a long prompt does not stall running decodes
-for long: it is prefilled in chunks), first come first served; a request whose whole remaining prompt
-fits goes through the backend's ``prefill_batch`` with the waiting prompts of lengths nearest its own
-(right-padded to the longest while padded tokens <= ``prefill_pad_ratio`` x real ones, where the backend
-is ``prefill_padded``; exactly one length otherwise), (4) runs the decode step(s) over every running
-sequence -- ``decode_steps_per_read`` steps with one host read when every running sequence is plain
-greedy without top logprobs (the backend feeds its argmax back on the device; tokens past a stop are
-dropped, and a state that ran past a stop is never cached), else one step. With ``overlap`` (default) the next
-window is queued from the device-resident last tokens *before* the previous window's tokens (copied to
-pinned host memory behind it) are read and handed out, so that host work runs while the device decodes;
-sequences whose budget the window in flight uses up are not relaunched -- then (5) hands the new tokens
-to the requests' asyncio queues (with ``stream_interval`` > 0, a request's tokens are handed over at
-most once per interval -- fewer, larger chunks and event-loop wake-ups for a bounded extra latency;
-its first token, its end and errors go at once). Requests with ``n > 1`` prefill once and fork the state.
-An exception inside one request fails that request only: a failing batched step is retried
-per sequence, and slot states are only committed after a step succeeded.
+``prefill_chunk`` prompt tokens, counted as the device computes them (the backend's ``prefill_cost``:
+a prefill CUDA graph computes its whole padded (batch, length) bucket), first come first served; a
+request whose whole remaining prompt fits goes through the backend's ``prefill_batch`` with the waiting
+prompts of lengths nearest its own (at most ``prefill_max_batch`` of them, right-padded, the group's cost
+at most ``prefill_pad_ratio`` x their costs one by one, where the backend is ``prefill_padded``; exactly
+one length otherwise); one that would fit a fresh budget waits for the next iteration rather than being
+split; a longer one is prefilled in pieces. (4) It runs the decode step(s) over every running sequence --
+``decode_steps_per_read`` steps with one host read when every running sequence is plain greedy without top
+logprobs (the backend feeds its argmax back on the device; tokens past a stop are dropped, and a state that
+ran past a stop is never cached), else one step. Greedy first tokens are picked on the device too: they
+become the next window's inputs and are read behind it. With ``overlap`` (default) the next window is
+queued from the device-resident last tokens *before* the blocks of tokens in flight (copied to pinned host
+memory behind their work) are read and handed out, so that host work runs while the device decodes;
+sequences whose budget the tokens in flight use up are not relaunched; with ``early_launch`` the window is
+queued before the iteration's prefill, so the device has two windows to run while the host prefills (new
+requests join the next window). (5) It hands the new tokens to the requests' asyncio queues (with
+``stream_interval`` > 0, a request's tokens are handed over at most once per interval -- fewer, larger chunks
+and event-loop wake-ups for a bounded extra latency; its first token, its end and errors go at once).
+Requests with ``n > 1`` prefill once and fork the state. An exception inside one request fails that request
+only: a failing batched step is retried per sequence, and slot states are only committed after a step
+succeeded.
 """
 
 from __future__ import annotations
@@ -144,6 +149,7 @@ class _Window:
     tokens: Tensor  # [n, steps] (host copy in flight, or on the device backend's own host memory)
     logprobs: Tensor | None
     event: torch.cuda.Event | None  # recorded after the copies (CUDA only)
+    phase: str = "decode"  # "prefill": the first tokens picked on the device from prefill logits
 
 
 _ids = itertools.count()
@@ -197,7 +203,7 @@ class Scheduler:
     def __init__(self, backend: SlotBackend, eos_token_id: int | None, cache: PrefixCache | None = None,
                  metrics: Metrics | None = None, max_waiting: int = 256, prefill_chunk: int = 512,
                  stream_interval: float = 0.0, decode_steps_per_read: int = 1, overlap: bool = True,
-                 prefill_pad_ratio: float = 1.3):
+                 prefill_pad_ratio: float = 1.3, early_launch: bool = False):
         self.backend = backend
         self.eos_token_id = eos_token_id
         self.cache = cache
@@ -211,11 +217,14 @@ class Scheduler:
             raise ValueError(f"decode_steps_per_read must be >= 1, got {decode_steps_per_read}")
         self.decode_steps_per_read = decode_steps_per_read
         self.overlap = overlap  # launch the next window before reading the previous one
+        # queue the iteration's window before its prefill (two windows ahead of the host while it prefills)
+        self.early_launch = early_launch
         if prefill_pad_ratio < 1.0:
             raise ValueError(f"prefill_pad_ratio must be >= 1, got {prefill_pad_ratio}")
         self.prefill_pad_ratio = prefill_pad_ratio  # padded / real tokens allowed in one batched prefill
-        self._inflight: _Window | None = None
-        self._firsts: list[_Window] = []  # first tokens (greedy, from prefill logits) not read yet
+        # blocks of tokens on their way to the host, in launch order: decode windows and first tokens picked
+        # on the device from prefill logits (greedy); read in this order, so each sequence's tokens stay in order
+        self._unread: deque[_Window] = deque()
         self._next_in: Tensor | None = None
         # what a prefill of (batch, padded length) costs the device: the backend's graph bucket, else b * n
         self._cost = getattr(backend, "prefill_cost", None) or (lambda b, n: b * n)
@@ -295,7 +304,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------------- scheduler thread
     def _has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running or self._inflight is not None or self._firsts)
+        return bool(self.waiting or self.prefilling or self.running or self._unread)
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -331,9 +340,13 @@ class Scheduler:
         self._reap()
         self._admit()
         self.prof.lap("admit")
+        early = self._launch_early() if self.early_launch else None
         self._prefill()
-        if self._pending and not self._firsts:  # first tokens (and errors) go out before the decode step, not
-            self._flush()  # after it (first tokens still on the device go out behind the next window)
+        if early is not None:  # the new sequences join the next window
+            self._read_before(early)
+            return
+        if self._pending and not any(w.phase == "prefill" for w in self._unread):  # first tokens (and errors) go
+            self._flush()  # out before the decode step (first tokens still on the device: behind the next window)
             self.prof.lap("flush")
         self._decode()
 
@@ -644,8 +657,8 @@ class Scheduler:
             first = sub.argmax(dim=-1)
             lps = chosen_logprobs(sub, first) if any(choices[j].sampler.params.logprobs == 0 for j in later) else None
             self._set_next(self._index([choices[j].slot for j in later]), first)
-            self._firsts.append(self._to_host([choices[j] for j in later], [owners[j] for j in later], first[:, None],
-                                              None if lps is None else lps[:, None]))
+            self._to_host([choices[j] for j in later], [owners[j] for j in later], first[:, None],
+                          None if lps is None else lps[:, None], "prefill")
         if len(later) < len(choices):
             deferred = set(later)
             rest = [j for j in range(len(choices)) if j not in deferred]
@@ -662,28 +675,44 @@ class Scheduler:
                     owners.append(req)
         return active, owners
 
-    def _decode(self) -> None:
+    def _launch_window(self) -> _Window | None:
+        """Queue a multi-step window over the running sequences that have budget left, where they all
+        allow one (:meth:`_window`); None where not (or where it failed: everything in flight is read)."""
         active, owners = self._active()
         # sequences whose budget the tokens not read yet use up are not relaunched (once every token is
         # read, a sequence not done has steps left)
         keep = [j for j, c in enumerate(active) if c.steps_left > 0]
         active, owners = [active[j] for j in keep], [owners[j] for j in keep]
         steps = self._window(active, owners) if active else 0
-        if steps > 1:
-            try:
-                window = self._launch(active, owners, steps)
-            except Exception:  # fall back to single steps (which isolate a failing sequence)
-                log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
-                self._drain()
-            else:
-                # the previous window's tokens are read and handed out while this one runs on the device
-                prev, self._inflight = self._inflight, window
-                if prev is not None:
-                    self._finish_window(prev)
-                self._finish_firsts()
-                if not self.overlap:
-                    self._drain()
-                return
+        if steps <= 1:
+            return None
+        try:
+            return self._launch(active, owners, steps)
+        except Exception:  # fall back to single steps (which isolate a failing sequence)
+            log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
+            self._drain()
+            return None
+
+    def _launch_early(self) -> _Window | None:
+        """(``early_launch``) The iteration's window, queued before its prefill, so that the device has this
+        one and the previous one to run while the host prefills; None: none was launched (then
+        :meth:`_decode` runs after the prefill as usual)."""
+        return self._launch_window()
+
+    def _read_before(self, window: _Window) -> None:
+        """Read and hand out what was launched before ``window`` (the previous window, first tokens), while
+        ``window`` runs on the device."""
+        while self._unread and self._unread[0] is not window:
+            block = self._unread.popleft()
+            self._finish_window(block, block.phase)
+        if not self.overlap:
+            self._drain()
+
+    def _decode(self) -> None:
+        window = self._launch_window()
+        if window is not None:
+            self._read_before(window)
+            return
         self._drain()
         active, owners = self._active()
         if not active:
@@ -766,16 +795,18 @@ class Scheduler:
         self._next_inputs().index_copy_(0, idx, tokens)
 
     def _to_host(self, active: list[_Choice], owners: list[GenerationRequest], tokens: Tensor,
-                 logprobs: Tensor | None) -> _Window:
+                 logprobs: Tensor | None, phase: str = "decode") -> _Window:
         """Start copying a block of tokens (and log-probabilities) to pinned host memory behind the work
-        queued so far, without waiting; :meth:`_finish_window` reads it."""
+        queued so far, without waiting; it joins the blocks to read (:meth:`_finish_window`)."""
         event = None
         if tokens.device.type == "cuda":
             tokens = tokens.to("cpu", non_blocking=True)
             logprobs = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
             event = torch.cuda.Event()
             event.record()
-        return _Window(active, owners, tokens, logprobs, event)
+        window = _Window(active, owners, tokens, logprobs, event, phase)
+        self._unread.append(window)
+        return window
 
     def _launch(self, active: list[_Choice], owners: list[GenerationRequest], steps: int) -> _Window:
         """Queue a greedy window on the device and start copying its tokens to the host (no wait)."""
@@ -792,16 +823,10 @@ class Scheduler:
         return window
 
     def _drain(self) -> None:
-        """Read and hand out the window in flight and the first tokens not read yet, if any."""
-        if self._inflight is not None:
-            window, self._inflight = self._inflight, None
-            self._finish_window(window)
-        self._finish_firsts()
-
-    def _finish_firsts(self) -> None:
-        firsts, self._firsts = self._firsts, []
-        for window in firsts:
-            self._finish_window(window, "prefill")
+        """Read and hand out every block of tokens in flight, in launch order."""
+        while self._unread:
+            block = self._unread.popleft()
+            self._finish_window(block, block.phase)
 
     def _finish_window(self, w: _Window, phase: str = "decode") -> None:
         try:

@@ -5,6 +5,7 @@
   python benchmarks/kernels.py --bench --quick    # a subset (B=1, S in {8k, 32k}) with a per-kernel breakdown
   python benchmarks/kernels.py --diag             # host vs GPU time at B=1 (launch path), cProfile, profiler
   python benchmarks/kernels.py --fp32             # fp32 h error next to the float32 reference's own
+  python benchmarks/kernels.py --sweep            # small-S forward: old vs current autotune rows, per config
 
 Shapes: xLSTM 7B cell (NH 8, DQK 256, DV 512), bf16 q/k/v, fp32 gates. Peers in the same run:
 ``mlstm-kernels`` (``chunkwise--triton_xl_chunk``, ``chunkwise--triton_limit_chunk``; PyPI) and torch SDPA
@@ -605,6 +606,174 @@ def fp32_study(args, device) -> dict:
     return {"fp32": rows}
 
 
+# ----------------------------------------------------------------------------------------- small-S sweep
+#: (B, S) of the sweep: the 7B prefill shapes where the forward is latency-bound, and S >= 8k as the control
+SWEEP_SHAPES = ((1, 2048), (1, 512), (1, 1024), (1, 4096), (2, 512), (4, 512), (8, 512), (1, 8192), (1, 32768))
+#: shapes that also get the per-config rows (each state/output config of the autotune lists timed alone)
+SWEEP_DETAIL = ((1, 2048), (8, 512), (1, 8192))
+#: the autotune rows before this sweep's change (state kernel: BK BV num_warps num_stages, KSCALE = PF = False;
+#: output kernel: BLQ BV NVP num_warps num_stages)
+LEGACY_STATES = ((64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 1))
+LEGACY_OUT = ((64, 32, 1, 8, 2), (64, 64, 1, 8, 2), (64, 32, 2, 8, 2), (128, 64, 1, 8, 2), (64, 32, 1, 8, 1))
+
+
+def _graph_per_call(fn, reps: int = 20) -> float:
+    """GPU ms per call of ``fn``: ``reps`` calls captured in one CUDA graph (in-graph launch gaps, as in the
+    engine's prefill graph), replays timed by do_bench (median), divided by ``reps``."""
+    import triton.testing as tt
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return tt.do_bench(g.replay, warmup=10, rep=60, return_mode="median") / reps
+
+
+def _errors(h, state, ref) -> dict:
+    hr, (cr, nr, mr) = ref
+    return {"h": rel(h, hr), "C": rel(state[0], cr), "n": rel(state[1], nr), "m": rel(state[2], mr),
+            "nan": bool(torch.isnan(h).any() or torch.isnan(state[0]).any())}
+
+
+class _Legacy:
+    """Swaps the forward's autotuned launchers for ones over the legacy rows (inside ``with``)."""
+
+    def __init__(self, tiny: bool):
+        from fastxlstm.ops.triton import _common, _fwd
+
+        st = ((16, 16, 4, 2),) if tiny else LEGACY_STATES
+        out = ((16, 16, 2, 4, 2),) if tiny else LEGACY_OUT
+        self.launchers = {
+            "fwd_states": _common.tuned(_fwd.fwd_states_kernel, "BK BV", interpret=(16, 16), rows=list(st)),
+            "fwd_out": _common.tuned(_fwd.fwd_out_kernel, "BLQ BV NVP", interpret=(16, 16, 2), rows=list(out))}
+
+    def __enter__(self):
+        from fastxlstm.ops.triton import _chunkwise as CW
+
+        self.saved = {name: getattr(CW, name) for name in self.launchers}
+        for name, fn in self.launchers.items():
+            setattr(CW, name, fn)
+
+    def __exit__(self, *exc):
+        from fastxlstm.ops.triton import _chunkwise as CW
+
+        for name, fn in self.saved.items():
+            setattr(CW, name, fn)
+
+
+def sweep(args, device) -> dict:
+    """Forward at small S (latency-bound), the public op ``mlstm_chunkwise`` (bf16, autotuned, default chunk)
+    with the legacy autotune rows and with the current ones, each as one CUDA graph of 20 calls (GPU time per
+    call), errors vs the float64 reference (fresh inputs; S <= 8k) or between the two (larger S). At the
+    SWEEP_DETAIL shapes also every row of the current state and output lists alone (their errors and times)."""
+    import triton
+
+    from fastxlstm.ops import triton as T
+    from fastxlstm.ops.triton import _chunkwise as CW
+    from fastxlstm.ops.triton import _common, _fwd
+
+    tiny = args.tiny
+    shapes = ((1, 64), (2, 48)) if tiny else SWEEP_SHAPES
+    detail = shapes if tiny else SWEEP_DETAIL
+    dims = dict(dqk=24, dv=40, nh=2) if tiny else {}
+    kc = dict(kernel_chunk=16) if tiny else {}
+    chunk = 16 if tiny else CW.kernel_chunk_for(4096, None)
+    st_cfgs = _fwd.fwd_states._launcher.configs if not tiny else [
+        triton.Config({"BK": 16, "BV": bv}, num_warps=4, num_stages=2) for bv in (16, 32)]
+    out_cfgs = _fwd.fwd_out._launcher.configs if not tiny else [
+        triton.Config({"BLQ": 16, "BV": 16, "NVP": p}, num_warps=4, num_stages=2) for p in (1, 3)]
+    # the rows the autotuner would consider for bf16 inputs (the single-stage output row is fp32-only: a bf16
+    # launch of it faults, see _common._fits)
+    fits = {"L": chunk, "Q": torch.empty(0, dtype=torch.float32 if tiny else torch.bfloat16)}
+    st_rows = [tuple(c.kwargs[k_] for k_ in _fwd.STATES_KEYS) + (c.num_warps, c.num_stages) for c in st_cfgs]
+    out_rows = [tuple(c.kwargs[k_] for k_ in _fwd.OUT_KEYS) + (c.num_warps, c.num_stages) for c in out_cfgs
+                if _common._fits(c, fits)]
+    timer = _graph_per_call if device.type == "cuda" else (lambda fn: timeit(device, fn))
+    legacy = _Legacy(tiny)
+    seed = int(time.time()) % 100000
+    res: dict = {"rows": [], "compare": [], "states_rows": st_rows, "out_rows": out_rows}
+    for b, s in shapes:
+        (q, k, v, i, f), _ = make_inputs(b, s, dtype := (torch.float32 if tiny else torch.bfloat16), device, seed,
+                                         **dims)
+        seed += 1
+        ref = None
+        if b * s <= 8192:
+            ref = mlstm_chunkwise_reference(*(t.double() for t in (q, k, v, i, f)), None, chunk_size=64)
+        op = functools.partial(_forward_only, functools.partial(T.mlstm_chunkwise, **kc), (q, k, v, i, f))
+        cmp: dict = {"B": b, "S": s, "dtype": str(dtype).split(".")[-1]}
+        outs = {}
+        for name in ("legacy", "new"):
+            if name == "legacy":
+                with legacy:
+                    cmp["legacy_ms"] = timer(op)
+                    outs[name] = op()
+            else:
+                cmp["new_ms"] = timer(op)
+                outs[name] = op()
+            if ref is not None:
+                cmp[name + "_err"] = _errors(outs[name][0], outs[name][1], ref)
+        cmp["new_vs_legacy_h"] = rel(outs["new"][0], outs["legacy"][0])
+        cmp["speedup"] = cmp["legacy_ms"] / cmp["new_ms"]
+        if not tiny:
+            tk = CW._tune_key(b * NH, s)
+            cmp["tuned"] = {name: {str(k_): str(c_) for k_, c_ in getattr(_fwd, name).cache.items() if tk in k_}
+                            for name in ("fwd_states", "fwd_out")}
+        res["compare"].append(cmp)
+        print("compare", json.dumps(cmp), flush=True)
+        if (b, s) in detail:
+            bh, dqk, dv = b * q.shape[1], q.shape[-1], v.shape[-1]
+            q3, k3, v3 = q.reshape(bh, s, dqk), k.reshape(bh, s, dqk), v.reshape(bh, s, dv)
+            i2, f2 = i.reshape(bh, s).contiguous(), f.reshape(bh, s).contiguous()
+            base = CW.Plan(st_rows[0], out_rows[0])
+            bufs = CW.forward(q3, k3, v3, i2, f2, None, None, None, 1e-6, chunk, plan=base)
+            for kind, rows in (("states", st_rows), ("out", out_rows)):
+                for cfg in rows:
+                    plan = CW.Plan(cfg, base.out) if kind == "states" else CW.Plan(base.states, cfg)
+                    row = {"B": b, "S": s, "L": chunk, "kernel": kind, "cfg": list(cfg)}
+                    try:
+                        poison(device)
+                        o = CW.forward(q3, k3, v3, i2, f2, None, None, None, 1e-6, chunk, plan=plan)
+                        if ref is not None:
+                            row.update(_errors(o["h"].view(q.shape[:3] + (dv,)),
+                                               (o["cn"].view(b, -1, dqk, dv), o["nn"].view(b, -1, dqk),
+                                                o["mn"].view(b, -1)), ref))
+                        if kind == "states":
+                            fn = functools.partial(CW._states, k3, v3, bufs, None, None, None, chunk, {}, plan)
+                        else:
+                            fn = functools.partial(CW.outputs, q3, k3, v3, i2, dict(bufs), 1e-6, chunk, plan)
+                        row["ms"] = timer(fn)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: recorded, skipped
+                        row["error"] = repr(exc)[:200]
+                    res["rows"].append(row)
+                    print("sweep", json.dumps(row), flush=True)
+        del q, k, v, i, f, ref, outs
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    print(sweep_table(res))
+    return res
+
+
+def sweep_table(res: dict) -> str:
+    lines = ["| B | S | legacy ms | new ms | speedup | h err legacy / new (vs f64) | new vs legacy h |",
+             "|---|---|---|---|---|---|---|"]
+    for c in res["compare"]:
+        errs = (f"{c['legacy_err']['h']:.2e} / {c['new_err']['h']:.2e}" if "new_err" in c else "-")
+        lines.append(f"| {c['B']} | {c['S']} | {c['legacy_ms']:.4f} | {c['new_ms']:.4f} | {c['speedup']:.3f}x | "
+                     f"{errs} | {c['new_vs_legacy_h']:.2e} |")
+    for kind in ("states", "out"):
+        for r in res["rows"]:
+            if r["kernel"] == kind:
+                lines.append(f"{kind} B{r['B']} S{r['S']} {r['cfg']}: "
+                             + (f"{1e3 * r['ms']:.1f} us" if "ms" in r else r.get("error", "")[:60])
+                             + (f" h {r['h']:.2e} C {r['C']:.2e}" if "h" in r else ""))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------- output
 def table(res: dict) -> str:
     lines = ["| B | S | impl | fwd ms | fwd floor ms | fwd+bwd ms | fwd+bwd floor ms | fwd vs xl_chunk | "
@@ -703,6 +872,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--diag", action="store_true", help="host vs GPU time at small sizes (launch overhead)")
     ap.add_argument("--fp32", action="store_true", help="fp32 accuracy vs the float32 reference's own error")
+    ap.add_argument("--sweep", action="store_true", help="small-S forward: old vs current autotune rows")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU interpreter dry run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
@@ -741,6 +911,11 @@ def main() -> None:
     if args.fp32:
         res = {"meta": meta, **fp32_study(args, device)}
         (out / f"kernels_fp32{tag}.json").write_text(json.dumps(res, indent=1))
+    if args.sweep:
+        t = time.time()
+        res = {"meta": meta, **sweep(args, device)}
+        res["seconds"] = time.time() - t
+        (out / f"kernels_sweep{tag}.json").write_text(json.dumps(res, indent=1))
     if args.bench:
         t = time.time()
         res = {"meta": meta, **bench(args, device)}

@@ -110,7 +110,7 @@ def _worker() -> dict:
     from fastxlstm.ops.reference import mlstm_step_reference
 
     assert T.INTERPRET
-    out: dict = {"fwd": {}, "grad": {}, "step": {}, "misc": {}}
+    out: dict = {"fwd": {}, "grad": {}, "step": {}, "misc": {}, "plans": {}}
     for name, (seed, b, nh, s, dqk, dv, gates, st, kc) in FWD_CASES.items():
         xs, state = _inputs(seed, b, nh, s, dqk, dv, gates, st)
         h, fin = T.mlstm_chunkwise(*xs, state, kernel_chunk=kc)
@@ -124,6 +124,19 @@ def _worker() -> dict:
     a = T.mlstm_chunkwise(*xs, state, kernel_chunk=16)
     c = T.mlstm_chunkwise(*xs, state, kernel_chunk=64)
     out["misc"]["chunk_independent"] = max(_rel(a[0], c[0]), _rel(a[1][0], c[1][0]))
+    # explicit launch plans (no autotuner; the sweep's path): state tiles that split DQK and DV unevenly, the
+    # output kernel's DV in three parts
+    from fastxlstm.ops.triton import _chunkwise
+
+    xs, state = _inputs(22, 1, 2, 45, 24, 40, "normal", True)
+    r64 = ref(*(t.double() for t in xs), tuple(t.double() for t in state), chunk_size=16)
+    flat = [t.reshape(2, 45, -1).squeeze(-1).contiguous() for t in xs]
+    init = T._flat_state(state, 2, 24, 40)
+    for st_row, out_row in (((16, 16, 4, 2), (16, 16, 3, 4, 2)), ((16, 32, 4, 3), (16, 32, 2, 8, 2))):
+        o = _chunkwise.forward(*flat, *init, 1e-6, 16, plan=_chunkwise.Plan(st_row, out_row))
+        out["plans"][f"{st_row}/{out_row}"] = max(
+            _rel(o["h"].view(r64[0].shape), r64[0]), _rel(o["cn"].view(r64[1][0].shape), r64[1][0]),
+            _rel(o["nn"].view(r64[1][1].shape), r64[1][1]), _rel(o["mn"].view(r64[1][2].shape), r64[1][2]))
     # the public dispatcher picks these kernels with backend="triton"
     d = dispatch(*xs, state, chunk_size=16, backend="triton")
     out["misc"]["dispatch"] = _rel(d[0], ref(*(t.double() for t in xs), tuple(t.double() for t in state))[0])
@@ -213,6 +226,12 @@ def test_gradients_match_reference_autograd(interp, case):
 def test_kernel_chunk_and_dispatcher(interp):
     assert interp["misc"]["chunk_independent"] < 1e-5
     assert interp["misc"]["dispatch"] < FWD_FLOOR
+
+
+def test_launch_plans_match_reference(interp):
+    assert len(interp["plans"]) == 2
+    for name, err in interp["plans"].items():
+        assert err < FWD_FLOOR, f"{name}: {err:.2e}"
 
 
 def test_decode_step(interp):

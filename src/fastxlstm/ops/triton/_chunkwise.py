@@ -3,20 +3,46 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 from torch import Tensor
 
 from ._bwd import bwd_dk, bwd_dq, bwd_dstates, bwd_dv, bwd_gates_a, bwd_gates_b, bwd_gates_c, bwd_prep
-from ._common import INTERPRET, dot_settings, pow2, state_dtype
-from ._fwd import fwd_gates, fwd_out, fwd_states
+from ._common import INTERPRET, dot_settings, fast, pow2, state_dtype
+from ._fwd import OUT_KEYS, STATES_KEYS, fwd_gates, fwd_out, fwd_out_kernel, fwd_states, fwd_states_kernel
 
 State = tuple[Tensor, Tensor, Tensor]
 
 #: Chunk (state) granularity used inside the kernels; the tiles of the intra-chunk part are smaller.
 #: A power of two in [64, 256] on the GPU; results do not depend on it beyond rounding.
 DEFAULT_KERNEL_CHUNK = 32 if INTERPRET else int(os.environ.get("FASTXLSTM_TRITON_CHUNK", "128"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Explicit launch configs of the forward's state and output kernels (instead of autotuning them; for
+    sweeps), rows as in their autotune lists: ``states = (BK, BV, num_warps, num_stages)``,
+    ``out = (BLQ, BV, NVP, num_warps, num_stages)``."""
+
+    states: tuple
+    out: tuple
+
+    def states_meta(self) -> dict:
+        return _meta(STATES_KEYS, self.states)
+
+    def out_meta(self) -> dict:
+        return _meta(OUT_KEYS, self.out)
+
+
+def _meta(keys: tuple[str, ...], row: tuple) -> dict:
+    return dict(zip(keys, row[:-2], strict=True), num_warps=row[-2], num_stages=row[-1])
+
+
+# the kernels launched with a :class:`Plan`'s configs (direct launch path, no autotuner)
+_states_fixed = fast(fwd_states_kernel)
+_out_fixed = fast(fwd_out_kernel)
 
 
 def _tune_key(bh: int, s: int) -> int:
@@ -36,13 +62,12 @@ def kernel_chunk_for(seq: int, requested: int | None, dtype: torch.dtype = torch
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor | None, n0: Tensor | None,
-    m0: Tensor | None, eps: float, chunk: int, states_only: bool = False,
+    m0: Tensor | None, eps: float, chunk: int, states_only: bool = False, plan: Plan | None = None,
 ) -> dict[str, Tensor]:
-    """Run the forward kernels on ``[BH,S,D]`` inputs; returns every buffer by name."""
-    bh, seq, dqk = q.shape
-    dv = v.shape[-1]
+    """Run the forward kernels on ``[BH,S,D]`` inputs; returns every buffer by name. ``plan``: launch
+    configs of the state and output kernels (default: autotuned)."""
+    bh, seq = i.shape
     nc = triton.cdiv(seq, chunk)
-    prec, state_f32 = dot_settings(q.dtype)
     dev = q.device
     f32 = torch.float32
     out = {name: torch.empty(bh, seq, device=dev, dtype=f32) for name in ("b", "a", "cm")}
@@ -50,21 +75,32 @@ def forward(
     out["ac"] = torch.empty(bh, nc, device=dev, dtype=f32)
     fwd_gates[(nc, bh)](i, f, out["b"], out["a"], out["cm"], out["gc"], out["ac"], seq, nc, L=chunk,
                                num_warps=4)
-    out["cs"], out["ns"], out["mc"] = _states(k, v, out, c0, n0, m0, chunk, out)
-    if states_only:
-        return out
-    out["h"] = torch.empty(bh, seq, dv, device=dev, dtype=q.dtype)
-    out["M"] = torch.empty(bh, seq, device=dev, dtype=f32)  # per-token stabiliser m_t
-    out["den"] = torch.empty(bh, seq, device=dev, dtype=f32)
-    fwd_out[lambda meta: (triton.cdiv(seq, meta["BLQ"]), meta["NVP"], bh)](
-        q, k, v, i, out["b"], out["cm"], out["cs"], out["ns"], out["mc"], out["h"], out["M"], out["den"],
-        seq, nc, dqk ** -0.5, eps,
-        DQK=dqk, DV=dv, DQKP=pow2(dqk), L=chunk, PREC=prec, STATE_F32=state_f32, TK=_tune_key(bh, seq),
-    )
+    out["cs"], out["ns"], out["mc"] = _states(k, v, out, c0, n0, m0, chunk, out, plan)
+    if not states_only:
+        outputs(q, k, v, i, out, eps, chunk, plan)
     return out
 
 
-def _states(k, v, gates, c0, n0, m0, chunk, final: dict | None):
+def outputs(q: Tensor, k: Tensor, v: Tensor, i: Tensor, out: dict, eps: float, chunk: int,
+            plan: Plan | None = None) -> None:
+    """The output kernel: ``h``, the per-token stabiliser ``M`` and denominator ``den`` into ``out``, from
+    the gate and state buffers of :func:`forward` in it."""
+    bh, seq, dqk = q.shape
+    dv = v.shape[-1]
+    nc = triton.cdiv(seq, chunk)
+    prec, state_f32 = dot_settings(q.dtype)
+    out["h"] = torch.empty(bh, seq, dv, device=q.device, dtype=q.dtype)
+    out["M"] = torch.empty(bh, seq, device=q.device, dtype=torch.float32)  # per-token stabiliser m_t
+    out["den"] = torch.empty(bh, seq, device=q.device, dtype=torch.float32)
+    launcher, meta = (fwd_out, {}) if plan is None else (_out_fixed, plan.out_meta())
+    launcher[lambda m: (triton.cdiv(seq, m["BLQ"]), m["NVP"], bh)](
+        q, k, v, i, out["b"], out["cm"], out["cs"], out["ns"], out["mc"], out["h"], out["M"], out["den"],
+        seq, nc, dqk ** -0.5, eps,
+        DQK=dqk, DV=dv, DQKP=pow2(dqk), L=chunk, PREC=prec, STATE_F32=state_f32, TK=_tune_key(bh, seq), **meta,
+    )
+
+
+def _states(k, v, gates, c0, n0, m0, chunk, final: dict | None, plan: Plan | None = None):
     """The inter-chunk recurrence: states entering each chunk, m_c, and (into ``final``) the final state."""
     bh, seq, dqk = k.shape
     dv = v.shape[-1]
@@ -79,11 +115,12 @@ def _states(k, v, gates, c0, n0, m0, chunk, final: dict | None):
         final["mn"] = torch.empty(bh, device=k.device, dtype=torch.float32)
     has_init = c0 is not None
     fin = (final["cn"], final["nn"], final["mn"]) if final is not None else (mc, mc, mc)
-    fwd_states[lambda meta: (triton.cdiv(dqk, meta["BK"]), triton.cdiv(dv, meta["BV"]), bh)](
+    launcher, meta = (fwd_states, {}) if plan is None else (_states_fixed, plan.states_meta())
+    launcher[lambda m: (triton.cdiv(dqk, m["BK"]), triton.cdiv(dv, m["BV"]), bh)](
         k, v, gates["a"], gates["gc"], gates["ac"], c0 if has_init else mc, n0 if has_init else mc,
         m0 if has_init else mc, cs, ns, mc, *fin, seq, nc,
         DQK=dqk, DV=dv, L=chunk, HAS_INIT=has_init, WRITE_FINAL=final is not None, PREC=prec,
-        TK=_tune_key(bh, seq),
+        TK=_tune_key(bh, seq), **meta,
     )
     return cs, ns, mc
 

@@ -172,9 +172,15 @@ def fwd_out_kernel(
 # Launchers (the tuned ones keyed by :data:`TUNE_KEY`).
 fwd_gates = fast(fwd_gates_kernel)
 
+STATES_KEYS = ("BK", "BV")
+OUT_KEYS = ("BLQ", "BV", "NVP")
 # rows: the constexprs named, then num_warps, num_stages (a single-stage row of an intra-chunk kernel
-# is for fp32 inputs only, see ``_common._fits``)
-fwd_states = tuned(fwd_states_kernel, "BK BV", interpret=(16, 16), rows=[
-    (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 1)])
-fwd_out = tuned(fwd_out_kernel, "BLQ BV NVP", interpret=(16, 16, 2), rows=[
-    (64, 32, 1, 8, 2), (64, 64, 1, 8, 2), (64, 32, 2, 8, 2), (128, 64, 1, 8, 2), (64, 32, 1, 8, 1)])
+# is for fp32 inputs only, see ``_common._fits``). The last two state rows (the first one's loop pipelined 3 and
+# 4 deep) and the last output row (128-row query tiles, DV in two parts) were added for the latency-bound
+# small-S forward (``benchmarks/kernels.py --sweep``, H100 2026-11-25, kernels_NOTES.md v5); they change only
+# pipelining and work split, not the arithmetic of an output element.
+fwd_states = tuned(fwd_states_kernel, " ".join(STATES_KEYS), interpret=(16, 16), rows=[
+    (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 1), (64, 64, 4, 3), (64, 64, 4, 4)])
+fwd_out = tuned(fwd_out_kernel, " ".join(OUT_KEYS), interpret=(16, 16, 2), rows=[
+    (64, 32, 1, 8, 2), (64, 64, 1, 8, 2), (64, 32, 2, 8, 2), (128, 64, 1, 8, 2), (64, 32, 1, 8, 1),
+    (128, 64, 2, 8, 2)])

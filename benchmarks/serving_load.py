@@ -248,7 +248,8 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
 # ----------------------------------------------------------------------------------------- the client
 async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> dict:
     t0 = time.perf_counter()
-    times: list[float] = []
+    times: list[float] = []  # arrival of each chunk that carries tokens
+    counts: list[int] = []  # tokens in that chunk (its logprobs entries; 1 without logprobs)
     usage = None
     async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
@@ -266,10 +267,12 @@ async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> dict:
                 usage = obj["usage"]
             for ch in obj.get("choices", []):
                 delta = ch.get("text") or (ch.get("delta") or {}).get("content")
-                if ch.get("logprobs") or delta:
+                lp = ch.get("logprobs")
+                if lp or delta:
                     times.append(time.perf_counter())
+                    counts.append(len(lp.get("tokens") or lp.get("content") or [None]) if lp else 1)
     t1 = time.perf_counter()
-    return {"start": t0, "end": t1, "times": times, "usage": usage}
+    return {"start": t0, "end": t1, "times": times, "counts": counts, "usage": usage}
 
 
 def make_prompts(n: int, min_p: int, max_p: int, seed: int = 0) -> list[str]:
@@ -326,15 +329,19 @@ async def load_test(base: str, model: str, n: int, concurrency: int, min_p: int,
     out_tok = sum(r["usage"]["completion_tokens"] for r in ok)
     in_tok = sum(r["usage"]["prompt_tokens"] for r in ok)
     ttft = [r["times"][0] - r["start"] for r in ok if r["times"]]
+    # ITL: between two chunks as the client sees them (a chunk holds a decode window's tokens); TPOT: per
+    # token after the first chunk
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
-    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in ok if len(r["times"]) > 1]
+    tpot = [(r["times"][-1] - r["times"][0]) / sum(r["counts"][1:]) for r in ok if sum(r["counts"][1:]) > 0]
+    chunk_tokens = [n for r in ok for n in r["counts"]]
     e2e = [r["end"] - r["start"] for r in ok]
     return {"requests": n, "concurrency": concurrency, "client_procs": procs, "errors": len(errors),
             "error_samples": errors[:3],
             "wall_s": wall, "prompt_tokens": in_tok, "completion_tokens": out_tok,
             "output_tokens_per_s": out_tok / wall, "total_tokens_per_s": (in_tok + out_tok) / wall,
             "requests_per_s": len(ok) / wall, "ttft_ms": summary(ttft), "itl_ms": summary(itl),
-            "tpot_ms": summary(tpot), "e2e_s": summary(e2e, 1.0)}
+            "tpot_ms": summary(tpot), "tokens_per_chunk": sum(chunk_tokens) / max(1, len(chunk_tokens)),
+            "e2e_s": summary(e2e, 1.0)}
 
 
 async def prefix_test(base: str, model: str, system_tokens: int, n: int, concurrency: int) -> dict:
@@ -554,8 +561,9 @@ def main() -> None:
             ratio += f", server / engine offline (same work) {run['server_over_engine_offline']:.2f}"
         print(f"  {run['variant']}: {ld['requests']} requests, {ld['concurrency']} concurrent: "
               f"{ld['output_tokens_per_s']:.0f} output tok/s{ratio}; TTFT p50 {ld['ttft_ms']['p50']:.0f} ms "
-              f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL p50 {ld['itl_ms']['p50']:.1f} ms "
-              f"p99 {ld['itl_ms']['p99']:.1f} ms; server CPU {pr['server_cpu_us_per_token']:.0f} us/token")
+              f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL (between chunks of {ld['tokens_per_chunk']:.1f} tokens) p50 "
+              f"{ld['itl_ms']['p50']:.1f} ms p99 {ld['itl_ms']['p99']:.1f} ms, TPOT (per token) p50 "
+              f"{ld['tpot_ms']['p50']:.1f} ms; server CPU {pr['server_cpu_us_per_token']:.0f} us/token")
         print(f"    {pr['decode_steps']:.0f} decode steps, mean batch {pr['mean_decode_batch']:.1f}, "
               f"launch+wait {pr['decode_ms_per_step']:.2f} ms/step; server up in {run['server_start_s']:.0f} s "
               f"(" + ", ".join(f"{k} {v:.1f} s" for k, v in run.get("startup_s", {}).items()) + ")")

@@ -205,3 +205,24 @@ def test_prefill_graph_replay_equals_its_eager_run_and_generation():
     with_graphs = _run(eng, prompts, 24)
     without = _run(Engine(_model(), max_slots=4, prefill_graphs=False), prompts, 24)
     assert with_graphs == without
+
+
+def test_prefill_sample_decode_never_wait_for_the_gpu():
+    """The engine's hot path (prefill into slots through the prefill graphs, first-token sampling, decode
+    steps) makes no synchronising CUDA call once its graphs are captured: sync debug mode 'error' raises on
+    any (blocking copies, ``.item()``, 0-dim writes of host scalars)."""
+    eng = Engine(_model(), max_slots=4)
+    slots = [eng.allocate_slot() for _ in range(2)]
+    prompts = [list(range(3, 300)), list(range(5, 40))]
+    eng.sample(slots, eng.prefill_into_slots(slots, prompts))
+    eng.decode_step(slots)
+    eng.decode_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eng.sample(slots, eng.prefill_into_slots(slots, prompts))
+        eng.decode_step(slots)
+        for _ in range(3):
+            eng.decode_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

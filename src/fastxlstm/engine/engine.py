@@ -22,6 +22,7 @@ from ..ops import State
 from .cuda_graph import capture_graph
 from .prefill_graph import PrefillGraphs
 from .runner import Runner
+from .transfer import to_device
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -159,9 +160,8 @@ class Engine:
             raise ValueError(f"slot {slot} is not allocated (call allocate_slot first)")
 
     def _long(self, values: Sequence[int]) -> Tensor:
-        """``values`` as an int64 device tensor, copied without waiting for queued GPU work
-        (``torch.tensor(values, device=cuda)`` is a blocking copy, which does wait)."""
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        """``values`` as an int64 device tensor, copied without waiting for queued GPU work."""
+        return to_device(values, self.device)
 
     # ---------------------------------------------------------------------- prefill
     def _ids(self, token_ids: Sequence[int] | Tensor) -> Tensor:
@@ -171,7 +171,7 @@ class Engine:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is out of range for vocab_size {self.vocab_size}")
-        return ids.to(self.device, non_blocking=True)  # (a blocking copy would wait for all queued GPU work)
+        return to_device(ids, self.device)
 
     @torch.no_grad()
     def prefill_into_slot(self, slot: int, token_ids: Sequence[int] | Tensor, state: list[State] | None = None,
@@ -281,7 +281,7 @@ class Engine:
         if len(history):
             if not isinstance(history, Tensor):
                 history = torch.as_tensor(list(history), dtype=torch.long)
-            self.seen[slot].index_fill_(0, history.to(self.device, non_blocking=True), True)
+            self.seen[slot].index_fill_(0, to_device(history, self.device), True)
         self.pos[one].zero_()
         self._read_pos[slot] = 0
 
@@ -422,7 +422,7 @@ class Engine:
             self.active.index_fill_(0, ridx, True)
             self._running = set(running)
             if tokens is not None:
-                tok = torch.as_tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
+                tok = to_device(tokens, self.device)
                 if tok.shape != (len(running),):
                     raise ValueError(f"tokens must have shape {(len(running),)}, got {tuple(tok.shape)}")
                 self.tokens[ridx] = tok

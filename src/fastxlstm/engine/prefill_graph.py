@@ -25,6 +25,7 @@ from torch import Tensor
 from ..ops import State
 from . import kernels as K
 from .cuda_graph import capture_graph
+from .transfer import to_device
 
 #: Prompt lengths of the graphs: ratios of at most 1.5 between neighbours (at most a third padded).
 LENGTH_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -158,7 +159,7 @@ class PrefillGraphs:
         g.ids[:b, :s].copy_(ids)
         lens = [s] * b if lengths is None else [int(n) for n in lengths]
         lens += [1] * (g.batch - b)  # unused rows: one token each
-        g.lengths.copy_(torch.tensor(lens).to(g.lengths.device, non_blocking=True))
+        g.lengths.copy_(to_device(lens, g.lengths.device))
         if state is None:
             g.start.buffer[:b].zero_()
         else:

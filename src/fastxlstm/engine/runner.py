@@ -20,6 +20,7 @@ from ..ops import State, mlstm_chunkwise, resolve_backend
 from ..ops.reference import mlstm_step_reference
 from . import kernels as K
 from .prefill_graph import PrefillGraphs, padding_mask
+from .transfer import to_device
 
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
 
@@ -295,7 +296,7 @@ class Runner:
         if graphs is not None and graphs.bucket(b, total) is not None:
             return graphs.run(ids, state, lengths)
         if lengths is not None:
-            lens = torch.tensor(lengths).to(ids.device, non_blocking=True)  # no wait on queued GPU work
+            lens = to_device(lengths, ids.device)
         if state is None:
             state = [None] * cfg.num_blocks  # type: ignore[list-item]
         state = list(state)
@@ -315,8 +316,8 @@ class Runner:
                 if rows:
                     if last is None:
                         last = torch.empty(b, x.shape[-1], device=x.device, dtype=x.dtype)
-                    flat = torch.tensor([j * s + lengths[j] - 1 - start for j in rows]).to(x.device, non_blocking=True)
-                    sel = torch.tensor(rows).to(x.device, non_blocking=True)
+                    flat = to_device([j * s + lengths[j] - 1 - start for j in rows], x.device)
+                    sel = to_device(rows, x.device)
                     last.index_copy_(0, sel, x.index_select(0, flat) + delta.index_select(0, flat))
             del x, delta
         hidden = K.add_rmsnorm(last, None, self.out_norm, cfg.norm_eps)

@@ -28,9 +28,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _tanh(x):
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    from ..ops.triton._common import tanh as _tanh
 
     @triton.jit
     def _gemv_kernel(X, NW, W, R, Y, N, eps, cap, K: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,

@@ -50,11 +50,7 @@ def _next_pow2(n: int) -> int:
 
 # ----------------------------------------------------------------------------- Triton
 if HAS_TRITON:
-
-    @triton.jit
-    def _tanh(x):
-        # tanh through exp (overflow-safe: exp(2x) -> inf gives 1, -> 0 gives -1)
-        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    from ..ops.triton._common import tanh as _tanh
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, sx, sd, sy, n_cols, eps,

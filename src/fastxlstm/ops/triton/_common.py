@@ -256,8 +256,8 @@ def logsigmoid(x):
 
 @triton.jit
 def tanh(x):
-    """tanh through exp, overflow-safe (``exp(2x)`` -> inf gives 1, -> 0 gives -1): the gate soft cap's. The one
-    Triton copy for this package; ``engine/gemv.py`` and ``engine/kernels.py`` still define their own ``_tanh``."""
+    """tanh through exp, overflow-safe (``exp(2x)`` -> inf gives 1, -> 0 gives -1): the gate and logit soft
+    caps' (the one Triton copy: the decode cell, the engine's gates kernel and its GEMVs use it)."""
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 

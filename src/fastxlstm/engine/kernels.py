@@ -50,6 +50,7 @@ def _next_pow2(n: int) -> int:
 
 # ----------------------------------------------------------------------------- Triton
 if HAS_TRITON:
+    from ..ops.triton._common import head_norm_ogate as _head_norm_ogate
     from ..ops.triton._common import tanh as _tanh
 
     @triton.jit
@@ -100,15 +101,8 @@ if HAS_TRITON:
         head = pid % NH
         offs = tl.arange(0, DV)
         hv = tl.load(h_ptr + b * s_hb + head * s_hh + offs).to(y_ptr.dtype.element_ty).to(tl.float32)
-        mean = tl.sum(hv, axis=0) / DV
-        c = hv - mean
-        var = tl.sum(c * c, axis=0) / DV
-        y = (c * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + head * DV + offs)
-        y = (y.to(tl.float32) * w.to(tl.float32)).to(y_ptr.dtype.element_ty)
-        o = tl.load(o_ptr + b * s_ob + head * DV + offs).to(tl.float32)
-        s = (1.0 / (1.0 + tl.exp(-o))).to(y_ptr.dtype.element_ty)
-        out = (s.to(tl.float32) * y.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        out = _head_norm_ogate(hv, tl.load(w_ptr + head * DV + offs), tl.load(o_ptr + b * s_ob + head * DV + offs),
+                               eps, DV, y_ptr.dtype.element_ty)
         tl.store(y_ptr + b * s_yb + head * DV + offs, out)
 
     @triton.jit

@@ -255,6 +255,19 @@ def logsigmoid(x):
 
 
 @triton.jit
+def head_norm_ogate(hv, w, o, eps, DV: tl.constexpr, dtype: tl.constexpr):
+    """One head's ``sigmoid(o) * LayerNorm(h) * w`` for float32 ``hv`` ``[DV]`` (h already rounded to
+    ``dtype``), rounding each step to ``dtype`` where the model's modules do."""
+    mean = tl.sum(hv, axis=0) / DV
+    cen = hv - mean
+    var = tl.sum(cen * cen, axis=0) / DV
+    y = (cen * tl.rsqrt(var + eps)).to(dtype)
+    y = (y.to(tl.float32) * w.to(tl.float32)).to(dtype)
+    s = (1.0 / (1.0 + tl.exp(-o.to(tl.float32)))).to(dtype)
+    return (s.to(tl.float32) * y.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def tanh(x):
     """tanh through exp, overflow-safe (``exp(2x)`` -> inf gives 1, -> 0 gives -1): the gate and logit soft
     caps' (the one Triton copy: the decode cell, the engine's gates kernel and its GEMVs use it)."""

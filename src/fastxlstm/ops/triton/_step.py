@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, logsigmoid, pow2, tanh
+from ._common import INTERPRET, head_norm_ogate, logsigmoid, pow2, tanh
 
 
 @triton.jit
@@ -131,15 +131,8 @@ def fused_step_kernel(
         # the head's whole h row is written: MultiHeadLayerNorm(h) * w * sigmoid(o)
         offs = tl.arange(0, DV)
         hv = tl.load(HB + bh * DV + offs, cache_modifier=".cg").to(tl.float32)
-        mean = tl.sum(hv, axis=0) / DV
-        cen = hv - mean
-        var = tl.sum(cen * cen, axis=0) / DV
-        y = (cen * tl.rsqrt(var + norm_eps)).to(Y.dtype.element_ty)
-        w = tl.load(W + hh * DV + offs)
-        y = (y.to(tl.float32) * w.to(tl.float32)).to(Y.dtype.element_ty)
-        o = tl.load(row + OFF_O + hh * DV + offs).to(tl.float32)
-        s = (1.0 / (1.0 + tl.exp(-o))).to(Y.dtype.element_ty)
-        out = (s.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty)
+        out = head_norm_ogate(hv, tl.load(W + hh * DV + offs), tl.load(row + OFF_O + hh * DV + offs), norm_eps,
+                              DV, Y.dtype.element_ty)
         tl.store(Y + bb * sy + hh * DV + offs, out)
 
 

@@ -49,6 +49,7 @@ from .schemas import (
 )
 from .slots import ModelSlots, SlotBackend, warm_prefill
 from .text import StopText
+from .worker import RemoteBackend, SchedulerProxy, WorkerSpec
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -69,6 +70,7 @@ class ServeConfig:
     decode_steps_per_read: int = 4  # greedy-only batches: decode steps between two host reads of the tokens
     overlap_decode: bool = True  # queue the next window before reading the previous one's tokens
     early_launch: bool = False  # queue each iteration's window before its prefill (two windows ahead of the host)
+    scheduler_process: bool = False  # run model + scheduler in a worker process (own GIL); see serving.worker
     warm_prefill: bool = True  # at start-up, prefill once per kernel shape class (GPU backends only)
     max_model_len: int = 32768
     default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
@@ -393,21 +395,49 @@ async def _collect(request: Request, call: _Call) -> list[_Update]:
 
 
 # --------------------------------------------------------------------------------------------- server
-class ServerState:
-    """Everything a route needs: tokenizer, template, scheduler, metrics, config."""
+def make_scheduler(backend: SlotBackend, eos_token_id: int | None, config: ServeConfig, metrics: Metrics,
+                   max_waiting: int | None = None) -> Scheduler:
+    """The scheduler (and its prefix cache) a server of ``config`` runs over ``backend``."""
+    cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
+    return Scheduler(backend, eos_token_id, cache, metrics,
+                     max_waiting=config.max_waiting if max_waiting is None else max_waiting,
+                     prefill_chunk=config.prefill_chunk, stream_interval=config.stream_interval_ms / 1000,
+                     decode_steps_per_read=config.decode_steps_per_read, overlap=config.overlap_decode,
+                     prefill_pad_ratio=config.prefill_pad_ratio, early_launch=config.early_launch)
 
-    def __init__(self, backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig,
+
+def warm_up(backend: SlotBackend, config: ServeConfig, metrics: Metrics) -> None:
+    """Before serving: the engine's decode CUDA graphs, then the prefill graphs and kernel variants
+    (GPU only); the times go to the ``startup_seconds`` gauge."""
+    engine = getattr(backend, "engine", None)
+    started = time.perf_counter()
+    if engine is not None and hasattr(engine, "warmup"):  # no-op on CPU
+        engine.warmup()
+        metrics.startup_seconds.labels(phase="decode_graphs").set(time.perf_counter() - started)
+    if config.warm_prefill:
+        started = time.perf_counter()
+        runs = warm_prefill(backend, min(config.prefill_chunk, config.max_model_len - 1), budget=config.prefill_chunk)
+        metrics.startup_seconds.labels(phase="prefill_warmup").set(time.perf_counter() - started)
+        log.info("prefill warm-up: %d graphs and prefills in %.1f s", runs, time.perf_counter() - started)
+
+
+class ServerState:
+    """Everything a route needs: tokenizer, template, scheduler, metrics, config. ``backend`` a
+    :class:`~fastxlstm.serving.worker.WorkerSpec`: the scheduler runs in a worker process (a proxy here)."""
+
+    def __init__(self, backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: ServeConfig,
                  chat_template: ChatTemplate | None = None):
-        self.backend, self.tokenizer, self.config = backend, tokenizer, config
+        self.tokenizer, self.config = tokenizer, config
         self.chat_template = chat_template or ChatTemplate()
         self.metrics = Metrics()
-        self.cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
-        self.scheduler = Scheduler(backend, tokenizer.eos_token_id, self.cache, self.metrics,
-                                   max_waiting=config.max_waiting, prefill_chunk=config.prefill_chunk,
-                                   stream_interval=config.stream_interval_ms / 1000,
-                                   decode_steps_per_read=config.decode_steps_per_read,
-                                   overlap=config.overlap_decode, prefill_pad_ratio=config.prefill_pad_ratio,
-                                   early_launch=config.early_launch)
+        self.remote = isinstance(backend, WorkerSpec)
+        self.scheduler: Scheduler | SchedulerProxy
+        if isinstance(backend, WorkerSpec):
+            self.backend = RemoteBackend(config.max_slots)
+            self.scheduler = SchedulerProxy(backend, config, tokenizer.eos_token_id, self.backend)
+        else:
+            self.backend = backend
+            self.scheduler = make_scheduler(backend, tokenizer.eos_token_id, config, self.metrics)
         self.created = _now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
         self._pieces: dict[int, str] = {}
@@ -490,7 +520,7 @@ class ServerState:
             raise APIError(400, str(e), param="messages") from None
         ids = self.encode(text)
         points: list[int] = []
-        if self.config.cache_chat_turns and self.cache is not None:
+        if self.config.cache_chat_turns and self.config.prefix_cache_bytes > 0:
             n_sys = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")),
                          len(messages))
             for k in sorted({n_sys, len(messages) - 1}):
@@ -508,26 +538,19 @@ class ServerState:
         return ids, tuple(points)
 
 
-def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig | None = None,
+def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: ServeConfig | None = None,
                chat_template: ChatTemplate | None = None, drain_timeout: float = 0.0) -> FastAPI:
-    """The OpenAI-compatible app. The scheduler thread starts and stops with the app's lifespan."""
+    """The OpenAI-compatible app. The scheduler thread starts and stops with the app's lifespan: in this
+    process over ``backend``, or (``backend`` a :class:`~fastxlstm.serving.worker.WorkerSpec`) in a worker
+    process that builds the model itself (warm-up there too)."""
     config = config or ServeConfig()
     server = ServerState(backend, tokenizer, config, chat_template)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = getattr(backend, "engine", None)
-        started = time.perf_counter()
-        if engine is not None and hasattr(engine, "warmup"):  # capture CUDA graphs before serving (no-op on CPU)
-            await asyncio.to_thread(engine.warmup)
-            server.metrics.startup_seconds.labels(phase="decode_graphs").set(time.perf_counter() - started)
-        if config.warm_prefill:  # prefill graphs and kernel variants before serving (GPU only)
-            started = time.perf_counter()
-            runs = await asyncio.to_thread(warm_prefill, backend, min(config.prefill_chunk, config.max_model_len - 1),
-                                           budget=config.prefill_chunk)
-            server.metrics.startup_seconds.labels(phase="prefill_warmup").set(time.perf_counter() - started)
-            log.info("prefill warm-up: %d graphs and prefills in %.1f s", runs, time.perf_counter() - started)
-        server.scheduler.start()
+        if not server.remote:
+            await asyncio.to_thread(warm_up, server.backend, config, server.metrics)
+        await asyncio.to_thread(server.scheduler.start)
         try:
             yield
         finally:
@@ -566,13 +589,29 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
     # ------------------------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
-        if not server.scheduler.alive or not server.scheduler.accepting:
-            return error_response(503, "the engine is not running", retry_after=config.retry_after)
-        return {"status": "ok", **server.scheduler.stats()}
+        sched = server.scheduler
+        down = error_response(503, "the engine is not running", retry_after=config.retry_after)
+        if not sched.alive or not sched.accepting:
+            return down
+        if isinstance(sched, SchedulerProxy):
+            try:
+                stats = await sched.stats_async()
+            except (ShuttingDown, asyncio.TimeoutError):
+                return down
+        else:
+            stats = sched.stats()
+        return {"status": "ok", **stats}
 
     @app.get("/metrics")
     async def metrics():
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = server.metrics.render()
+        if isinstance(server.scheduler, SchedulerProxy):  # the worker's metrics, and the HTTP request counts
+            body = server.metrics.render(include={"fastxlstm_requests"})
+            try:
+                body += await server.scheduler.metrics_async()
+            except (ShuttingDown, asyncio.TimeoutError):
+                pass
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -736,8 +775,14 @@ def create_app(backend: SlotBackend, tokenizer: Tokenizer, config: ServeConfig |
 
 def build_app(model, tokenizer: Tokenizer, config: ServeConfig | None = None, chat_template: ChatTemplate | None = None,
               drain_timeout: float = 0.0) -> FastAPI:
-    """App over a loaded model (slots on the model itself)."""
+    """App over a loaded model (slots on the model itself). With ``config.scheduler_process``, ``model`` must
+    be a :class:`~fastxlstm.serving.worker.WorkerSpec` (the worker process builds its own model)."""
     config = config or ServeConfig()
+    if isinstance(model, WorkerSpec):
+        return create_app(model, tokenizer, config, chat_template, drain_timeout)
+    if config.scheduler_process:
+        raise ValueError("scheduler_process: pass a WorkerSpec (how the worker process loads the model), "
+                         "not a loaded model")
     return create_app(make_backend(model, config.max_slots, config.backend), tokenizer, config, chat_template,
                       drain_timeout)
 

@@ -29,6 +29,9 @@ def serve(
     early_launch: Annotated[bool, typer.Option(
         help="Queue each iteration's decode window before its prefill, so the device has two windows to run "
              "while the host prefills (new requests join one window later)")] = False,
+    scheduler_process: Annotated[bool, typer.Option(
+        help="Run the model and scheduler in a worker process, so the HTTP front end (its own process) does not "
+             "compete with them for the GIL")] = False,
     triton_autotune: Annotated[bool, typer.Option(
         help="Autotune the Triton kernels for each new prompt shape while serving (each new shape stalls "
              "the server for seconds); off: the first launch config that fits")] = False,
@@ -62,17 +65,26 @@ def serve(
     # read when the kernels are first imported (below, with the model)
     os.environ["FASTXLSTM_TRITON_AUTOTUNE"] = "1" if triton_autotune else "0"
 
-    from ..checkpoint import load_model_and_tokenizer
+    from ..checkpoint import load_model_and_tokenizer, resolve_model_dir
     from ..cli import _dtype, console, fail
+    from ..tokenizer import Tokenizer
     from .app import ServeConfig, build_app
     from .chat_template import ChatTemplate
+    from .worker import WorkerSpec
 
     try:
-        net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused")
+        if scheduler_process:  # the worker process loads the model; here only the tokenizer and template
+            net = WorkerSpec(load_model_and_tokenizer, (model,),
+                             {"device": device, "dtype": _dtype(dtype), "weight_mode": "fused"})
+            source_dir = None if model.startswith("random:") else resolve_model_dir(model)
+            tok = Tokenizer.byte_level() if source_dir is None else Tokenizer.from_dir(source_dir)
+        else:
+            net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused")
+            source_dir = getattr(net, "source_dir", None)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         fail(str(e))
     try:
-        template = ChatTemplate.from_model_dir(getattr(net, "source_dir", None))
+        template = ChatTemplate.from_model_dir(source_dir)
         if chat_template is not None:
             template = ChatTemplate(chat_template.read_text(), template.special_tokens, str(chat_template))
     except (OSError, ValueError) as e:
@@ -86,11 +98,13 @@ def serve(
         request_timeout=request_timeout or None, api_key=api_key, backend=backend,
         stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
         overlap_decode=overlap_decode, prefill_pad_ratio=prefill_pad_ratio, early_launch=early_launch,
+        scheduler_process=scheduler_process,
     )
     try:
         app = build_app(net, tok, config, template, drain_timeout=drain_timeout)
     except ValueError as e:
         fail(str(e))
-    console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1 ({max_slots} slots, device {net.device}, "
+    where = "a worker process" if scheduler_process else f"device {net.device}"
+    console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1 ({max_slots} slots, {where}, "
                   f"chat template: {template.origin})")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout or None)

@@ -47,5 +47,20 @@ class Metrics:
                                      registry=r)
         self.loop_cpu = Counter("fastxlstm_scheduler_cpu_seconds", "CPU time of the scheduler thread", registry=r)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, include: set[str] | None = None, exclude: set[str] = frozenset()) -> bytes:
+        """Prometheus text of every metric family (only those named in ``include``; none in ``exclude``)."""
+        if include is None and not exclude:
+            return generate_latest(self.registry)
+        return generate_latest(_Families(self.registry, include, exclude))  # type: ignore[arg-type]
+
+
+class _Families:
+    """A registry view that yields some metric families only (``generate_latest`` calls ``collect``)."""
+
+    def __init__(self, registry: CollectorRegistry, include: set[str] | None, exclude: set[str]):
+        self.registry, self.include, self.exclude = registry, include, exclude
+
+    def collect(self):
+        for metric in self.registry.collect():
+            if (self.include is None or metric.name in self.include) and metric.name not in self.exclude:
+                yield metric

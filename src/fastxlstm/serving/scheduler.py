@@ -35,6 +35,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -173,6 +174,8 @@ class GenerationRequest:
         self.queue: asyncio.Queue | None = None  # receives (request, [events]) tuples
         self.loop: asyncio.AbstractEventLoop | None = None
         self.cancelled = False
+        # set by a scheduler in another process (SchedulerProxy): cancel() goes there instead
+        self.on_cancel: Callable[[int | None], None] | None = None
         # scheduler-private
         self.choices: list[_Choice] = []
         self.pos = 0
@@ -184,6 +187,9 @@ class GenerationRequest:
 
     def cancel(self, choice: int | None = None) -> None:
         """Stop generating (all choices, or one); the scheduler frees the slots on its next iteration."""
+        if self.on_cancel is not None:
+            self.on_cancel(choice)
+            return
         if choice is None:
             self.cancelled = True
         elif self.choices and 0 <= choice < len(self.choices):

@@ -1,0 +1,387 @@
+"""The scheduler in its own process (``ServeConfig.scheduler_process``, ``serve --scheduler-process``).
+
+The HTTP process keeps the API, validation and the (de)tokenizer, and a :class:`SchedulerProxy` with the
+interface the app uses of a :class:`~fastxlstm.serving.scheduler.Scheduler` (start / submit / wake / stats /
+shutdown / alive / accepting). The worker process (started with ``spawn``, as CUDA needs) loads the model,
+captures the CUDA graphs and runs the real scheduler thread; the two do not share a GIL.
+
+Two one-way pipes carry plain picklable messages. To the worker: ``("submit", [request tuples])``,
+``("cancel", [(id, choice)])``, ``("query", qid, "stats" | "metrics")``, ``("shutdown", drain_timeout)``.
+From it: ``("ready", info)`` or ``("failed", text)`` once, then ``("events", [(id, [events])])`` (one message per
+scheduler hand-over, every request's events of that hand-over in it), ``("reply", qid, value)`` and ``("bye",)``.
+When the worker dies, every request in flight gets a 503 error event and the proxy is no longer ``alive``
+(``/health`` answers 503, new requests 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .metrics import Metrics
+from .scheduler import ErrorEvent, FinishEvent, GenerationRequest, QueueFull, ShuttingDown
+
+log = logging.getLogger("fastxlstm.serving")
+
+_REQUESTS_FAMILY = "fastxlstm_requests"  # the HTTP process's own metric (GuardMiddleware); all others: the worker's
+
+
+@dataclass
+class WorkerSpec:
+    """How the worker builds its model: ``loader(*args, **kwargs)`` (picklable: a module-level function),
+    returning the model (or ``(model, anything)``, as ``load_model_and_tokenizer`` does)."""
+
+    loader: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def load(self):
+        out = self.loader(*self.args, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class RemoteBackend:
+    """What the HTTP side needs to know of the worker's slot backend (``vocab_size`` once it is ready)."""
+
+    def __init__(self, max_slots: int):
+        self.max_slots = max_slots
+        self.vocab_size = 0
+        self.device = "?"
+
+
+# ------------------------------------------------------------------------------------------- the worker
+class _PipeSink:
+    """Stands in for the event loop and queue of the worker's requests: the scheduler's hand-over
+    (``loop.call_soon_threadsafe(_deliver, items)``) becomes one pipe message."""
+
+    def __init__(self, conn, lock: threading.Lock):
+        self.conn, self.lock = conn, lock
+
+    def call_soon_threadsafe(self, _fn, items: list) -> None:
+        msg = ("events", [(req.id, events) for req, events in items])
+        with self.lock:
+            self.conn.send(msg)
+
+
+def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, evt_conn) -> None:
+    """The worker process: build model, backend and scheduler, then serve the command pipe until shutdown
+    (or until the HTTP process goes away)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop (Ctrl-C hits the group)
+    from .app import make_backend, make_scheduler, warm_up
+
+    lock = threading.Lock()
+    try:
+        model = spec.load()
+        backend = make_backend(model, config.max_slots, config.backend)
+        metrics = Metrics()
+        warm_up(backend, config, metrics)
+        scheduler = make_scheduler(backend, eos_token_id, config, metrics, max_waiting=1 << 30)  # the proxy gates
+        scheduler.start()
+    except BaseException:
+        evt_conn.send(("failed", traceback.format_exc()))
+        return
+    evt_conn.send(("ready", {"vocab_size": backend.vocab_size, "max_slots": backend.max_slots,
+                             "device": str(backend.device)}))
+    sink = _PipeSink(evt_conn, lock)
+    live: weakref.WeakValueDictionary[int, GenerationRequest] = weakref.WeakValueDictionary()
+
+    def send(msg) -> None:
+        with lock:
+            evt_conn.send(msg)
+
+    while True:
+        try:
+            msg = cmd_conn.recv()
+        except (EOFError, OSError):  # the HTTP process is gone
+            scheduler.shutdown(0.0)
+            return
+        kind = msg[0]
+        if kind == "submit":
+            reqs = []
+            for rid, prompt, params, n, points, gen_end, arrival, deadline in msg[1]:
+                req = GenerationRequest(prompt, params, n, cache_points=points, cache_generation_end=gen_end)
+                req.id, req.arrival, req.deadline = rid, arrival, deadline
+                reqs.append(req)
+            try:
+                scheduler.submit(reqs, sink, sink)  # type: ignore[arg-type]
+            except (QueueFull, ShuttingDown, ValueError) as e:
+                status, code = (503, "shutting_down") if isinstance(e, ShuttingDown) else (
+                    (429, "queue_full") if isinstance(e, QueueFull) else (400, None))
+                send(("events", [(r.id, [ErrorEvent(status, str(e), code)]) for r in reqs]))
+                continue
+            for req in reqs:
+                live[req.id] = req
+        elif kind == "cancel":
+            for rid, choice in msg[1]:
+                req = live.get(rid)
+                if req is not None:
+                    req.cancel(choice)
+            scheduler.wake()
+        elif kind == "query":
+            _, qid, what = msg
+            try:
+                value = scheduler.stats() if what == "stats" else metrics.render(exclude={_REQUESTS_FAMILY})
+            except Exception as e:
+                value = e
+            send(("reply", qid, value))
+        elif kind == "shutdown":
+            scheduler.shutdown(msg[1])
+            send(("bye",))
+            return
+
+
+# ------------------------------------------------------------------------------------ the HTTP side
+class _Entry:
+    __slots__ = ("req", "open", "admitted")
+
+    def __init__(self, req: GenerationRequest):
+        self.req = req
+        self.open = req.n  # choices without a finish event yet
+        self.admitted = False  # prefilled (no longer counts against the queue)
+
+
+class SchedulerProxy:
+    """The app's scheduler, run by a worker process (see the module docstring)."""
+
+    def __init__(self, spec: WorkerSpec, config, eos_token_id: int | None, backend: RemoteBackend,
+                 start_timeout: float | None = None, query_timeout: float = 10.0):
+        self.spec, self.config, self.eos_token_id, self.backend = spec, config, eos_token_id, backend
+        self.max_waiting = config.max_waiting
+        self.start_timeout = start_timeout
+        self.query_timeout = query_timeout
+        self.process: mp.process.BaseProcess | None = None
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._live: dict[int, _Entry] = {}
+        self._queued = 0  # submitted and not yet prefilled (or ended): the bounded queue
+        self._queries: dict[int, concurrent.futures.Future] = {}
+        self._qids = 0
+        self._accepting = False
+        self._alive = False
+        self._reader: threading.Thread | None = None
+        self.exit_reason: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Spawn the worker and wait until its model, graphs and scheduler are up (raises if it fails)."""
+        ctx = mp.get_context("spawn")
+        cmd_r, self._cmd = ctx.Pipe(duplex=False)
+        self._evt, evt_w = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=worker_main, name="fastxlstm-scheduler",
+                                   args=(self.spec, self.config, self.eos_token_id, cmd_r, evt_w), daemon=True)
+        self.process.start()
+        cmd_r.close()
+        evt_w.close()  # the worker holds the only write end: its exit reads as EOF here
+        deadline = None if self.start_timeout is None else time.monotonic() + self.start_timeout
+        while not self._evt.poll(0.5):
+            if not self.process.is_alive():
+                raise RuntimeError(f"the scheduler process exited during start-up (code {self.process.exitcode})")
+            if deadline is not None and time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError("the scheduler process did not start in time")
+        msg = self._evt.recv()
+        if msg[0] != "ready":
+            self.process.join(10)
+            raise RuntimeError(f"the scheduler process failed to start:\n{msg[1]}")
+        info = msg[1]
+        self.backend.vocab_size, self.backend.max_slots, self.backend.device = (
+            info["vocab_size"], info["max_slots"], info["device"])
+        self._alive = self._accepting = True
+        self._reader = threading.Thread(target=self._read, name="fastxlstm-worker-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting; the worker drains for up to ``drain_timeout`` s, fails the rest (503) and exits."""
+        self._accepting = False
+        if self.process is None:
+            return
+        if self._alive:
+            try:
+                self._send(("shutdown", drain_timeout))
+            except OSError:
+                pass
+        if self._reader is not None:
+            self._reader.join(timeout=drain_timeout + 30)
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            log.warning("the scheduler process did not exit; killing it")
+            self.process.kill()
+            self.process.join(timeout=10)
+        self._cmd.close()
+
+    # ------------------------------------------------------------------ requests (event-loop thread)
+    def submit(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop,
+               queue: asyncio.Queue) -> None:
+        """As :meth:`Scheduler.submit`: all or none; :class:`QueueFull`, :class:`ShuttingDown`, ValueError."""
+        for req in requests:
+            if req.n > self.backend.max_slots:
+                raise ValueError(f"n={req.n} exceeds the server's {self.backend.max_slots} sequence slots")
+        with self._lock:
+            if not self._accepting or not self._alive:
+                raise ShuttingDown("the server is shutting down" if self._alive else
+                                   "the engine process is not running")
+            if self._queued + len(requests) > self.max_waiting:
+                raise QueueFull(f"too many requests waiting ({self.max_waiting}); retry later")
+            for req in requests:
+                req.loop, req.queue = loop, queue
+                req.on_cancel = self._cancel_hook(req.id)
+                self._live[req.id] = _Entry(req)
+            self._queued += len(requests)
+        try:
+            self._send(("submit", [(r.id, r.prompt, r.params, r.n, r.cache_points, r.cache_generation_end,
+                                    r.arrival, r.deadline) for r in requests]))
+        except OSError:  # the worker is gone: the reader fails these with the others
+            pass
+
+    def _cancel_hook(self, rid: int) -> Callable[[int | None], None]:
+        def cancel(choice: int | None) -> None:
+            if rid in self._live and self._alive:
+                try:
+                    self._send(("cancel", [(rid, choice)]))
+                except OSError:
+                    pass
+        return cancel
+
+    def wake(self) -> None:
+        """(Cancellations go to the worker as they happen.)"""
+
+    def stats(self) -> dict:
+        """The worker scheduler's counts (a blocking round trip; the app uses :meth:`stats_async`)."""
+        return self._query("stats").result(self.query_timeout)
+
+    async def stats_async(self) -> dict:
+        return await asyncio.wait_for(asyncio.wrap_future(self._query("stats")), self.query_timeout)
+
+    async def metrics_async(self) -> bytes:
+        """The worker's metrics (all but the HTTP request counts), Prometheus text."""
+        return await asyncio.wait_for(asyncio.wrap_future(self._query("metrics")), self.query_timeout)
+
+    def _query(self, what: str) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if not self._alive:
+                fut.set_exception(ShuttingDown("the engine process is not running"))
+                return fut
+            self._qids += 1
+            qid = self._qids
+            self._queries[qid] = fut
+        try:
+            self._send(("query", qid, what))
+        except OSError as e:
+            with self._lock:
+                self._queries.pop(qid, None)
+            fut.set_exception(ShuttingDown(f"the engine process is not running ({e})"))
+        return fut
+
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._cmd.send(msg)
+
+    # ------------------------------------------------------------------ reader thread
+    def _read(self) -> None:
+        try:
+            while True:
+                msg = self._evt.recv()
+                kind = msg[0]
+                if kind == "events":
+                    self._dispatch(msg[1])
+                elif kind == "reply":
+                    with self._lock:
+                        fut = self._queries.pop(msg[1], None)
+                    if fut is not None:
+                        if isinstance(msg[2], BaseException):
+                            fut.set_exception(msg[2])
+                        else:
+                            fut.set_result(msg[2])
+                elif kind == "bye":
+                    self.exit_reason = "shut down"
+                    break
+        except (EOFError, OSError):
+            self.process.join(timeout=1)
+            self.exit_reason = f"exited with code {self.process.exitcode}"
+            log.error("the scheduler process %s", self.exit_reason)
+        finally:
+            self._gone()
+
+    def _dispatch(self, items: list) -> None:
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        with self._lock:
+            for rid, events in items:
+                entry = self._live.get(rid)
+                if entry is None:
+                    continue
+                for ev in events:
+                    kind = type(ev)
+                    if kind is FinishEvent:
+                        entry.open -= 1
+                    elif kind is ErrorEvent:
+                        entry.open = 0
+                if not entry.admitted:  # its first events (prefill done, or an error): it left the queue
+                    entry.admitted = True
+                    self._queued -= 1
+                if entry.open <= 0:
+                    del self._live[rid]
+                req = entry.req
+                by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, events))
+        for loop, batch in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that event loop is gone
+                pass
+
+    def _gone(self) -> None:
+        """The worker exited: fail whatever is in flight (503) and refuse new work."""
+        with self._lock:
+            self._alive = self._accepting = False
+            entries, self._live = list(self._live.values()), {}
+            self._queued = 0
+            queries, self._queries = list(self._queries.values()), {}
+        for fut in queries:
+            if not fut.done():
+                fut.set_exception(ShuttingDown("the engine process is not running"))
+        if not entries:
+            return
+        if self.exit_reason == "shut down":
+            event = ErrorEvent(503, "the server shut down before this request finished", "shutdown")
+        else:
+            event = ErrorEvent(503, f"the engine process {self.exit_reason}; retry later", "engine_unavailable")
+        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        for entry in entries:
+            req = entry.req
+            by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, [event]))
+        for loop, batch in by_loop.values():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:
+                pass
+
+
+def _deliver(items: list) -> None:
+    """(Runs in the event loop.) Put each request's events into its queue."""
+    for req, events in items:
+        req.queue.put_nowait((req, events))
+
+
+__all__ = ["RemoteBackend", "SchedulerProxy", "WorkerSpec", "worker_main"]

@@ -6,6 +6,7 @@
   python benchmarks/kernels.py --diag             # host vs GPU time at B=1 (launch path), cProfile, profiler
   python benchmarks/kernels.py --fp32             # fp32 h error next to the float32 reference's own
   python benchmarks/kernels.py --sweep            # small-S forward: old vs current autotune rows, per config
+  python benchmarks/kernels.py --layout           # 7B prefill: q/k/v read in place vs head-major copies
 
 Shapes: xLSTM 7B cell (NH 8, DQK 256, DV 512), bf16 q/k/v, fp32 gates. Peers in the same run:
 ``mlstm-kernels`` (``chunkwise--triton_xl_chunk``, ``chunkwise--triton_limit_chunk``; PyPI) and torch SDPA
@@ -865,6 +866,132 @@ def rebuild_from_log(log: Path, out: Path, decode_json: str | None) -> None:
     print(md)
 
 
+# ---------------------------------------------------------------------------------------- layout
+def _legacy_mlstm_seq(self, lw, y, b, s, state, real=None):
+    """``Runner._mlstm_seq`` before the in-place reads: at batch 1, q, k, v copied head-major first."""
+    import torch.nn.functional as F
+
+    from fastxlstm.engine import kernels as K
+    from fastxlstm.ops import mlstm_chunkwise
+
+    cfg = self.config
+    proj = F.linear(y, lw.w_in)
+    q, k, v, o, g = proj.split(self.splits, dim=-1)
+    i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias, seq=s)
+    if b != 1:
+        raise ValueError("the legacy path is batch 1 only")
+    q, k, v = (K.heads_major(t, self.nh)[None] for t in (q, k, v))
+    h, state = mlstm_chunkwise(q, k, v, i, f, state, chunk_size=cfg.chunk_size, backend=self.backend, eps=cfg.eps)
+    h = h.transpose(1, 2).reshape(b * s, self.nh, self.dv)
+    return K.mhnorm_ogate(h, o, lw.mh_norm, cfg.norm_eps), state
+
+
+def _events_ms(fn, reps: int) -> float:
+    """Median ms of ``fn()`` by CUDA events (wall time on the host elsewhere), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def layout(args, device) -> dict:
+    """The 7B prefill's mLSTM input layout, before/after in one process: (1) one layer's cell, q/k/v
+    copied head-major (``K.heads_major`` x3, the old batch-1 path) + the kernels vs the kernels reading the
+    views into the fused projection; (2) ``Runner.forward_tokens`` with the legacy ``_mlstm_seq`` patched
+    in vs the current one (random 7B weights). Outputs of both paths are compared (bitwise / relative)."""
+    from fastxlstm.config import preset
+    from fastxlstm.engine import kernels as K
+    from fastxlstm.engine.runner import Runner
+    from fastxlstm.ops import triton as T
+
+    tiny = args.tiny
+    nh, dqk, dv = (2, 16, 32) if tiny else (NH, DQK, DV)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    width = 2 * nh * (dqk + dv + 1)
+    res: dict = {"cell": [], "model": []}
+    for s in ((45, 100) if tiny else (2048, 32768)):
+        g = torch.Generator(device="cpu").manual_seed(s)
+        proj = torch.randn(s, width, generator=g).to(device, dtype)
+        i = (15 * torch.tanh((torch.randn(1, nh, s, generator=g) * 4 - 3) / 15)).to(device)
+        f = (15 * torch.tanh((torch.randn(1, nh, s, generator=g) * 3 + 4) / 15)).to(device)
+        cols = (proj[:, :nh * dqk], proj[:, nh * dqk:2 * nh * dqk], proj[:, 2 * nh * dqk:2 * nh * dqk + nh * dv])
+
+        def old(cols=cols, i=i, f=f):
+            return T.mlstm_chunkwise(*(K.heads_major(t, nh)[None] for t in cols), i, f)
+
+        def new(cols=cols, i=i, f=f, s=s):
+            return T.mlstm_chunkwise(*(t.view(s, nh, -1).transpose(0, 1)[None] for t in cols), i, f)
+
+        copies = [K.heads_major(t, nh)[None] for t in cols]
+
+        def kernels_only(copies=copies, i=i, f=f):
+            return T.mlstm_chunkwise(*copies, i, f)
+
+        def copies_only(cols=cols):
+            return [K.heads_major(t, nh) for t in cols]
+
+        reps = 3 if tiny else 20
+        with torch.no_grad():
+            a, b = old(), new()
+            outs_a, outs_b = [a[0], *a[1]], [b[0], *b[1]]
+            row = {"S": s, "bitwise": all(torch.equal(x, y) for x, y in zip(outs_a, outs_b)),
+                   "max_rel": max(rel(y, x) for x, y in zip(outs_a, outs_b)),
+                   "old_ms": _events_ms(old, reps), "new_ms": _events_ms(new, reps),
+                   "copies_ms": _events_ms(copies_only, reps), "kernels_contiguous_ms": _events_ms(kernels_only, reps),
+                   "old2_ms": _events_ms(old, reps), "new2_ms": _events_ms(new, reps)}
+        res["cell"].append(row)
+        print(f"[layout cell] S={s}: copies+kernels {row['old_ms']:.3f} / {row['old2_ms']:.3f} ms "
+              f"(copies {row['copies_ms']:.3f}, kernels on the copies {row['kernels_contiguous_ms']:.3f}), "
+              f"in place {row['new_ms']:.3f} / {row['new2_ms']:.3f} ms, bitwise {row['bitwise']} "
+              f"(max rel {row['max_rel']:.1e})", flush=True)
+        del proj, i, f, cols, old, new, copies, kernels_only, copies_only
+    if tiny:
+        from fastxlstm.model import build_model
+
+        model = build_model(preset("xlstm-tiny"), device, dtype, 0)
+        seqs, reps = (40,), 1
+    else:
+        from fastxlstm.bench.common import random_xlstm
+
+        model = random_xlstm(preset("xlstm-7b", weight_mode="fused"), device, torch.bfloat16)
+        seqs, reps = (2048, 32768), 3
+    runner = Runner(model, backend="triton")
+    current = Runner._mlstm_seq
+    for s in seqs:
+        ids = torch.randint(0, model.config.vocab_size, (1, s), generator=torch.Generator().manual_seed(s)).to(device)
+        row = {"S": s}
+        outs = {}
+        for name, fn in (("old", _legacy_mlstm_seq), ("new", current), ("old2", _legacy_mlstm_seq), ("new2", current)):
+            Runner._mlstm_seq = fn
+            try:
+                row[f"{name}_ms"] = _events_ms(functools.partial(runner.forward_tokens, ids), reps)
+                outs[name] = runner.forward_tokens(ids)
+            finally:
+                Runner._mlstm_seq = current
+        (ha, sa), (hb, sb) = outs["old"], outs["new"]
+        flat_a = [ha, *(t for st in sa for t in st)]
+        flat_b = [hb, *(t for st in sb for t in st)]
+        row["bitwise"] = all(torch.equal(x, y) for x, y in zip(flat_a, flat_b))
+        row["max_rel"] = max(rel(y, x) for x, y in zip(flat_a, flat_b))
+        res["model"].append(row)
+        print(f"[layout model] forward_tokens S={s}: legacy {row['old_ms']:.2f} / {row['old2_ms']:.2f} ms, "
+              f"in place {row['new_ms']:.2f} / {row['new2_ms']:.2f} ms, bitwise {row['bitwise']} "
+              f"(max rel {row['max_rel']:.1e})", flush=True)
+        del outs, ha, hb, sa, sb, flat_a, flat_b
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true")
@@ -873,6 +1000,7 @@ def main() -> None:
     ap.add_argument("--diag", action="store_true", help="host vs GPU time at small sizes (launch overhead)")
     ap.add_argument("--fp32", action="store_true", help="fp32 accuracy vs the float32 reference's own error")
     ap.add_argument("--sweep", action="store_true", help="small-S forward: old vs current autotune rows")
+    ap.add_argument("--layout", action="store_true", help="7B prefill: q/k/v in place vs head-major copies")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU interpreter dry run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
@@ -916,6 +1044,11 @@ def main() -> None:
         res = {"meta": meta, **sweep(args, device)}
         res["seconds"] = time.time() - t
         (out / f"kernels_sweep{tag}.json").write_text(json.dumps(res, indent=1))
+    if args.layout:
+        t = time.time()
+        res = {"meta": meta, **layout(args, device)}
+        res["seconds"] = time.time() - t
+        (out / f"kernels_layout{tag}.json").write_text(json.dumps(res, indent=1))
     if args.bench:
         t = time.time()
         res = {"meta": meta, **bench(args, device)}

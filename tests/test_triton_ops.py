@@ -137,6 +137,7 @@ def _worker() -> dict:
         out["plans"][f"{st_row}/{out_row}"] = max(
             _rel(o["h"].view(r64[0].shape), r64[0]), _rel(o["cn"].view(r64[1][0].shape), r64[1][0]),
             _rel(o["nn"].view(r64[1][1].shape), r64[1][1]), _rel(o["mn"].view(r64[1][2].shape), r64[1][2]))
+    out["strided"] = _strided_cases(T)
     # the public dispatcher picks these kernels with backend="triton"
     d = dispatch(*xs, state, chunk_size=16, backend="triton")
     out["misc"]["dispatch"] = _rel(d[0], ref(*(t.double() for t in xs), tuple(t.double() for t in state))[0])
@@ -188,6 +189,64 @@ def _worker() -> dict:
     return out
 
 
+def _fused_views(proj, nh, dqk, dv):
+    """q, k, v ``[B,NH,S,D]`` as views into a fused projection ``proj [B,S,P]`` (``q | k | v | ...``)."""
+    b, s, _ = proj.shape
+    q = proj[..., :nh * dqk].view(b, s, nh, dqk).transpose(1, 2)
+    k = proj[..., nh * dqk:2 * nh * dqk].view(b, s, nh, dqk).transpose(1, 2)
+    v = proj[..., 2 * nh * dqk:2 * nh * dqk + nh * dv].view(b, s, nh, dv).transpose(1, 2)
+    return q, k, v
+
+
+STRIDED_CASES = {
+    # name: (seed, B, NH, S, DQK, DV, state, kernel_chunk); S not a multiple of the chunk (partial last chunk)
+    "b1_nostate": (51, 1, 2, 45, 24, 40, False, 16),
+    "b1_state": (52, 1, 2, 45, 24, 40, True, 16),
+    "b2_state": (53, 2, 3, 37, 16, 32, True, 32),
+}
+
+
+def _strided_cases(T) -> dict:
+    """Forward (no grad) on q, k, v viewed in place in a fused projection (the engine's prefill layout) vs
+    the same values as contiguous tensors: ``(bitwise equal, max relative difference)`` per output; plus a
+    last dim that is not contiguous (copied) and the autograd path on strided inputs."""
+    res = {}
+    for name, (seed, b, nh, s, dqk, dv, st, kc) in STRIDED_CASES.items():
+        g = torch.Generator().manual_seed(seed)
+        width = 2 * nh * (dqk + dv + 1)
+        proj = torch.randn(b, s, width, generator=g)
+        q, k, v = _fused_views(proj, nh, dqk, dv)
+        assert q.stride(-1) == 1 and not q.is_contiguous() and q.stride(2) == width
+        i = torch.randn(b, nh, s, generator=g) * 3
+        f = torch.randn(b, nh, s, generator=g) * 3 + 1
+        state = None
+        if st:
+            state = (torch.randn(b, nh, dqk, dv, generator=g), torch.randn(b, nh, dqk, generator=g),
+                     torch.randn(b, nh, generator=g))
+        with torch.no_grad():
+            a = T.mlstm_chunkwise(q, k, v, i, f, state, kernel_chunk=kc)
+            c = T.mlstm_chunkwise(q.contiguous(), k.contiguous(), v.contiguous(), i, f, state, kernel_chunk=kc)
+        res[name] = {nm: (bool(torch.equal(x, y)), _rel(x, y))
+                     for nm, x, y in zip(NAMES, [a[0], *a[1]], [c[0], *c[1]])}
+        if name == "b1_state":
+            # a non-contiguous last dim is copied: same result
+            qt = q.contiguous().transpose(-1, -2).contiguous().transpose(-1, -2)
+            with torch.no_grad():
+                t = T.mlstm_chunkwise(qt, k, v, i, f, state, kernel_chunk=kc)
+            res["last_dim_strided"] = {nm: (bool(torch.equal(x, y)), _rel(x, y))
+                                       for nm, x, y in zip(NAMES, [t[0], *t[1]], [c[0], *c[1]])}
+            # autograd path (contiguous copies inside): gradients reach the fused projection
+            pg = proj.clone().requires_grad_()
+            qg, kg, vg = _fused_views(pg, nh, dqk, dv)
+            leaves = [x.contiguous().requires_grad_() for x in (q, k, v)]
+            _weighted(T.mlstm_chunkwise, [qg, kg, vg, i, f, *state], seed, kernel_chunk=kc).backward()
+            _weighted(T.mlstm_chunkwise, [*leaves, i, f, *state], seed, kernel_chunk=kc).backward()
+            qv, kv, vv = _fused_views(pg.grad, nh, dqk, dv)
+            res["grad_strided"] = {nm: (bool(torch.equal(x, y.grad)), _rel(x, y.grad))
+                                   for nm, x, y in zip("qkv", (qv, kv, vv), leaves)}
+    return res
+
+
 # ----------------------------------------------------------------------------- CPU tests
 @pytest.fixture(scope="module")
 def interp():
@@ -226,6 +285,14 @@ def test_gradients_match_reference_autograd(interp, case):
 def test_kernel_chunk_and_dispatcher(interp):
     assert interp["misc"]["chunk_independent"] < 1e-5
     assert interp["misc"]["dispatch"] < FWD_FLOOR
+
+
+@pytest.mark.parametrize("case", [*STRIDED_CASES, "last_dim_strided", "grad_strided"])
+def test_strided_inputs_match_contiguous(interp, case):
+    """q, k, v read in place from a fused projection give what their contiguous copies give (same tiles and
+    arithmetic: bitwise in the interpreter; fp32 tolerance as the bound)."""
+    for name, (equal, rel) in interp["strided"][case].items():
+        assert equal or rel < 1e-6, f"{case} {name}: {rel:.2e}"
 
 
 def test_launch_plans_match_reference(interp):
@@ -281,12 +348,31 @@ def test_gpu_forward_7b_shapes(dtype, seq, with_state):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_gradients_7b_shapes(dtype):
+@pytest.mark.parametrize("batch,seq", [(1, 1000), (2, 300)])
+def test_gpu_strided_inputs_7b_shapes(batch, seq):
+    """bf16 q, k, v read in place from a fused projection ``[B,S,P]`` == their contiguous copies."""
+    from fastxlstm.ops import triton as T
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(2), "little"))
+    proj = torch.randn(batch, seq, 2 * 8 * (256 + 512 + 1), generator=g).cuda().bfloat16()
+    i = 15 * torch.tanh((torch.randn(batch, 8, seq, generator=g) * 4 - 3) / 15).cuda()
+    f = 15 * torch.tanh((torch.randn(batch, 8, seq, generator=g) * 3 + 4) / 15).cuda()
+    state = (torch.randn(batch, 8, 256, 512, generator=g).cuda() * 0.3, torch.randn(batch, 8, 256, generator=g).cuda(),
+             torch.randn(batch, 8, generator=g).cuda())
+    q, k, v = _fused_views(proj, 8, 256, 512)
+    with torch.no_grad():
+        a = T.mlstm_chunkwise(q, k, v, i, f, state)
+        c = T.mlstm_chunkwise(q.contiguous(), k.contiguous(), v.contiguous(), i, f, state)
+    for name, x, y in zip(NAMES, [a[0], *a[1]], [c[0], *c[1]]):
+        print(f"strided B{batch} S{seq} {name}: bitwise {torch.equal(x, y)}, rel {_rel(x, y):.1e}")
+        assert _rel(x, y) < 1e-3, f"{name}: {_rel(x, y):.2e}"
+
+
+def gpu_grad_errors(dtype, seed: int) -> tuple[dict, float]:
+    """Relative gradient errors at the 7B shapes (B1, S1000, with state) vs float64, and the test's bound."""
     from fastxlstm.ops import triton as T
     from fastxlstm.ops.reference import mlstm_chunkwise_reference
 
-    seed = int.from_bytes(os.urandom(2), "little")
     xs, state = _gpu_inputs(1, 1000, dtype, seed, True)
     leaves = xs + list(state)
     ours = [t.clone().requires_grad_() for t in leaves]
@@ -296,8 +382,16 @@ def test_gpu_gradients_7b_shapes(dtype):
     _weighted(mlstm_chunkwise_reference, ref, seed).backward()
     _weighted(mlstm_chunkwise_reference, ref32, seed).backward()
     bound = _gpu_bound(dtype, 3e-2, [_rel(a.grad, r.grad) for a, r in zip(ref32, ref)])
-    for name, a, r in zip(GRAD_NAMES, ours, ref):
-        assert _rel(a.grad, r.grad) < bound, f"d{name}: {_rel(a.grad, r.grad):.2e}"
+    return {name: _rel(a.grad, r.grad) for name, a, r in zip(GRAD_NAMES, ours, ref)}, bound
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_gradients_7b_shapes(dtype):
+    seed = int.from_bytes(os.urandom(2), "little")
+    errs, bound = gpu_grad_errors(dtype, seed)
+    for name, err in errs.items():
+        assert err < bound, f"d{name}: {err:.2e} (seed {seed})"
 
 
 @pytest.mark.gpu

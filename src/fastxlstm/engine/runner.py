@@ -238,8 +238,8 @@ class Runner:
         proj = F.linear(y, lw.w_in)  # [b*s, P]
         q, k, v, o, g = proj.split(self.splits, dim=-1)
         i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias, seq=s)  # [b, NH, s]
-        if b == 1:  # head-major copies in one tiled kernel each (the chunkwise kernels' layout)
-            q, k, v = (K.heads_major(t, self.nh)[None] for t in (q, k, v))
+        if b == 1:  # head views into proj, no copies (the Triton forward reads any row/head strides)
+            q, k, v = (t.view(s, self.nh, -1).transpose(0, 1)[None] for t in (q, k, v))
         else:
             q = q.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
             k = k.reshape(b, s, self.nh, self.dqk).transpose(1, 2)

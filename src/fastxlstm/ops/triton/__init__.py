@@ -53,6 +53,14 @@ def _flat_state(state: State, bh: int, dqk: int, dv: int) -> tuple[Tensor, Tenso
             state[2].float().reshape(bh).contiguous())
 
 
+def _strided(t: Tensor, chunk: int) -> Tensor:
+    """``t [B,NH,S,D]`` as the forward kernels read it: as it is where its last dim is contiguous and a
+    chunk's token offsets fit in int32 (the kernels' offsets inside a tile), else a contiguous copy."""
+    if t.stride(-1) == 1 and chunk * t.stride(2) + t.shape[-1] < 2**31:
+        return t
+    return t.contiguous()
+
+
 def mlstm_chunkwise(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, initial_state: State | None = None,
     chunk_size: int = 64, eps: float = 1e-6, *, kernel_chunk: int | None = None,
@@ -62,7 +70,9 @@ def mlstm_chunkwise(
     Returns ``(h [B,NH,S,DV] in q's dtype, (C, n, m) float32)``, differentiable w.r.t. q, k, v, i, f
     and the initial state. ``chunk_size`` is the reference's chunk; the kernels keep states every
     ``kernel_chunk`` tokens (default :data:`DEFAULT_KERNEL_CHUNK`), which changes results only by
-    rounding. float64 inputs run the reference.
+    rounding. float64 inputs run the reference. Without gradients, q, k, v are read in place where
+    their last dim is contiguous (any other strides: e.g. ``proj[:, :NH*D].view(S, NH, D).transpose(0, 1)[None]``
+    of a fused projection, no copy); the autograd path copies them to a contiguous layout.
     """
     if q.dtype == torch.float64:
         return mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps)
@@ -74,19 +84,18 @@ def mlstm_chunkwise(
     if seq == 0:
         return mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps)
     bh = bsz * nh
-    q3 = q.reshape(bh, seq, dqk).contiguous()
-    k3 = k.to(q.dtype).reshape(bh, seq, dqk).contiguous()
-    v3 = v.to(q.dtype).reshape(bh, seq, dv).contiguous()
     i2 = i.float().reshape(bh, seq).contiguous()
     f2 = f.float().reshape(bh, seq).contiguous()
     c0 = n0 = m0 = None
     if initial_state is not None:
         c0, n0, m0 = _flat_state(initial_state, bh, dqk, dv)
     chunk = kernel_chunk_for(seq, kernel_chunk, q.dtype)
-    if _needs_grad((q, k, v, i, f), initial_state):
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if _needs_grad((q, k, v, i, f), initial_state):  # the backward kernels take contiguous [BH,S,D]
+        q3, k3, v3 = (t.reshape(bh, seq, t.shape[-1]).contiguous() for t in (q, k, v))
         h, cn, nn, mn = MLSTMChunkwiseFn.apply(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)
-    else:
-        out = forward(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)
+    else:  # the forward kernels read q, k, v in place (e.g. head views into a fused projection)
+        out = forward(*(_strided(t, chunk) for t in (q, k, v)), i2, f2, c0, n0, m0, eps, chunk)
         h, cn, nn, mn = out["h"], out["cn"], out["nn"], out["mn"]
     return h.view(bsz, nh, seq, dv), (cn.view(bsz, nh, dqk, dv), nn.view(bsz, nh, dqk), mn.view(bsz, nh))
 

@@ -60,12 +60,28 @@ def kernel_chunk_for(seq: int, requested: int | None, dtype: torch.dtype = torch
     return DEFAULT_KERNEL_CHUNK
 
 
+def layout(t: Tensor) -> tuple[int, int, int, int]:
+    """``(heads, batch stride, head stride, token stride)`` of a ``[BH,S,D]`` (one head per row) or
+    ``[B,NH,S,D]`` input of the forward kernels, whose last dim must be contiguous (other strides are
+    free: q, k, v may be views into a fused projection)."""
+    if t.stride(-1) != 1:
+        raise ValueError("the forward kernels need q, k, v with a contiguous last dim")
+    if t.ndim == 3:
+        return 1, t.stride(0), t.stride(0), t.stride(1)
+    if t.ndim == 4:
+        return t.shape[1], t.stride(0), t.stride(1), t.stride(2)
+    raise ValueError(f"q, k, v must be [BH,S,D] or [B,NH,S,D], got {tuple(t.shape)}")
+
+
 def forward(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor | None, n0: Tensor | None,
     m0: Tensor | None, eps: float, chunk: int, states_only: bool = False, plan: Plan | None = None,
 ) -> dict[str, Tensor]:
-    """Run the forward kernels on ``[BH,S,D]`` inputs; returns every buffer by name. ``plan``: launch
-    configs of the state and output kernels (default: autotuned)."""
+    """Run the forward kernels on ``[BH,S,D]`` or ``[B,NH,S,D]`` inputs (any strides but a contiguous last
+    dim, see :func:`layout`; gates ``[BH,S]`` contiguous float32); returns every buffer by name (``h``
+    ``[BH,S,DV]`` contiguous). ``plan``: launch configs of the state and output kernels (default: autotuned)."""
+    if not q.ndim == k.ndim == v.ndim:
+        raise ValueError("q, k, v must all be [BH,S,D] or all [B,NH,S,D]")
     bh, seq = i.shape
     nc = triton.cdiv(seq, chunk)
     dev = q.device
@@ -85,25 +101,26 @@ def outputs(q: Tensor, k: Tensor, v: Tensor, i: Tensor, out: dict, eps: float, c
             plan: Plan | None = None) -> None:
     """The output kernel: ``h``, the per-token stabiliser ``M`` and denominator ``den`` into ``out``, from
     the gate and state buffers of :func:`forward` in it."""
-    bh, seq, dqk = q.shape
-    dv = v.shape[-1]
+    bh, seq = i.shape
+    dqk, dv = q.shape[-1], v.shape[-1]
     nc = triton.cdiv(seq, chunk)
     prec, state_f32 = dot_settings(q.dtype)
+    nh, *sq = layout(q)
     out["h"] = torch.empty(bh, seq, dv, device=q.device, dtype=q.dtype)
     out["M"] = torch.empty(bh, seq, device=q.device, dtype=torch.float32)  # per-token stabiliser m_t
     out["den"] = torch.empty(bh, seq, device=q.device, dtype=torch.float32)
     launcher, meta = (fwd_out, {}) if plan is None else (_out_fixed, plan.out_meta())
     launcher[lambda m: (triton.cdiv(seq, m["BLQ"]), m["NVP"], bh)](
         q, k, v, i, out["b"], out["cm"], out["cs"], out["ns"], out["mc"], out["h"], out["M"], out["den"],
-        seq, nc, dqk ** -0.5, eps,
+        seq, nc, nh, *sq, *layout(k)[1:], *layout(v)[1:], dqk ** -0.5, eps,
         DQK=dqk, DV=dv, DQKP=pow2(dqk), L=chunk, PREC=prec, STATE_F32=state_f32, TK=_tune_key(bh, seq), **meta,
     )
 
 
 def _states(k, v, gates, c0, n0, m0, chunk, final: dict | None, plan: Plan | None = None):
     """The inter-chunk recurrence: states entering each chunk, m_c, and (into ``final``) the final state."""
-    bh, seq, dqk = k.shape
-    dv = v.shape[-1]
+    bh, seq = gates["a"].shape
+    dqk, dv = k.shape[-1], v.shape[-1]
     nc = triton.cdiv(seq, chunk)
     prec, _ = dot_settings(k.dtype)
     cs = torch.empty(bh, nc, dqk, dv, device=k.device, dtype=state_dtype(k.dtype))
@@ -118,7 +135,7 @@ def _states(k, v, gates, c0, n0, m0, chunk, final: dict | None, plan: Plan | Non
     launcher, meta = (fwd_states, {}) if plan is None else (_states_fixed, plan.states_meta())
     launcher[lambda m: (triton.cdiv(dqk, m["BK"]), triton.cdiv(dv, m["BV"]), bh)](
         k, v, gates["a"], gates["gc"], gates["ac"], c0 if has_init else mc, n0 if has_init else mc,
-        m0 if has_init else mc, cs, ns, mc, *fin, seq, nc,
+        m0 if has_init else mc, cs, ns, mc, *fin, seq, nc, *layout(k), *layout(v)[1:],
         DQK=dqk, DV=dv, L=chunk, HAS_INIT=has_init, WRITE_FINAL=final is not None, PREC=prec,
         TK=_tune_key(bh, seq), **meta,
     )

@@ -63,7 +63,7 @@ def fwd_states_kernel(
     K, V, AA, GC, AC, C0, N0, M0,  # inputs
     CS, NS, MC,  # per-chunk states (entering each chunk) and stabilisers m_c (NC + 1 of them)
     CN, NN, MN,  # final state (fp32)
-    S, NC,
+    S, NC, NH, SKB, SKH, SKT, SVB, SVH, SVT,  # heads per batch row; batch, head and token strides of K, V
     DQK: tl.constexpr, DV: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, WRITE_FINAL: tl.constexpr, PREC: tl.constexpr, TK,
 ):
@@ -85,8 +85,8 @@ def fwd_states_kernel(
         c = tl.zeros([BK, BV], dtype=tl.float32)
         n = tl.zeros([BK], dtype=tl.float32)
         m = tl.sum(tl.zeros([BK], dtype=tl.float32), axis=0)
-    k_base = K + bh * S * DQK
-    v_base = V + bh * S * DV
+    k_base = K + (bh // NH) * SKB + (bh % NH) * SKH
+    v_base = V + (bh // NH) * SVB + (bh % NH) * SVH
     # the gate values of the next chunk are loaded one iteration ahead (they gate the dot)
     a_nx = tl.load(AA + bh * S + offs_l, mask=offs_l < S, other=-float("inf"))
     g_nx = tl.load(GC + bh * NC)
@@ -102,10 +102,11 @@ def fwd_states_kernel(
         tl.store(CS + s_off * DV + offs_k[:, None] * DV + offs_v[None, :], c.to(CS.dtype.element_ty), mask=mkv)
         tl.store(NS + s_off + offs_k, n, mask=mk & (offs_k * 0 + pid_v == 0))
         tl.store(MC + bh * (NC + 1) + ci, m, mask=writer)
-        t = ci * L + offs_l
-        mt = t < S
-        kt = tl.load(k_base + t[None, :] * DQK + offs_k[:, None], mask=mt[None, :] & mk[:, None], other=0.0)
-        vt = load_tile(v_base, t, mt, offs_v, mv, DV)
+        t0 = tl.cast(ci * L, tl.int64)  # the chunk's first token: int64 row offsets, int32 ones inside the tile
+        mt = offs_l < S - ci * L
+        kt = tl.load(k_base + t0 * SKT + offs_l[None, :] * SKT + offs_k[:, None], mask=mt[None, :] & mk[:, None],
+                     other=0.0)
+        vt = load_tile(v_base + t0 * SVT, offs_l, mt, offs_v, mv, SVT)
         m_next = tl.maximum(g + m, amax)
         decay = tl.exp(g + m - m_next)
         e = tl.exp(a - m_next)  # weight of each token in the next state, <= 1
@@ -123,7 +124,8 @@ def fwd_states_kernel(
 @triton.jit
 def fwd_out_kernel(
     Q, K, V, IG, BB, CM, CS, NS, MC, H, MM, DEN,
-    S, NC, scale, eps,
+    S, NC, NH, SQB, SQH, SQT, SKB, SKH, SKT, SVB, SVH, SVT,  # heads per batch row; strides of Q, K, V
+    scale, eps,
     DQK: tl.constexpr, DV: tl.constexpr, DQKP: tl.constexpr, L: tl.constexpr,
     BLQ: tl.constexpr, BV: tl.constexpr, NVP: tl.constexpr,
     PREC: tl.constexpr, STATE_F32: tl.constexpr, TK,
@@ -133,13 +135,21 @@ def fwd_out_kernel(
     bh = tl.program_id(2).to(tl.int64)
     ci, offs_t, mt, offs_s, ms, offs_d, md = chunk_rows(pid_q, S, DQK, DQKP, L, BLQ)  # a query tile, its chunk
     g_base = bh * S
-    q = load_tile(Q + bh * S * DQK, offs_t, mt, offs_d, md, DQK)
+    # q rows from the tile's first token, k and v rows from the chunk's (int64 bases, int32 offsets in the tile)
+    bi = bh // NH
+    hi = bh % NH
+    lt = tl.arange(0, BLQ)
+    ls = tl.arange(0, L)
+    q_base = Q + bi * SQB + hi * SQH + tl.cast(pid_q * BLQ, tl.int64) * SQT
+    k_base = K + bi * SKB + hi * SKH + tl.cast(ci * L, tl.int64) * SKT
+    v_base = V + bi * SVB + hi * SVH + tl.cast(ci * L, tl.int64) * SVT
+    q = load_tile(q_base, lt, mt, offs_d, md, SQT)
     bt = tl.load(BB + g_base + offs_t, mask=mt, other=0.0)
     mc = tl.load(MC + bh * (NC + 1) + ci)
     m_t = bt + tl.maximum(tl.load(CM + g_base + offs_t, mask=mt, other=0.0), mc)
     w = tl.exp(bt + mc - m_t) * scale
     # scores of the query tile against the whole chunk (keys after the query are masked)
-    kc = load_tile(K + bh * S * DQK, offs_s, ms, offs_d, md, DQK)
+    kc = load_tile(k_base, ls, ms, offs_d, md, SKT)
     i_s = tl.load(IG + g_base + offs_s, mask=ms, other=0.0)
     b_s = tl.load(BB + g_base + offs_s, mask=ms, other=0.0)
     d = causal_decay(offs_t, mt, bt, m_t, offs_s, ms, b_s, i_s, KEYS_ON_ROWS=False)
@@ -149,19 +159,18 @@ def fwd_out_kernel(
     for d0 in tl.static_range(0, DQKP, 64):  # q . n_c in fp32, a slice at a time (few registers)
         offs_e = d0 + tl.arange(0, 64)
         me = offs_e < DQK
-        qs = load_tile(Q + bh * S * DQK, offs_t, mt, offs_e, me, DQK)
+        qs = load_tile(q_base, lt, mt, offs_e, me, SQT)
         qn += tl.sum(qs.to(tl.float32) * tl.load(NS + s_off + offs_e, mask=me, other=0.0)[None, :], axis=1)
     den = tl.sum(sd, axis=1) + qn * w
     dd = tl.maximum(tl.abs(den), tl.exp(-m_t)) + eps
     sdq = sd.to(q.dtype)
-    v_base = V + bh * S * DV
     h_base = H + bh * S * DV
     v_start, v_end = dv_part(pid_v, DV, NVP)
     for v0 in range(v_start, v_end, BV):
         offs_v = v0 + tl.arange(0, BV)
         mv = (offs_v < DV) & (offs_v < v_end)
         cst = load_tile(CS + s_off * DV, offs_d, md, offs_v, mv, DV)
-        vt = load_tile(v_base, offs_s, ms, offs_v, mv, DV)
+        vt = load_tile(v_base, ls, ms, offs_v, mv, SVT)
         acc = state_dot(q, cst, PREC, STATE_F32) * w[:, None] + tl.dot(sdq, vt, input_precision=PREC)
         store_tile(h_base, offs_t, mt, offs_v, mv, DV, acc / dd[:, None])
     first = offs_t * 0 + pid_v == 0

@@ -88,7 +88,13 @@ def engine_peer(model_spec: str, slots: int, steps: int, dtype: str, prompts: li
         eng = None
         gc.collect()
         torch.cuda.empty_cache()
-        out["engine_offline"] = engine_offline(model, model_spec, slots, prompts, out_tokens)
+        try:
+            out["engine_offline"] = engine_offline(model, model_spec, slots, prompts, out_tokens)
+        except Exception as e:  # keep the decode peer (and the server's engine backend)
+            import traceback
+
+            traceback.print_exc()
+            out["engine_offline_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -392,6 +398,28 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (e.g. the server's scheduler process), from /proc."""
+    out: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out += [int(c) for c in children.read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def server_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of the server process and of each of its children (a process that ended is left out)."""
+    out = {}
+    for p in [pid, *child_pids(pid)]:
+        try:
+            out[p] = process_cpu_s(p)
+        except OSError:
+            pass
+    return out
+
+
 def loop_profile(before: dict, after: dict, wall: float, tokens: int) -> dict:
     """Where the scheduler thread spent the load test: seconds and share of wall time per phase."""
     phases = {}
@@ -439,15 +467,20 @@ def run_server(args, variant: str, extra_args: list[str], result: dict, prefix: 
         out["server_start_s"] = time.perf_counter() - t
         print(f"[{variant}] server up in {out['server_start_s']:.1f}s", flush=True)
         asyncio.run(load_test(base, "bench", 16, 16, args.min_prompt, args.max_prompt, 16, seed=99))  # warm-up
-        before, cpu0 = metrics_snapshot(base), process_cpu_s(proc.pid)
+        before, cpu0 = metrics_snapshot(base), server_cpu_s(proc.pid)
         out["startup_s"] = {k.split('phase="', 1)[1].split('"', 1)[0]: v for k, v in before.items()
                             if k.startswith("fastxlstm_startup_seconds{")}
         out["load"] = ld = asyncio.run(load_test(base, "bench", args.requests, args.concurrency, args.min_prompt,
                                                  args.max_prompt, args.output_tokens, procs=args.client_procs))
-        after, cpu1 = metrics_snapshot(base), process_cpu_s(proc.pid)
+        after, cpu1 = metrics_snapshot(base), server_cpu_s(proc.pid)
         out["profile"] = loop_profile(before, after, ld["wall_s"], ld["completion_tokens"])
-        out["profile"]["server_process_cpu_s"] = cpu1 - cpu0
-        out["profile"]["server_cpu_us_per_token"] = (cpu1 - cpu0) / max(1, ld["completion_tokens"]) * 1e6
+        # the HTTP process, and its children (the scheduler process with --scheduler-process)
+        http_cpu = cpu1.get(proc.pid, 0.0) - cpu0.get(proc.pid, 0.0)
+        child_cpu = sum(v - cpu0.get(p, 0.0) for p, v in cpu1.items() if p != proc.pid)
+        out["profile"]["server_process_cpu_s"] = http_cpu + child_cpu
+        out["profile"]["http_process_cpu_s"] = http_cpu
+        out["profile"]["child_processes_cpu_s"] = child_cpu
+        out["profile"]["server_cpu_us_per_token"] = (http_cpu + child_cpu) / max(1, ld["completion_tokens"]) * 1e6
         print(json.dumps({k: ld[k] for k in ("output_tokens_per_s", "ttft_ms", "itl_ms", "errors")}), flush=True)
         print(json.dumps(out["profile"]), flush=True)
         if prefix:
@@ -563,7 +596,9 @@ def main() -> None:
               f"{ld['output_tokens_per_s']:.0f} output tok/s{ratio}; TTFT p50 {ld['ttft_ms']['p50']:.0f} ms "
               f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL (between chunks of {ld['tokens_per_chunk']:.1f} tokens) p50 "
               f"{ld['itl_ms']['p50']:.1f} ms p99 {ld['itl_ms']['p99']:.1f} ms, TPOT (per token) p50 "
-              f"{ld['tpot_ms']['p50']:.1f} ms; server CPU {pr['server_cpu_us_per_token']:.0f} us/token")
+              f"{ld['tpot_ms']['p50']:.1f} ms; server CPU {pr['server_cpu_us_per_token']:.0f} us/token (HTTP process "
+              f"{pr['http_process_cpu_s']:.2f} s, children {pr['child_processes_cpu_s']:.2f} s, wall "
+              f"{ld['wall_s']:.2f} s)")
         print(f"    {pr['decode_steps']:.0f} decode steps, mean batch {pr['mean_decode_batch']:.1f}, "
               f"launch+wait {pr['decode_ms_per_step']:.2f} ms/step; server up in {run['server_start_s']:.0f} s "
               f"(" + ", ".join(f"{k} {v:.1f} s" for k, v in run.get("startup_s", {}).items()) + ")")

@@ -1,0 +1,184 @@
+"""The server with its scheduler in a worker process (``ServeConfig.scheduler_process``), through the real
+``openai`` client: the same answers as the in-process server, streaming, cancellation, timeouts, the bounded
+queue, metrics from the worker, graceful shutdown, and a dead worker answering 503."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from fastxlstm.checkpoint import load
+from fastxlstm.config import XLSTMConfig
+from fastxlstm.serving.app import ServeConfig, build_app
+from fastxlstm.serving.testing import ServerThread
+from fastxlstm.serving.worker import SchedulerProxy, WorkerSpec
+from fastxlstm.tokenizer import Tokenizer
+
+from .helpers import perturbed_model
+
+TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
+BASE = {"model_name": "tiny", "max_slots": 4, "prefill_chunk": 16, "max_model_len": 1_000_000}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer_dir):
+    path = tmp_path_factory.mktemp("serve_proc") / "m"
+    perturbed_model(TINY).save_pretrained(str(path))
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
+    return path, Tokenizer.from_dir(path)
+
+
+def start(tiny, process: bool, **overrides) -> ServerThread:
+    path, tok = tiny
+    cfg = ServeConfig(**{**BASE, "scheduler_process": process, **overrides})
+    model = WorkerSpec(load, (str(path),)) if process else load(path)
+    return ServerThread(build_app(model, tok, cfg))
+
+
+@pytest.fixture(scope="module")
+def servers(tiny):
+    with start(tiny, False) as local, start(tiny, True, request_timeout=4.0) as remote:
+        yield local, remote
+
+
+def proxy(srv: ServerThread) -> SchedulerProxy:
+    sched = srv.server.config.app.state.server.scheduler
+    assert isinstance(sched, SchedulerProxy)
+    return sched
+
+
+def client(srv: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=30)
+
+
+def wait_idle(srv: ServerThread, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = httpx.get(srv.base_url + "/health").json()
+        if stats["slots_free"] == stats["slots_total"] and stats["running"] == stats["waiting"] == 0:
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"slots leaked: {stats}")
+
+
+def metric(srv: ServerThread, name: str) -> float:
+    for line in httpx.get(srv.base_url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_config_needs_a_worker_spec(tiny):
+    with pytest.raises(ValueError, match="WorkerSpec"):
+        build_app(load(tiny[0]), tiny[1], ServeConfig(scheduler_process=True))
+
+
+@pytest.mark.parametrize("prompt", ["The quick brown fox", "Ein Bär läuft über die Brücke — schön! " * 4])
+def test_greedy_equals_in_process_server(servers, prompt):
+    local, remote = servers
+    kw = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 2}
+    a, b = client(local).completions.create(**kw), client(remote).completions.create(**kw)
+    assert b.choices[0].text == a.choices[0].text and b.choices[0].finish_reason == a.choices[0].finish_reason
+    assert b.usage == a.usage
+    assert b.choices[0].logprobs.tokens == a.choices[0].logprobs.tokens
+    assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-5)
+    # n > 1 with a seed, and streaming, give the same too
+    kw = {"model": "tiny", "prompt": prompt, "max_tokens": 16, "n": 2, "seed": 7, "temperature": 0.8}
+    a, b = client(local).completions.create(**kw), client(remote).completions.create(**kw)
+    assert [c.text for c in b.choices] == [c.text for c in a.choices]
+    chunks = list(client(remote).completions.create(**kw, stream=True))
+    texts = ["", ""]
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert texts == [c.text for c in a.choices]
+
+
+def test_chat_stream_and_prefix_cache_metrics(servers):
+    local, remote = servers
+    messages = [{"role": "system", "content": "You are terse. " * 8}, {"role": "user", "content": "The lazy dog?"}]
+    kw = {"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0}
+    want = client(local).chat.completions.create(**kw).choices[0].message.content
+    hits = metric(remote, "fastxlstm_prefix_cache_hits_total")
+    misses = metric(remote, "fastxlstm_prefix_cache_misses_total")
+    chunks = list(client(remote).chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens > 0
+    again = client(remote).chat.completions.create(**kw)  # the same system prompt: a cache hit
+    assert again.choices[0].message.content == want and again.usage.prompt_tokens_details.cached_tokens > 0
+    assert metric(remote, "fastxlstm_prefix_cache_hits_total") == hits + 1
+    assert metric(remote, "fastxlstm_prefix_cache_misses_total") == misses + 1
+    assert metric(remote, "fastxlstm_requests_total") > 0  # the HTTP process's own counts are there too
+
+
+def test_disconnect_frees_the_slot_and_timeout(servers):
+    _, remote = servers
+    body = {"model": "tiny", "prompt": "The quick", "max_tokens": 500_000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(base_url=remote.base_url) as http:
+        with http.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            assert any(next(lines).startswith("data: ") for _ in range(6))
+            assert httpx.get(remote.base_url + "/health").json()["slots_free"] == 3
+        wait_idle(remote, timeout=2.0)  # freed by the disconnect, well before the request's timeout
+        assert metric(remote, "fastxlstm_slots_used") == 0
+        # the per-request timeout (4 s here) holds in the worker
+        t = time.monotonic()
+        r = http.post("/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 408 and "timed out" in r.json()["error"]["message"]
+        assert 3.5 < time.monotonic() - t < 20
+        wait_idle(remote)
+
+
+def test_bounded_queue_answers_429(tiny):
+    with start(tiny, True, max_slots=1, max_waiting=1) as srv:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        codes: list[int] = []
+        headers: list = []
+
+        def one():
+            r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60)
+            codes.append(r.status_code)
+            headers.append(r.headers)
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert 200 in codes and 429 in codes, codes
+        assert all("retry-after" in h for c, h in zip(codes, headers) if c == 429)
+        wait_idle(srv)
+        sched = proxy(srv)
+    assert not sched.process.is_alive() and sched.exit_reason == "shut down"  # graceful shutdown
+
+
+def test_worker_crash_gives_503(tiny):
+    with start(tiny, True) as srv:
+        sched = proxy(srv)
+        c = client(srv)
+        stream = c.completions.create(model="tiny", prompt="The quick", max_tokens=500_000, stream=True,
+                                      extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        os.kill(sched.pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine process"):
+            for _ in it:
+                pass
+        deadline = time.monotonic() + 10
+        while sched.alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = httpx.get(srv.base_url + "/health")
+        assert health.status_code == 503 and "retry-after" in health.headers
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model="tiny", prompt="hi", max_tokens=4)
+        assert e.value.status_code == 503
+        assert httpx.get(srv.base_url + "/metrics").status_code == 200  # the HTTP side still answers

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -23,6 +24,7 @@ import torch
 
 from fastxlstm.serving.app import ServeConfig, create_app
 from fastxlstm.serving.testing import ServerThread
+from fastxlstm.serving.worker import WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
 
@@ -66,6 +68,18 @@ class SimulatedEngine:
     def decode(self, slots, tokens):
         time.sleep(self.step_s)
         return self.table.index_select(0, torch.tensor([t % 512 for t in tokens]))
+
+
+def simulated_engine(max_slots: int, step_s: float, prefill_token_s: float, plain: bool, threads: int):
+    """The stand-in as the scheduler process builds it (``--scheduler-process``)."""
+    torch.set_num_threads(threads)
+    engine = SimulatedEngine(max_slots, step_s, prefill_token_s)
+    return _Plain(engine) if plain else engine
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Plain:
@@ -144,15 +158,21 @@ def main() -> None:
                          "2-core box extra OpenMP workers spin against the load client)")
     ap.add_argument("--scheduler-only", action="store_true",
                     help="drive the scheduler directly (no HTTP, no client process): what the scheduler alone leaves")
+    ap.add_argument("--scheduler-process", action="store_true",
+                    help="ServeConfig.scheduler_process: the scheduler (and the stand-in) in a worker process")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
     if args.scheduler_only:
         return scheduler_only(args)
 
-    backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
-    if args.no_batching:
-        backend = _Plain(backend)
+    if args.scheduler_process:
+        backend = WorkerSpec(simulated_engine, (args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6,
+                                                args.no_batching, args.torch_threads), backend=True)
+    else:
+        backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
+        if args.no_batching:
+            backend = _Plain(backend)
     extra = {"stream_interval_ms": args.stream_interval_ms} if args.stream_interval_ms else {}
     if args.decode_steps_per_read is not None:
         extra["decode_steps_per_read"] = args.decode_steps_per_read
@@ -162,6 +182,8 @@ def main() -> None:
                                  **extra))
     bench_dir = Path(__file__).resolve().parent
     with ServerThread(app) as srv:
+        worker = getattr(app.state.server.scheduler, "pid", None)  # the scheduler process, if any
+        w0 = _cpu_s(worker) if worker else 0.0
         c0, t0 = time.process_time(), time.perf_counter()
         k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([sys.executable, "-c", (
@@ -170,6 +192,7 @@ def main() -> None:
             f"8, 64, {args.output_tokens}))))")], check=True, capture_output=True, text=True).stdout
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        worker_cpu = _cpu_s(worker) - w0 if worker else 0.0
     client_cpu = (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
     load = json.loads(out.strip().splitlines()[-1])
     peer = args.slots / (args.step_ms / 1000)
@@ -182,7 +205,9 @@ def main() -> None:
         "decode_steps_per_read": args.decode_steps_per_read, "no_batching": args.no_batching,
         "peer_tokens_per_s": peer, "load": load,
         "server_over_peer": load["output_tokens_per_s"] / peer,
-        "server_cpu_us_per_token": cpu / load["completion_tokens"] * 1e6,
+        "scheduler_process": args.scheduler_process,
+        "server_cpu_us_per_token": (cpu + worker_cpu) / load["completion_tokens"] * 1e6,
+        "http_process_cpu_s": cpu, "scheduler_process_cpu_s": worker_cpu,
         "client_cpu_us_per_token": client_cpu / load["completion_tokens"] * 1e6, "wall_s": wall,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

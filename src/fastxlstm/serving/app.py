@@ -314,19 +314,22 @@ class _Call:
             return u
 
         for ev in events:
-            if isinstance(ev, TokenEvent):
-                st = self.choices[base + ev.choice]
+            kind = type(ev)
+            if kind is TokenEvent or kind is tuple:  # a tuple: a token event as a scheduler process sends it
+                choice, token, logprob, top = (ev.choice, ev.token, ev.logprob, ev.top_logprobs) \
+                    if kind is TokenEvent else ev
+                st = self.choices[base + choice]
                 if st.finish_reason is not None:
                     continue
                 st.tokens += 1
-                st.text.add(ev.token, special=ev.token in special)
-                u = update(base + ev.choice)
+                st.text.add(token, special=token in special)
+                u = update(base + choice)
                 u.delta += st.text.ready()
-                if ev.logprob is not None:
-                    u.logprobs.append((ev.token, ev.logprob, ev.top_logprobs))
+                if logprob is not None:
+                    u.logprobs.append((token, logprob, top))
                 if st.text.stopped:
                     st.finish_reason = u.finish_reason = "stop"
-                    req.cancel(ev.choice)
+                    req.cancel(choice)
                     self.server.scheduler.wake()
                     self.remaining -= 1
             elif isinstance(ev, FinishEvent):

@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -182,3 +183,50 @@ def test_worker_crash_gives_503(tiny):
             c.completions.create(model="tiny", prompt="hi", max_tokens=4)
         assert e.value.status_code == 503
         assert httpx.get(srv.base_url + "/metrics").status_code == 200  # the HTTP side still answers
+
+
+def test_cli_scheduler_process_serves_and_stops_on_sigint(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--model", "random:xlstm-tiny", "--port",
+                             str(port), "--served-model-name", "t", "--scheduler-process", "--max-slots", "2",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        worker = [int(p) for p in Path(f"/proc/{proc.pid}/task").glob("*/children") for p in p.read_text().split()]
+        r = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30).completions.create(
+            model="t", prompt="hello", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert worker
+
+        def running(pid: int) -> bool:
+            try:
+                return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while any(map(running, worker)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(running, worker))  # the scheduler process (and multiprocessing's helper) ended too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

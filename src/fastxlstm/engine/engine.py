@@ -214,7 +214,7 @@ class Engine:
                 start = self._as_state(start)
             batch = torch.stack([ids[j] for j in members])
             hidden, new_state = self.runner.forward_tokens(batch, start)
-            logits[members] = self.runner.logits(hidden)
+            logits.index_copy_(0, self._long(members), self.runner.logits(hidden))  # (a list index would sync)
             self._store_states([slots[j] for j in members], new_state)
         for j, s in enumerate(slots):
             hist = self._long(list(histories[j]))

@@ -1028,27 +1028,13 @@ def main() -> None:
         meta["mlstm_kernels"] = None
     print(meta, flush=True)
     tag = f"_{args.tag}" if args.tag else ""
-    if args.check:
-        t = time.time()
-        res = {"meta": meta, **check(args, device)}
-        res["seconds"] = time.time() - t
-        (out / f"kernels_check{tag}.json").write_text(json.dumps(res, indent=1))
-    if args.diag:
-        res = {"meta": meta, **diag(args, device)}
-        (out / f"kernels_diag{tag}.json").write_text(json.dumps(res, indent=1))
-    if args.fp32:
-        res = {"meta": meta, **fp32_study(args, device)}
-        (out / f"kernels_fp32{tag}.json").write_text(json.dumps(res, indent=1))
-    if args.sweep:
-        t = time.time()
-        res = {"meta": meta, **sweep(args, device)}
-        res["seconds"] = time.time() - t
-        (out / f"kernels_sweep{tag}.json").write_text(json.dumps(res, indent=1))
-    if args.layout:
-        t = time.time()
-        res = {"meta": meta, **layout(args, device)}
-        res["seconds"] = time.time() - t
-        (out / f"kernels_layout{tag}.json").write_text(json.dumps(res, indent=1))
+    modes = (("check", check), ("diag", diag), ("fp32", fp32_study), ("sweep", sweep), ("layout", layout))
+    for name, fn in modes:  # each mode: its results, with meta and seconds, as kernels_<mode><tag>.json
+        if getattr(args, name):
+            t = time.time()
+            res = {"meta": meta, **fn(args, device)}
+            res["seconds"] = time.time() - t
+            (out / f"kernels_{name}{tag}.json").write_text(json.dumps(res, indent=1))
     if args.bench:
         t = time.time()
         res = {"meta": meta, **bench(args, device)}

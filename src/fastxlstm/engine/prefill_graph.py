@@ -39,6 +39,11 @@ def padding_mask(lengths: Tensor, s: int) -> Tensor:
     return (pos[None, :] < lengths[:, None]).view(-1)
 
 
+def _flat(state: Sequence[State]) -> list[Tensor]:
+    """The tensors of a per-block state, block after block."""
+    return [t for layer in state for t in layer]
+
+
 class FlatState:
     """Per-block ``(C, n, m)`` views of one float32 buffer ``[B, numel]``: a whole sequence's state
     in one row, so that a batch of states is copied or cloned with one kernel."""
@@ -92,10 +97,7 @@ class _Graph:
         b, s = self.batch, self.length
         state: list = list(self.start_views)
         x, delta = runner.blocks(self.ids, state, padding_mask(self.lengths, s))
-        for (c, n, m), (c1, n1, m1) in zip(self.end_views, state):
-            c.copy_(c1)
-            n.copy_(n1)
-            m.copy_(m1)
+        torch._foreach_copy_(_flat(self.end_views), _flat(state))
         last = torch.arange(b, device=x.device) * s + self.lengths - 1
         x_last = x.index_select(0, last)
         x_last += delta.index_select(0, last)
@@ -163,8 +165,6 @@ class PrefillGraphs:
         if state is None:
             g.start.buffer[:b].zero_()
         else:
-            for dst, src in zip(g.start_views, state):
-                for d, t in zip(dst, src):
-                    d[:b].copy_(t)
+            torch._foreach_copy_([t[:b] for t in _flat(g.start_views)], _flat(state))
         g.replay()
         return g.hidden[:b].clone(), g.end.views(g.end.buffer[:b].clone())

@@ -133,10 +133,17 @@ def _worker() -> dict:
     flat = [t.reshape(2, 45, -1).squeeze(-1).contiguous() for t in xs]
     init = T._flat_state(state, 2, 24, 40)
     for st_row, out_row in (((16, 16, 4, 2), (16, 16, 3, 4, 2)), ((16, 32, 4, 3), (16, 32, 2, 8, 2))):
-        o = _chunkwise.forward(*flat, *init, 1e-6, 16, plan=_chunkwise.Plan(st_row, out_row))
-        out["plans"][f"{st_row}/{out_row}"] = max(
+        plan = _chunkwise.Plan(st_row, out_row)
+        with _Launches(_chunkwise, *LAUNCHERS) as calls:
+            o = _chunkwise.forward(*flat, *init, 1e-6, 16, plan=plan)
+        err = max(
             _rel(o["h"].view(r64[0].shape), r64[0]), _rel(o["cn"].view(r64[1][0].shape), r64[1][0]),
             _rel(o["nn"].view(r64[1][1].shape), r64[1][1]), _rel(o["mn"].view(r64[1][2].shape), r64[1][2]))
+        # the launches the plan asked for: each kernel once, directly, with the plan's configs
+        wanted = [("_states_fixed", plan.states_meta()), ("_out_fixed", plan.out_meta())]
+        out["plans"][f"{st_row}/{out_row}"] = (err, len(calls) == len(wanted) and all(
+            name == want and all(kw.get(k) == x for k, x in meta.items())
+            for (name, _, kw), (want, meta) in zip(calls, wanted)))
     out["strided"] = _strided_cases(T)
     # the public dispatcher picks these kernels with backend="triton"
     d = dispatch(*xs, state, chunk_size=16, backend="triton")
@@ -189,6 +196,36 @@ def _worker() -> dict:
     return out
 
 
+#: the forward's kernel launchers in ``_chunkwise`` (autotuned, and direct for a :class:`Plan`)
+LAUNCHERS = ("fwd_states", "fwd_out", "_states_fixed", "_out_fixed")
+
+
+class _Launches:
+    """Records the launches (``launcher[grid](*args, **kwargs)``) of ``module``'s launchers ``names`` inside
+    ``with`` as ``(name, args, kwargs)``, in order; the launches still run."""
+
+    def __init__(self, module, *names):
+        self.module, self.names, self.calls = module, names, []
+
+    def _recording(self, name, launcher):
+        def index(grid):
+            def launch(*args, **kwargs):
+                self.calls.append((name, args, kwargs))
+                return launcher[grid](*args, **kwargs)
+            return launch
+        return type("Recorded", (), {"__getitem__": lambda _, grid: index(grid)})()
+
+    def __enter__(self) -> list:
+        self.saved = {name: getattr(self.module, name) for name in self.names}
+        for name, launcher in self.saved.items():
+            setattr(self.module, name, self._recording(name, launcher))
+        return self.calls
+
+    def __exit__(self, *exc):
+        for name, launcher in self.saved.items():
+            setattr(self.module, name, launcher)
+
+
 def _fused_views(proj, nh, dqk, dv):
     """q, k, v ``[B,NH,S,D]`` as views into a fused projection ``proj [B,S,P]`` (``q | k | v | ...``)."""
     b, s, _ = proj.shape
@@ -208,9 +245,12 @@ STRIDED_CASES = {
 
 def _strided_cases(T) -> dict:
     """Forward (no grad) on q, k, v viewed in place in a fused projection (the engine's prefill layout) vs
-    the same values as contiguous tensors: ``(bitwise equal, max relative difference)`` per output; plus a
-    last dim that is not contiguous (copied) and the autograd path on strided inputs."""
-    res = {}
+    the same values as contiguous tensors: ``(bitwise equal, max relative difference)`` per output, and
+    whether the kernels read the views in place; plus a last dim that is not contiguous (copied) and the
+    autograd path on strided inputs."""
+    from fastxlstm.ops.triton import _chunkwise
+
+    res: dict = {"in_place": {}}
     for name, (seed, b, nh, s, dqk, dv, st, kc) in STRIDED_CASES.items():
         g = torch.Generator().manual_seed(seed)
         width = 2 * nh * (dqk + dv + 1)
@@ -224,10 +264,16 @@ def _strided_cases(T) -> dict:
             state = (torch.randn(b, nh, dqk, dv, generator=g), torch.randn(b, nh, dqk, generator=g),
                      torch.randn(b, nh, generator=g))
         with torch.no_grad():
-            a = T.mlstm_chunkwise(q, k, v, i, f, state, kernel_chunk=kc)
+            with _Launches(_chunkwise, *LAUNCHERS) as calls:
+                a = T.mlstm_chunkwise(q, k, v, i, f, state, kernel_chunk=kc)
             c = T.mlstm_chunkwise(q.contiguous(), k.contiguous(), v.contiguous(), i, f, state, kernel_chunk=kc)
         res[name] = {nm: (bool(torch.equal(x, y)), _rel(x, y))
                      for nm, x, y in zip(NAMES, [a[0], *a[1]], [c[0], *c[1]])}
+        # the kernels got the views themselves (state kernel: k, v; output kernel: q, k, v), not copies
+        wanted = [("fwd_states", (k, v)), ("fwd_out", (q, k, v))]
+        res["in_place"][name] = [nm for nm, _, _ in calls] == [nm for nm, _ in wanted] and all(
+            x.data_ptr() == y.data_ptr() and x.stride() == y.stride()
+            for (_, args, _), (_, views) in zip(calls, wanted) for x, y in zip(args, views))
         if name == "b1_state":
             # a non-contiguous last dim is copied: same result
             qt = q.contiguous().transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -295,10 +341,18 @@ def test_strided_inputs_match_contiguous(interp, case):
         assert equal or rel < 1e-6, f"{case} {name}: {rel:.2e}"
 
 
+@pytest.mark.parametrize("case", list(STRIDED_CASES))
+def test_strided_inputs_read_in_place(interp, case):
+    """No-grad forward on fused-projection views: the state and output kernels get the views (no copies)."""
+    assert interp["strided"]["in_place"][case] is True
+
+
 def test_launch_plans_match_reference(interp):
+    """An explicit Plan launches each forward kernel once, directly, with its configs (no autotuned launch)."""
     assert len(interp["plans"]) == 2
-    for name, err in interp["plans"].items():
+    for name, (err, as_planned) in interp["plans"].items():
         assert err < FWD_FLOOR, f"{name}: {err:.2e}"
+        assert as_planned, f"{name}: not launched as planned"
 
 
 def test_decode_step(interp):

@@ -16,6 +16,7 @@ from ..model import XLSTMForCausalLM
 from ..ops import State
 from .engine import Engine
 from .prefill_graph import PrefillGraphs
+from .transfer import to_device
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -149,7 +150,7 @@ class EngineSlotBackend:
         ordered = [int(slots[j]) for j in order]
         same = order == list(range(len(order)))
         if isinstance(tokens, Tensor):
-            feed = tokens if same else tokens.index_select(0, torch.tensor(order).to(tokens.device, non_blocking=True))
+            feed = tokens if same else tokens.index_select(0, to_device(order, tokens.device))
         else:
             feed = [int(tokens[j]) for j in order]
         out, lps = [], []
@@ -166,7 +167,7 @@ class EngineSlotBackend:
             back = [0] * len(order)
             for pos, j in enumerate(order):
                 back[j] = pos
-            idx = eng._long(back)
+            idx = to_device(back, toks.device)
             toks = toks.index_select(0, idx)
             lp = lp.index_select(0, idx) if lp is not None else None
         return (toks, lp) if logprobs else toks

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..engine.transfer import to_device
 from ..generation import sampling as gen
 
 
@@ -67,13 +68,12 @@ class SequenceSampler:
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, device=device, dtype=torch.bool)
             if prompt_ids:
-                ids = torch.tensor(prompt_ids).to(device, non_blocking=True)  # (a blocking copy waits for the device)
+                ids = to_device(prompt_ids, device)  # (a blocking copy waits for the device)
                 self.seen.index_fill_(0, ids.clamp_(0, vocab_size - 1), True)
         if params.logit_bias:
             self.bias = torch.zeros(vocab_size, device=device, dtype=torch.float32)
-            ids = torch.tensor(list(params.logit_bias)).to(device, non_blocking=True)
-            values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
-            self.bias.index_copy_(0, ids, values.to(device, non_blocking=True))
+            values = to_device(list(params.logit_bias.values()), device, torch.float32)
+            self.bias.index_copy_(0, to_device(list(params.logit_bias), device), values)
 
     def process(self, logits: Tensor) -> Tensor:
         """Penalties and bias applied to a ``[V]`` float32 row."""

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..engine.transfer import to_device
 from .metrics import Metrics
 from .prefix_cache import ModelState, PrefixCache
 from .sampling import SamplingParams, SequenceSampler
@@ -787,10 +788,9 @@ class Scheduler:
         return self._next_in
 
     def _index(self, values: list[int]) -> Tensor:
-        """``values`` as a device index, copied from pinned memory without waiting for the device
-        (``torch.tensor(values, device=cuda)`` and indexing a device tensor with a list are blocking copies)."""
-        dev = self.backend.device
-        return torch.tensor(values, dtype=torch.long, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+        """``values`` as a device index, copied without waiting for the device (:func:`to_device`; indexing a
+        device tensor with a list is a blocking copy)."""
+        return to_device(values, self.backend.device)
 
     def _rows(self, t: Tensor, rows: list[int]) -> Tensor:
         """Rows ``rows`` of ``t`` (``t`` itself when that is all of them in order)."""

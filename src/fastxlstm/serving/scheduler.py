@@ -368,7 +368,7 @@ class Scheduler:
         pending, self._pending = self._pending, {}
         now = time.monotonic()
         interval = 0.0 if force else self.stream_interval
-        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        due: list[tuple[GenerationRequest, list]] = []
         for key, (req, events) in pending.items():
             if req.loop is None or req.queue is None:
                 continue
@@ -377,12 +377,8 @@ class Scheduler:
                 self._pending[key] = (req, events)  # not due yet
                 continue
             req.last_delivery = now
-            by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, events))
-        for loop, items in by_loop.values():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the client's event loop is gone
-                pass
+            due.append((req, events))
+        post_events(due)
 
     def _gauges(self) -> None:
         m = self.metrics
@@ -949,6 +945,18 @@ class Scheduler:
                 self._emit(choice, req, token, *lp_info.get(j, (None, None)), now)
         self._retire(owners)
         self.prof.lap(f"{phase}_emit")
+
+
+def post_events(items: list[tuple[GenerationRequest, list]]) -> None:
+    """(Any thread.) Hand each request's events to its event loop: one :func:`_deliver` call per loop."""
+    by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+    for req, events in items:
+        by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, events))
+    for loop, batch in by_loop.values():
+        try:
+            loop.call_soon_threadsafe(_deliver, batch)
+        except RuntimeError:  # that event loop is gone
+            pass
 
 
 def _deliver(items: list) -> None:

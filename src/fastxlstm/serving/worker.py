@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .metrics import Metrics
-from .scheduler import ErrorEvent, FinishEvent, GenerationRequest, QueueFull, ShuttingDown, TokenEvent
+from .scheduler import ErrorEvent, FinishEvent, GenerationRequest, QueueFull, ShuttingDown, TokenEvent, post_events
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -332,7 +332,7 @@ class SchedulerProxy:
             self._gone()
 
     def _dispatch(self, items: list) -> None:
-        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
+        batch: list[tuple[GenerationRequest, list]] = []
         with self._lock:
             for rid, events in items:
                 entry = self._live.get(rid)
@@ -349,13 +349,8 @@ class SchedulerProxy:
                     self._queued -= 1
                 if entry.open <= 0:
                     del self._live[rid]
-                req = entry.req
-                by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, events))
-        for loop, batch in by_loop.values():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # that event loop is gone
-                pass
+                batch.append((entry.req, events))
+        post_events(batch)
 
     def _gone(self) -> None:
         """The worker exited: fail whatever is in flight (503) and refuse new work."""
@@ -373,21 +368,8 @@ class SchedulerProxy:
             event = ErrorEvent(503, "the server shut down before this request finished", "shutdown")
         else:
             event = ErrorEvent(503, f"the engine process {self.exit_reason}; retry later", "engine_unavailable")
-        by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list]] = {}
-        for entry in entries:
-            req = entry.req
-            by_loop.setdefault(id(req.loop), (req.loop, []))[1].append((req, [event]))
-        for loop, batch in by_loop.values():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:
-                pass
+        post_events([(entry.req, [event]) for entry in entries])
 
-
-def _deliver(items: list) -> None:
-    """(Runs in the event loop.) Put each request's events into its queue."""
-    for req, events in items:
-        req.queue.put_nowait((req, events))
 
 
 __all__ = ["RemoteBackend", "SchedulerProxy", "WorkerSpec", "worker_main"]

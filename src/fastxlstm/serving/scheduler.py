@@ -347,7 +347,9 @@ class Scheduler:
         self._reap()
         self._admit()
         self.prof.lap("admit")
-        early = self._launch_early() if self.early_launch else None
+        # (early_launch) the iteration's window, queued before its prefill, so that the device has this one and
+        # the previous one to run while the host prefills; None: none was launched (then _decode runs as usual)
+        early = self._launch_window() if self.early_launch else None
         self._prefill()
         if early is not None:  # the new sequences join the next window
             self._read_before(early)
@@ -696,18 +698,10 @@ class Scheduler:
             self._drain()
             return None
 
-    def _launch_early(self) -> _Window | None:
-        """(``early_launch``) The iteration's window, queued before its prefill, so that the device has this
-        one and the previous one to run while the host prefills; None: none was launched (then
-        :meth:`_decode` runs after the prefill as usual)."""
-        return self._launch_window()
-
     def _read_before(self, window: _Window) -> None:
         """Read and hand out what was launched before ``window`` (the previous window, first tokens), while
         ``window`` runs on the device."""
-        while self._unread and self._unread[0] is not window:
-            block = self._unread.popleft()
-            self._finish_window(block, block.phase)
+        self._drain(before=window)
         if not self.overlap:
             self._drain()
 
@@ -824,13 +818,12 @@ class Scheduler:
         self.prof.lap("decode_launch")
         return window
 
-    def _drain(self) -> None:
-        """Read and hand out every block of tokens in flight, in launch order."""
-        while self._unread:
-            block = self._unread.popleft()
-            self._finish_window(block, block.phase)
+    def _drain(self, before: _Window | None = None) -> None:
+        """Read and hand out every block of tokens in flight (launched before ``before``), in launch order."""
+        while self._unread and self._unread[0] is not before:
+            self._finish_window(self._unread.popleft())
 
-    def _finish_window(self, w: _Window, phase: str = "decode") -> None:
+    def _finish_window(self, w: _Window) -> None:
         try:
             if w.event is not None:
                 w.event.synchronize()
@@ -841,9 +834,9 @@ class Scheduler:
             for req in {id(r): r for r in w.owners}.values():
                 self._fail(req, e)
             return
-        self.prof.lap(f"{phase}_wait")
-        self._emit_block(w.active, w.owners, block, lps, decode=phase == "decode")
-        self.prof.lap(f"{phase}_emit")
+        self.prof.lap(f"{w.phase}_wait")
+        self._emit_block(w.active, w.owners, block, lps, decode=w.phase == "decode")
+        self.prof.lap(f"{w.phase}_emit")
 
     def _emit_block(self, active: list[_Choice], owners: list[GenerationRequest], block: list[list[int]],
                     lps: list[list[float]] | None, decode: bool = True) -> None:

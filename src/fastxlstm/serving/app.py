@@ -607,8 +607,9 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
 
     @app.get("/metrics")
     async def metrics():
-        body = server.metrics.render()
-        if isinstance(server.scheduler, SchedulerProxy):  # the worker's metrics, and the HTTP request counts
+        if not isinstance(server.scheduler, SchedulerProxy):
+            body = server.metrics.render()
+        else:  # the worker's metrics, and the HTTP request counts
             body = server.metrics.render(include={"fastxlstm_requests"})
             try:
                 body += await server.scheduler.metrics_async()

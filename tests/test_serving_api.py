@@ -331,19 +331,27 @@ def test_prefix_cache_second_chat_turn(tiny, server, client):
 
 
 # -------------------------------------------------------------------------------------- robustness
+LONG = {"model": "tiny", "prompt": "The quick", "max_tokens": 500_000, "temperature": 0, "stream": True,
+        "ignore_eos": True}  # a greedy stream that ends only when the client hangs up
+
+
+def stream_then_disconnect(http: httpx.Client, slots_total: int) -> None:
+    """Open the :data:`LONG` stream, read its first lines (data among them) while it holds one of the
+    server's ``slots_total`` slots (``/health``), and hang up (the caller checks the slot comes back)."""
+    with http.stream("POST", "/v1/completions", json=LONG) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(x.startswith("data: ") for x in got)
+        assert http.get("/health").json()["slots_free"] == slots_total - 1
+
+
 def test_disconnect_cancels_and_frees_slot(tiny):
     with start(tiny, max_slots=2, max_model_len=1_000_000) as srv:
-        body = {"model": "tiny", "prompt": "The quick", "max_tokens": 500_000, "temperature": 0, "stream": True,
-                "ignore_eos": True}
         with httpx.Client(base_url=srv.base_url) as http:
-            with http.stream("POST", "/v1/completions", json=body) as resp:
-                assert resp.status_code == 200
-                lines = resp.iter_lines()
-                got = [next(lines) for _ in range(6)]
-                assert any(x.startswith("data: ") for x in got)
-                assert scheduler(srv).stats()["slots_free"] == 1
+            stream_then_disconnect(http, 2)
             wait_idle(srv)
-            body["stream"] = False  # non-streaming: the client gives up after 0.5 s
+            body = {**LONG, "stream": False}  # non-streaming: the client gives up after 0.5 s
             with pytest.raises(httpx.TimeoutException):
                 http.post("/v1/completions", json=body, timeout=0.5)
             wait_idle(srv)

@@ -23,6 +23,7 @@ from fastxlstm.serving.worker import SchedulerProxy, WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
 from .helpers import perturbed_model
+from .test_serving_api import LONG, stream_then_disconnect
 
 TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
 BASE = {"model_name": "tiny", "max_slots": 4, "prefill_chunk": 16, "max_model_len": 1_000_000}
@@ -121,19 +122,13 @@ def test_chat_stream_and_prefix_cache_metrics(servers):
 
 def test_disconnect_frees_the_slot_and_timeout(servers):
     _, remote = servers
-    body = {"model": "tiny", "prompt": "The quick", "max_tokens": 500_000, "temperature": 0, "stream": True,
-            "ignore_eos": True}
     with httpx.Client(base_url=remote.base_url) as http:
-        with http.stream("POST", "/v1/completions", json=body) as resp:
-            assert resp.status_code == 200
-            lines = resp.iter_lines()
-            assert any(next(lines).startswith("data: ") for _ in range(6))
-            assert httpx.get(remote.base_url + "/health").json()["slots_free"] == 3
+        stream_then_disconnect(http, BASE["max_slots"])
         wait_idle(remote, timeout=2.0)  # freed by the disconnect, well before the request's timeout
         assert metric(remote, "fastxlstm_slots_used") == 0
         # the per-request timeout (4 s here) holds in the worker
         t = time.monotonic()
-        r = http.post("/v1/completions", json={**body, "stream": False}, timeout=30)
+        r = http.post("/v1/completions", json={**LONG, "stream": False}, timeout=30)
         assert r.status_code == 408 and "timed out" in r.json()["error"]["message"]
         assert 3.5 < time.monotonic() - t < 20
         wait_idle(remote)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from serving_load import process_cpu_s  # (benchmarks/, this script's folder)
 
 from fastxlstm.serving.app import ServeConfig, create_app
 from fastxlstm.serving.testing import ServerThread
@@ -75,11 +75,6 @@ def simulated_engine(max_slots: int, step_s: float, prefill_token_s: float, plai
     torch.set_num_threads(threads)
     engine = SimulatedEngine(max_slots, step_s, prefill_token_s)
     return _Plain(engine) if plain else engine
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Plain:
@@ -183,7 +178,7 @@ def main() -> None:
     bench_dir = Path(__file__).resolve().parent
     with ServerThread(app) as srv:
         worker = getattr(app.state.server.scheduler, "pid", None)  # the scheduler process, if any
-        w0 = _cpu_s(worker) if worker else 0.0
+        w0 = process_cpu_s(worker) if worker else 0.0
         c0, t0 = time.process_time(), time.perf_counter()
         k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([sys.executable, "-c", (
@@ -192,7 +187,7 @@ def main() -> None:
             f"8, 64, {args.output_tokens}))))")], check=True, capture_output=True, text=True).stdout
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        worker_cpu = _cpu_s(worker) - w0 if worker else 0.0
+        worker_cpu = process_cpu_s(worker) - w0 if worker else 0.0
     client_cpu = (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
     load = json.loads(out.strip().splitlines()[-1])
     peer = args.slots / (args.step_ms / 1000)

@@ -19,6 +19,7 @@ algorithm (chunk 64, causal half of the intra-chunk part), each over the ceiling
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -447,8 +448,10 @@ def breakdown(device) -> list:
 
 
 # ----------------------------------------------------------------------------------------- diagnostics
-def _graph_ms(fn) -> float:
-    """GPU time of ``fn`` replayed from a CUDA graph (no host launch work), L2 flushed between replays."""
+def _graph_ms(fn, calls: int = 1, rep: int = 200) -> float:
+    """GPU ms per call of ``fn`` replayed from a CUDA graph of ``calls`` calls (no host launch work; with
+    several, the in-graph launch gaps as in the engine's prefill graph), L2 flushed between replays (do_bench
+    median over ``rep`` ms)."""
     import triton.testing as tt
 
     side = torch.cuda.Stream()
@@ -459,8 +462,9 @@ def _graph_ms(fn) -> float:
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return tt.do_bench(g.replay, warmup=20, rep=200, return_mode="median")
+        for _ in range(calls):
+            fn()
+    return tt.do_bench(g.replay, warmup=20, rep=rep, return_mode="median") / calls
 
 
 def _host_ms(fn, n: int = 30) -> tuple[float, float]:
@@ -612,28 +616,10 @@ def fp32_study(args, device) -> dict:
 SWEEP_SHAPES = ((1, 2048), (1, 512), (1, 1024), (1, 4096), (2, 512), (4, 512), (8, 512), (1, 8192), (1, 32768))
 #: shapes that also get the per-config rows (each state/output config of the autotune lists timed alone)
 SWEEP_DETAIL = ((1, 2048), (8, 512), (1, 8192))
-#: the autotune rows before this sweep's change (state kernel: BK BV num_warps num_stages, KSCALE = PF = False;
+#: the autotune rows before the small-S rows were added (237763e; state kernel: BK BV num_warps num_stages,
 #: output kernel: BLQ BV NVP num_warps num_stages)
 LEGACY_STATES = ((64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 1))
 LEGACY_OUT = ((64, 32, 1, 8, 2), (64, 64, 1, 8, 2), (64, 32, 2, 8, 2), (128, 64, 1, 8, 2), (64, 32, 1, 8, 1))
-
-
-def _graph_per_call(fn, reps: int = 20) -> float:
-    """GPU ms per call of ``fn``: ``reps`` calls captured in one CUDA graph (in-graph launch gaps, as in the
-    engine's prefill graph), replays timed by do_bench (median), divided by ``reps``."""
-    import triton.testing as tt
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return tt.do_bench(g.replay, warmup=10, rep=60, return_mode="median") / reps
 
 
 def _errors(h, state, ref) -> dict:
@@ -642,30 +628,18 @@ def _errors(h, state, ref) -> dict:
             "nan": bool(torch.isnan(h).any() or torch.isnan(state[0]).any())}
 
 
-class _Legacy:
-    """Swaps the forward's autotuned launchers for ones over the legacy rows (inside ``with``)."""
+def _legacy(tiny: bool):
+    """A (re-enterable) patch of the forward's autotuned launchers by ones over the legacy rows."""
+    from unittest import mock
 
-    def __init__(self, tiny: bool):
-        from fastxlstm.ops.triton import _common, _fwd
+    from fastxlstm.ops.triton import _chunkwise, _common, _fwd
 
-        st = ((16, 16, 4, 2),) if tiny else LEGACY_STATES
-        out = ((16, 16, 2, 4, 2),) if tiny else LEGACY_OUT
-        self.launchers = {
-            "fwd_states": _common.tuned(_fwd.fwd_states_kernel, "BK BV", interpret=(16, 16), rows=list(st)),
-            "fwd_out": _common.tuned(_fwd.fwd_out_kernel, "BLQ BV NVP", interpret=(16, 16, 2), rows=list(out))}
-
-    def __enter__(self):
-        from fastxlstm.ops.triton import _chunkwise as CW
-
-        self.saved = {name: getattr(CW, name) for name in self.launchers}
-        for name, fn in self.launchers.items():
-            setattr(CW, name, fn)
-
-    def __exit__(self, *exc):
-        from fastxlstm.ops.triton import _chunkwise as CW
-
-        for name, fn in self.saved.items():
-            setattr(CW, name, fn)
+    st = ((16, 16, 4, 2),) if tiny else LEGACY_STATES
+    out = ((16, 16, 2, 4, 2),) if tiny else LEGACY_OUT
+    return mock.patch.multiple(
+        _chunkwise,
+        fwd_states=_common.tuned(_fwd.fwd_states_kernel, " ".join(_fwd.STATES_KEYS), interpret=(16, 16), rows=list(st)),
+        fwd_out=_common.tuned(_fwd.fwd_out_kernel, " ".join(_fwd.OUT_KEYS), interpret=(16, 16, 2), rows=list(out)))
 
 
 def sweep(args, device) -> dict:
@@ -695,13 +669,15 @@ def sweep(args, device) -> dict:
     st_rows = [tuple(c.kwargs[k_] for k_ in _fwd.STATES_KEYS) + (c.num_warps, c.num_stages) for c in st_cfgs]
     out_rows = [tuple(c.kwargs[k_] for k_ in _fwd.OUT_KEYS) + (c.num_warps, c.num_stages) for c in out_cfgs
                 if _common._fits(c, fits)]
-    timer = _graph_per_call if device.type == "cuda" else (lambda fn: timeit(device, fn))
-    legacy = _Legacy(tiny)
+    # GPU: a CUDA graph of 20 calls (in-graph launch gaps, as in the engine's prefill graph), ms per call
+    timer = functools.partial(_graph_ms, calls=20, rep=60) if device.type == "cuda" else functools.partial(
+        timeit, device)
+    legacy = _legacy(tiny)
+    dtype = torch.float32 if tiny else torch.bfloat16
     seed = int(time.time()) % 100000
     res: dict = {"rows": [], "compare": [], "states_rows": st_rows, "out_rows": out_rows}
     for b, s in shapes:
-        (q, k, v, i, f), _ = make_inputs(b, s, dtype := (torch.float32 if tiny else torch.bfloat16), device, seed,
-                                         **dims)
+        (q, k, v, i, f), _ = make_inputs(b, s, dtype, device, seed, **dims)
         seed += 1
         ref = None
         if b * s <= 8192:
@@ -709,13 +685,9 @@ def sweep(args, device) -> dict:
         op = functools.partial(_forward_only, functools.partial(T.mlstm_chunkwise, **kc), (q, k, v, i, f))
         cmp: dict = {"B": b, "S": s, "dtype": str(dtype).split(".")[-1]}
         outs = {}
-        for name in ("legacy", "new"):
-            if name == "legacy":
-                with legacy:
-                    cmp["legacy_ms"] = timer(op)
-                    outs[name] = op()
-            else:
-                cmp["new_ms"] = timer(op)
+        for name, patch in (("legacy", legacy), ("new", contextlib.nullcontext())):
+            with patch:
+                cmp[f"{name}_ms"] = timer(op)
                 outs[name] = op()
             if ref is not None:
                 cmp[name + "_err"] = _errors(outs[name][0], outs[name][1], ref)

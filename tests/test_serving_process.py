@@ -118,6 +118,8 @@ def test_chat_stream_and_prefix_cache_metrics(servers):
     assert metric(remote, "fastxlstm_prefix_cache_hits_total") == hits + 1
     assert metric(remote, "fastxlstm_prefix_cache_misses_total") == misses + 1
     assert metric(remote, "fastxlstm_requests_total") > 0  # the HTTP process's own counts are there too
+    types = [line for line in httpx.get(remote.base_url + "/metrics").text.splitlines() if line.startswith("# TYPE")]
+    assert len(types) == len(set(types)), types  # each family once: from the worker or from the HTTP process
 
 
 def test_disconnect_frees_the_slot_and_timeout(servers):
@@ -154,6 +156,9 @@ def test_bounded_queue_answers_429(tiny):
         assert all("retry-after" in h for c, h in zip(codes, headers) if c == 429)
         wait_idle(srv)
         sched = proxy(srv)
+        assert sched._queued == 0 and not sched._live  # every request left the queue and the proxy's books
+        r = httpx.post(srv.base_url + "/v1/completions", json={**body, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200  # the queue is free again
     assert not sched.process.is_alive() and sched.exit_reason == "shut down"  # graceful shutdown
 
 

@@ -13,11 +13,13 @@ GPU (``-m gpu``): bf16 and fp32 at the 7B shapes (NH 8, DQK 256, DV 512) vs floa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -134,7 +136,7 @@ def _worker() -> dict:
     init = T._flat_state(state, 2, 24, 40)
     for st_row, out_row in (((16, 16, 4, 2), (16, 16, 3, 4, 2)), ((16, 32, 4, 3), (16, 32, 2, 8, 2))):
         plan = _chunkwise.Plan(st_row, out_row)
-        with _Launches(_chunkwise, *LAUNCHERS) as calls:
+        with _launches(_chunkwise) as calls:
             o = _chunkwise.forward(*flat, *init, 1e-6, 16, plan=plan)
         err = max(
             _rel(o["h"].view(r64[0].shape), r64[0]), _rel(o["cn"].view(r64[1][0].shape), r64[1][0]),
@@ -200,30 +202,26 @@ def _worker() -> dict:
 LAUNCHERS = ("fwd_states", "fwd_out", "_states_fixed", "_out_fixed")
 
 
-class _Launches:
-    """Records the launches (``launcher[grid](*args, **kwargs)``) of ``module``'s launchers ``names`` inside
-    ``with`` as ``(name, args, kwargs)``, in order; the launches still run."""
+class _Recorded:
+    """A kernel launcher (``launcher[grid](*args, **kwargs)``) that appends ``(name, args, kwargs)`` to ``calls``
+    before each launch."""
 
-    def __init__(self, module, *names):
-        self.module, self.names, self.calls = module, names, []
+    def __init__(self, calls: list, name: str, launcher):
+        self.calls, self.name, self.launcher = calls, name, launcher
 
-    def _recording(self, name, launcher):
-        def index(grid):
-            def launch(*args, **kwargs):
-                self.calls.append((name, args, kwargs))
-                return launcher[grid](*args, **kwargs)
-            return launch
-        return type("Recorded", (), {"__getitem__": lambda _, grid: index(grid)})()
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.name, args, kwargs))
+            return self.launcher[grid](*args, **kwargs)
+        return launch
 
-    def __enter__(self) -> list:
-        self.saved = {name: getattr(self.module, name) for name in self.names}
-        for name, launcher in self.saved.items():
-            setattr(self.module, name, self._recording(name, launcher))
-        return self.calls
 
-    def __exit__(self, *exc):
-        for name, launcher in self.saved.items():
-            setattr(self.module, name, launcher)
+@contextlib.contextmanager
+def _launches(module):
+    """The launches of ``module``'s :data:`LAUNCHERS` inside ``with``, in order (they still run)."""
+    calls: list = []
+    with mock.patch.multiple(module, **{name: _Recorded(calls, name, getattr(module, name)) for name in LAUNCHERS}):
+        yield calls
 
 
 def _fused_views(proj, nh, dqk, dv):
@@ -264,7 +262,7 @@ def _strided_cases(T) -> dict:
             state = (torch.randn(b, nh, dqk, dv, generator=g), torch.randn(b, nh, dqk, generator=g),
                      torch.randn(b, nh, generator=g))
         with torch.no_grad():
-            with _Launches(_chunkwise, *LAUNCHERS) as calls:
+            with _launches(_chunkwise) as calls:
                 a = T.mlstm_chunkwise(q, k, v, i, f, state, kernel_chunk=kc)
             c = T.mlstm_chunkwise(q.contiguous(), k.contiguous(), v.contiguous(), i, f, state, kernel_chunk=kc)
         res[name] = {nm: (bool(torch.equal(x, y)), _rel(x, y))

@@ -48,21 +48,47 @@ def test_backend_buckets_cost_and_capture():
     assert EngineSlotBackend(perturbed_model(CFG), max_slots=1).prefill_max_batch is None  # CPU: no graphs
 
 
+def test_failed_capture_falls_back_to_eager_prefill():
+    """A prefill-graph capture that fails at start-up leaves the backend prefilling eagerly, not down."""
+    model = perturbed_model(CFG)
+    be = graphed_backend(model, 2)
+
+    def broken(b: int, n: int) -> None:
+        raise RuntimeError("capture failed")
+
+    be.engine.runner.prefill_graphs.capture = broken
+    assert be.capture_prefill_graphs(64) == []
+    assert be.engine.runner.prefill_graphs is None and be.prefill_max_batch is None
+    assert be.prefill_cost(2, 10) == 20  # no buckets: what it is
+    p = prompts([9], seed=3)[0]
+    logits, _ = be.prefill(p, None)
+    want = model(torch.tensor([p]))[0][0, -1]
+    assert ((logits - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_scheduler_meets_only_captured_buckets_and_stays_exact():
     """A wave of mixed-length prompts (some longer than the budget: prefilled in pieces) through the
     scheduler after the start-up capture: no new bucket is captured, every forward holds at most the
-    largest graph batch and costs at most the budget, tokens equal generate(), cached states are exact."""
+    largest graph batch, each iteration's prefills cost at most the budget, tokens equal generate(), cached
+    states are exact."""
     model = perturbed_model(CFG)
     be = graphed_backend(model, 12)
     budget = 64
     keys = be.capture_prefill_graphs(budget)
     graphs = be.engine.runner.prefill_graphs
-    calls = []
+    calls, spent = [], []  # spent: the device cost of each scheduler iteration's prefills
+
+    def record(lens: list[int]) -> None:
+        calls.append(lens)
+        spent[-1] += be.prefill_cost(len(lens), max(lens))
+
     orig_batch, orig_one = be.prefill_batch, be.prefill
-    be.prefill_batch = lambda t, s: (calls.append([len(x) for x in t]), orig_batch(t, s))[1]
-    be.prefill = lambda t, s: (calls.append([len(t)]), orig_one(t, s))[1]
+    be.prefill_batch = lambda t, s: (record([len(x) for x in t]), orig_batch(t, s))[1]
+    be.prefill = lambda t, s: (record([len(t)]), orig_one(t, s))[1]
     cache = PrefixCache(10**8)
     sched = Scheduler(be, eos_token_id=None, cache=cache, decode_steps_per_read=4, prefill_chunk=budget)
+    orig_phase = sched._prefill
+    sched._prefill = lambda: (spent.append(0), orig_phase())[1]
     lengths = [20, 22, 9, 10, 11, 40, 3, 21, 60, 12, 1, 150]
     ps = prompts(lengths, seed=11)
     ref = [generate(model, p, 6)[0].tolist() for p in ps]
@@ -80,6 +106,7 @@ def test_scheduler_meets_only_captured_buckets_and_stays_exact():
     assert any(len(c) > 1 for c in calls) and any(len(set(c)) > 1 for c in calls), calls
     for c in calls:
         assert len(c) <= 4 and be.prefill_cost(len(c), max(c)) <= budget, c
+    assert max(spent) <= budget, spent  # the budget holds per iteration (pieces cut to what is left of it)
     assert [64] in calls  # the 150-token prompt went in pieces of the whole budget
     rows = Counter(n for c in calls for n in c)
     assert all(rows[n] >= k for n, k in Counter(n for n in lengths if n <= budget).items()), rows  # never split
@@ -116,7 +143,8 @@ def test_greedy_first_tokens_are_not_waited_for():
 def test_bucket_plan_with_graph_costs():
     """The plan against a backend with graph buckets: at most ``prefill_max_batch`` rows, the padded
     bucket's cost within the budget and within the ratio x the prompts' costs alone, the first-come request
-    in its group; groups fill whole batch buckets when the ratio allows no padded rows."""
+    in its group; groups fill whole batch buckets when the ratio allows no padded rows; a long prompt's
+    piece is the longest whose (bucket) cost fits what is left of the budget."""
     class Stub:
         max_slots, vocab_size, device = 64, 10, torch.device("cpu")
         prefill_padded, prefill_max_batch = True, 8
@@ -148,3 +176,12 @@ def test_bucket_plan_with_graph_costs():
                 assert len(group) == 1 or cost <= ratio * sum(stub.prefill_cost(1, n) for n in lens) + 1e-9
                 sizes.add(len(group))
         assert sizes - {1} and (ratio > 1 or sizes <= {1, 2, 4, 8}), sizes
+    # pieces of a long prompt: the longest whose cost fits what is left of the budget (None: none fits)
+    sched = Scheduler(stub, eos_token_id=None, prefill_chunk=2048)
+    long = GenerationRequest([1] * 3000, SamplingParams(max_new_tokens=1))
+    for left in (2048, 700, 200, 100, 40, 10):
+        end = sched._piece_end(long, left)
+        if end is None:
+            assert stub.prefill_cost(1, 1) > left
+            continue
+        assert stub.prefill_cost(1, end) <= left < stub.prefill_cost(1, end + 1), (left, end)

@@ -75,7 +75,7 @@ def layout(t: Tensor) -> tuple[int, int, int, int]:
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor | None, n0: Tensor | None,
-    m0: Tensor | None, eps: float, chunk: int, states_only: bool = False, plan: Plan | None = None,
+    m0: Tensor | None, eps: float, chunk: int, plan: Plan | None = None,
 ) -> dict[str, Tensor]:
     """Run the forward kernels on ``[BH,S,D]`` or ``[B,NH,S,D]`` inputs (any strides but a contiguous last
     dim, see :func:`layout`; gates ``[BH,S]`` contiguous float32); returns every buffer by name (``h``
@@ -92,8 +92,7 @@ def forward(
     fwd_gates[(nc, bh)](i, f, out["b"], out["a"], out["cm"], out["gc"], out["ac"], seq, nc, L=chunk,
                                num_warps=4)
     out["cs"], out["ns"], out["mc"] = _states(k, v, out, c0, n0, m0, chunk, out, plan)
-    if not states_only:
-        outputs(q, k, v, i, out, eps, chunk, plan)
+    outputs(q, k, v, i, out, eps, chunk, plan)
     return out
 
 

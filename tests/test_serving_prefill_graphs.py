@@ -143,8 +143,9 @@ def test_greedy_first_tokens_are_not_waited_for():
 def test_bucket_plan_with_graph_costs():
     """The plan against a backend with graph buckets: at most ``prefill_max_batch`` rows, the padded
     bucket's cost within the budget and within the ratio x the prompts' costs alone, the first-come request
-    in its group; groups fill whole batch buckets when the ratio allows no padded rows; a long prompt's
-    piece is the longest whose (bucket) cost fits what is left of the budget."""
+    in its group, the cheapest and tightest run of its size; groups fill whole batch buckets when the ratio
+    allows no padded rows; a long prompt's piece is the longest whose (bucket) cost fits what is left of
+    the budget."""
     class Stub:
         max_slots, vocab_size, device = 64, 10, torch.device("cpu")
         prefill_padded, prefill_max_batch = True, 8
@@ -176,6 +177,13 @@ def test_bucket_plan_with_graph_costs():
                 assert len(group) == 1 or cost <= ratio * sum(stub.prefill_cost(1, n) for n in lens) + 1e-9
                 sizes.add(len(group))
         assert sizes - {1} and (ratio > 1 or sizes <= {1, 2, 4, 8}), sizes
+    # of the runs of one size that may share a forward, the cheapest, then the tightest in length
+    for ratio, lengths, want in ((1.9, (12, 16, 20), [12, 16]), (1.3, (9, 16, 16), [16, 16]),
+                                 (1.3, (10, 10, 16), [10, 10])):
+        sched = Scheduler(stub, eos_token_id=None, prefill_chunk=2048, prefill_pad_ratio=ratio)
+        sched.prefilling = [GenerationRequest([1] * n, SamplingParams(max_new_tokens=1)) for n in lengths]
+        head = sched.prefilling[1]
+        assert sorted(len(r.prompt) for r in sched._bucket(head, 2048, set())) == want, (ratio, lengths)
     # pieces of a long prompt: the longest whose cost fits what is left of the budget (None: none fits)
     sched = Scheduler(stub, eos_token_id=None, prefill_chunk=2048)
     long = GenerationRequest([1] * 3000, SamplingParams(max_new_tokens=1))

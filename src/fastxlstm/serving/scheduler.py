@@ -586,16 +586,17 @@ class Scheduler:
         for k in range(min(len(pool), self._max_batch or len(pool)), 1, -1):
             if self._cost(k, lens[i]) > budget:  # every run holding req is at least this long
                 continue
-            best = None
+            runs = []  # (cost, length spread, start) of each run of k holding req that may share a forward
             for lo in range(max(0, i - k + 1), min(i, len(pool) - k) + 1):
                 hi = lo + k
                 if not padded and lens[lo] != lens[hi - 1]:
                     continue
                 cost = self._cost(k, lens[hi - 1])
                 if cost <= budget and cost <= ratio * (alone[hi] - alone[lo]) + 1e-9:
-                    best = min(best or (cost, lens[hi - 1] - lens[lo], lo), (cost, lens[hi - 1] - lens[lo], lo))
-            if best is not None:
-                return pool[best[2]:best[2] + k]
+                    runs.append((cost, lens[hi - 1] - lens[lo], lo))
+            if runs:
+                lo = min(runs)[2]
+                return pool[lo:lo + k]
         return [req]
 
     def _prefill_batch(self, group: list[GenerationRequest], started: list[GenerationRequest]) -> int:

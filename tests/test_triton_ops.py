@@ -249,6 +249,10 @@ def _strided_cases(T) -> dict:
     from fastxlstm.ops.triton import _chunkwise
 
     res: dict = {"in_place": {}}
+    # views whose in-tile token offsets reach int32 (chunk * token stride + D >= 2**31) are copied instead
+    # (meta tensors: strides without storage)
+    fits, past = (torch.empty_strided((1, 2, 4, 128), (0, 128, st, 1), device="meta") for st in (2**24 - 2, 2**24 - 1))
+    res["int32_bound"] = T._strided(fits, 128) is fits and T._strided(past, 128).is_contiguous()
     for name, (seed, b, nh, s, dqk, dv, st, kc) in STRIDED_CASES.items():
         g = torch.Generator().manual_seed(seed)
         width = 2 * nh * (dqk + dv + 1)
@@ -343,6 +347,10 @@ def test_strided_inputs_match_contiguous(interp, case):
 def test_strided_inputs_read_in_place(interp, case):
     """No-grad forward on fused-projection views: the state and output kernels get the views (no copies)."""
     assert interp["strided"]["in_place"][case] is True
+
+
+def test_strided_views_past_int32_offsets_are_copied(interp):
+    assert interp["strided"]["int32_bound"] is True
 
 
 def test_launch_plans_match_reference(interp):

@@ -28,6 +28,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -630,8 +631,6 @@ def _errors(h, state, ref) -> dict:
 
 def _legacy(tiny: bool):
     """A (re-enterable) patch of the forward's autotuned launchers by ones over the legacy rows."""
-    from unittest import mock
-
     from fastxlstm.ops.triton import _chunkwise, _common, _fwd
 
     st = ((16, 16, 4, 2),) if tiny else LEGACY_STATES
@@ -877,6 +876,12 @@ def _events_ms(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _agreement(xs, ys) -> dict:
+    """Whether two paths' outputs are bitwise equal, and their largest difference relative to ``xs``."""
+    return {"bitwise": all(torch.equal(x, y) for x, y in zip(xs, ys)),
+            "max_rel": max(rel(y, x) for x, y in zip(xs, ys))}
+
+
 def layout(args, device) -> dict:
     """The 7B prefill's mLSTM input layout, before/after in one process: (1) one layer's cell, q/k/v
     copied head-major (``K.heads_major`` x3, the old batch-1 path) + the kernels vs the kernels reading the
@@ -917,8 +922,7 @@ def layout(args, device) -> dict:
         with torch.no_grad():
             a, b = old(), new()
             outs_a, outs_b = [a[0], *a[1]], [b[0], *b[1]]
-            row = {"S": s, "bitwise": all(torch.equal(x, y) for x, y in zip(outs_a, outs_b)),
-                   "max_rel": max(rel(y, x) for x, y in zip(outs_a, outs_b)),
+            row = {"S": s, **_agreement(outs_a, outs_b),
                    "old_ms": _events_ms(old, reps), "new_ms": _events_ms(new, reps),
                    "copies_ms": _events_ms(copies_only, reps), "kernels_contiguous_ms": _events_ms(kernels_only, reps),
                    "old2_ms": _events_ms(old, reps), "new2_ms": _events_ms(new, reps)}
@@ -945,17 +949,13 @@ def layout(args, device) -> dict:
         row = {"S": s}
         outs = {}
         for name, fn in (("old", _legacy_mlstm_seq), ("new", current), ("old2", _legacy_mlstm_seq), ("new2", current)):
-            Runner._mlstm_seq = fn
-            try:
+            with mock.patch.object(Runner, "_mlstm_seq", fn):
                 row[f"{name}_ms"] = _events_ms(functools.partial(runner.forward_tokens, ids), reps)
                 outs[name] = runner.forward_tokens(ids)
-            finally:
-                Runner._mlstm_seq = current
         (ha, sa), (hb, sb) = outs["old"], outs["new"]
         flat_a = [ha, *(t for st in sa for t in st)]
         flat_b = [hb, *(t for st in sb for t in st)]
-        row["bitwise"] = all(torch.equal(x, y) for x, y in zip(flat_a, flat_b))
-        row["max_rel"] = max(rel(y, x) for x, y in zip(flat_a, flat_b))
+        row.update(_agreement(flat_a, flat_b))
         res["model"].append(row)
         print(f"[layout model] forward_tokens S={s}: legacy {row['old_ms']:.2f} / {row['old2_ms']:.2f} ms, "
               f"in place {row['new_ms']:.2f} / {row['new2_ms']:.2f} ms, bitwise {row['bitwise']} "

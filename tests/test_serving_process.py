@@ -23,7 +23,7 @@ from fastxlstm.serving.worker import SchedulerProxy, WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
 from .helpers import perturbed_model
-from .test_serving_api import LONG, stream_then_disconnect
+from .test_serving_api import LONG, metric, stream_then_disconnect
 
 TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
 BASE = {"model_name": "tiny", "max_slots": 4, "prefill_chunk": 16, "max_model_len": 1_000_000}
@@ -68,13 +68,6 @@ def wait_idle(srv: ServerThread, timeout: float = 10.0) -> dict:
             return stats
         time.sleep(0.05)
     raise AssertionError(f"slots leaked: {stats}")
-
-
-def metric(srv: ServerThread, name: str) -> float:
-    for line in httpx.get(srv.base_url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def test_config_needs_a_worker_spec(tiny):

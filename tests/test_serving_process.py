@@ -189,7 +189,8 @@ def test_cli_scheduler_process_serves_and_stops_on_sigint(tmp_path):
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--model", "random:xlstm-tiny", "--port",
                              str(port), "--served-model-name", "t", "--scheduler-process", "--max-slots", "2",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -205,8 +206,10 @@ def test_cli_scheduler_process_serves_and_stops_on_sigint(tmp_path):
         r = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30).completions.create(
             model="t", prompt="hello", max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, the scheduler process included
         assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read()
+        assert "Traceback" not in out and "scheduler process exited" not in out, out  # it stopped, not died
         assert worker
 
         def running(pid: int) -> bool:

@@ -238,12 +238,8 @@ class Runner:
         proj = F.linear(y, lw.w_in)  # [b*s, P]
         q, k, v, o, g = proj.split(self.splits, dim=-1)
         i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias, seq=s)  # [b, NH, s]
-        if b == 1:  # head views into proj, no copies (the Triton forward reads any row/head strides)
-            q, k, v = (t.view(s, self.nh, -1).transpose(0, 1)[None] for t in (q, k, v))
-        else:
-            q = q.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
-            k = k.reshape(b, s, self.nh, self.dqk).transpose(1, 2)
-            v = v.reshape(b, s, self.nh, self.dv).transpose(1, 2)
+        # [b, NH, s, D] views into proj, no copies (the Triton forward reads any batch/head/token strides)
+        q, k, v = (t.view(b, s, self.nh, -1).transpose(1, 2) for t in (q, k, v))
         h, state = mlstm_chunkwise(q, k, v, i, f, state, chunk_size=cfg.chunk_size, backend=self.backend,
                                    eps=cfg.eps)
         h = h.transpose(1, 2).reshape(b * s, self.nh, self.dv)

@@ -67,16 +67,19 @@ class _PipeSink:
     """Stands in for the event loop and queue of the worker's requests: the scheduler's hand-over
     (``loop.call_soon_threadsafe(_deliver, items)``) becomes one pipe message."""
 
-    def __init__(self, conn, lock: threading.Lock):
-        self.conn, self.lock = conn, lock
+    def __init__(self, conn):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def send(self, msg) -> None:
+        with self.lock:  # the scheduler thread's hand-overs and the command loop's replies share the pipe
+            self.conn.send(msg)
 
     def call_soon_threadsafe(self, _fn, items: list) -> None:
         # token events as plain tuples (the app reads them as such): ~8x cheaper to pickle and unpickle
         tok = TokenEvent
         msg = ("events", [(req.id, [(ev.choice, ev.token, ev.logprob, ev.top_logprobs) if type(ev) is tok else ev
                                     for ev in events]) for req, events in items])
-        with self.lock:
-            self.conn.send(msg)
+        self.send(msg)
 
 
 def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, evt_conn) -> None:
@@ -85,7 +88,6 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop (Ctrl-C hits the group)
     from .app import make_backend, make_scheduler, warm_up
 
-    lock = threading.Lock()
     try:
         model = spec.load()
         backend = model if spec.backend else make_backend(model, config.max_slots, config.backend)
@@ -98,12 +100,9 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
         return
     evt_conn.send(("ready", {"vocab_size": backend.vocab_size, "max_slots": backend.max_slots,
                              "device": str(backend.device)}))
-    sink = _PipeSink(evt_conn, lock)
+    sink = _PipeSink(evt_conn)
+    send = sink.send
     live: weakref.WeakValueDictionary[int, GenerationRequest] = weakref.WeakValueDictionary()
-
-    def send(msg) -> None:
-        with lock:
-            evt_conn.send(msg)
 
     while True:
         try:

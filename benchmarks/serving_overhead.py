@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from serving_load import process_cpu_s  # (benchmarks/, this script's folder)
 
-from fastxlstm.serving.app import ServeConfig, create_app
+from fastxlstm.serving.app import create_app
+from fastxlstm.serving.runtime import ServeConfig
 from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import WorkerSpec
 from fastxlstm.tokenizer import Tokenizer

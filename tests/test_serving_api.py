@@ -15,8 +15,9 @@ import torch
 
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.generation import generate
-from fastxlstm.serving.app import ServeConfig, build_app
+from fastxlstm.serving.app import build_app
 from fastxlstm.serving.chat_template import ChatTemplate
+from fastxlstm.serving.runtime import ServeConfig
 from fastxlstm.serving.testing import ServerThread
 from fastxlstm.tokenizer import Tokenizer
 

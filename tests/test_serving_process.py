@@ -17,7 +17,8 @@ import pytest
 
 from fastxlstm.checkpoint import load
 from fastxlstm.config import XLSTMConfig
-from fastxlstm.serving.app import ServeConfig, build_app
+from fastxlstm.serving.app import build_app
+from fastxlstm.serving.runtime import ServeConfig
 from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import SchedulerProxy, WorkerSpec
 from fastxlstm.tokenizer import Tokenizer

@@ -9,10 +9,10 @@ import pytest
 
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.generation import generate
-from fastxlstm.serving.app import SSEChunks, _sse
 from fastxlstm.serving.sampling import SamplingParams
 from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
 from fastxlstm.serving.slots import ModelSlots
+from fastxlstm.serving.sse import SSEChunks, sse_event
 
 from .helpers import perturbed_model
 
@@ -25,13 +25,13 @@ def test_sse_chunks_equal_full_serialisation(text, usage):
     sse, field = SSEChunks(head), SSEChunks.field
     for logprobs, reason in ((None, None), (lp, "stop")):
         fast = sse.chunk(3, field("text", text) + field("logprobs", logprobs) + field("finish_reason", reason), usage)
-        slow = _sse({**head, "choices": [{"index": 3, "text": text, "logprobs": logprobs, "finish_reason": reason}],
-                     "usage": usage})
+        choice = {"index": 3, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        slow = sse_event({**head, "choices": [choice], "usage": usage})
         assert fast == slow
         assert json.loads(fast[len("data: "):])["choices"][0]["text"] == text
     chat = sse.chunk(0, field("delta", {"content": text}) + field("logprobs", None) + field("finish_reason", None))
-    assert chat == _sse({**head, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
-                                              "finish_reason": None}], "usage": None})
+    assert chat == sse_event({**head, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                                   "finish_reason": None}], "usage": None})
 
 
 def deliveries(sched: Scheduler, reqs: list[GenerationRequest]) -> dict[int, list[list]]:

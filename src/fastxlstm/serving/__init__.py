@@ -12,7 +12,7 @@ from typing import Any
 __all__ = ["ServeConfig", "build_app", "create_app", "PrefixCache", "ChatTemplate", "Scheduler", "ModelSlots",
            "WorkerSpec"]
 
-_WHERE = {"ServeConfig": "app", "build_app": "app", "create_app": "app", "PrefixCache": "prefix_cache",
+_WHERE = {"ServeConfig": "runtime", "build_app": "app", "create_app": "app", "PrefixCache": "prefix_cache",
           "ChatTemplate": "chat_template", "Scheduler": "scheduler", "ModelSlots": "slots",
           "WorkerSpec": "worker"}
 

@@ -68,8 +68,9 @@ def serve(
     from ..checkpoint import load_model_and_tokenizer, resolve_model_dir
     from ..cli import _dtype, console, fail
     from ..tokenizer import Tokenizer
-    from .app import ServeConfig, build_app
+    from .app import build_app
     from .chat_template import ChatTemplate
+    from .runtime import ServeConfig
     from .worker import WorkerSpec
 
     try:

@@ -86,7 +86,7 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
     """The worker process: build model, backend and scheduler, then serve the command pipe until shutdown
     (or until the HTTP process goes away)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop (Ctrl-C hits the group)
-    from .app import make_backend, make_scheduler, warm_up
+    from .runtime import make_backend, make_scheduler, warm_up
 
     try:
         model = spec.load()

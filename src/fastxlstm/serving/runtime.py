@@ -1,0 +1,90 @@
+"""The runtime of one server: its limits (:class:`ServeConfig`) and the factories that build what runs the model
+(slot backend, scheduler with its prefix cache, start-up warm-up). The scheduler process
+(:mod:`~fastxlstm.serving.worker`) builds its side with these too."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .metrics import Metrics
+from .prefix_cache import PrefixCache
+from .scheduler import Scheduler
+from .slots import ModelSlots, SlotBackend, warm_prefill
+
+log = logging.getLogger("fastxlstm.serving")
+
+
+@dataclass
+class ServeConfig:
+    """Limits and knobs of one server."""
+
+    model_name: str = "fastxlstm"
+    backend: str = "auto"  # "engine" (fused kernels, CUDA-graph decode), "model" (plain model calls), "auto"
+    aliases: tuple[str, ...] = ()
+    max_slots: int = 32
+    max_waiting: int = 256
+    prefill_chunk: int = 2048  # prompt tokens prefilled per scheduler iteration (between two decode steps)
+    prefill_pad_ratio: float = 1.3  # prompts of different lengths share a forward while padded <= this x real
+    stream_interval_ms: float = 0.0  # >0: hand a request's tokens to the HTTP side at most this often (first
+    # token, finish and errors go at once): fewer, larger SSE chunks, up to this much extra latency per token
+    decode_steps_per_read: int = 4  # greedy-only batches: decode steps between two host reads of the tokens
+    overlap_decode: bool = True  # queue the next window before reading the previous one's tokens
+    early_launch: bool = False  # queue each iteration's window before its prefill (two windows ahead of the host)
+    scheduler_process: bool = False  # run model + scheduler in a worker process (own GIL); see serving.worker
+    warm_prefill: bool = True  # at start-up, prefill once per kernel shape class (GPU backends only)
+    max_model_len: int = 32768
+    default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)
+    prefix_cache_bytes: int = 2 * 1024**3
+    cache_chat_turns: bool = True
+    request_timeout: float | None = 600.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_prompts: int = 64  # prompts in one /v1/completions call
+    api_key: str | None = None
+    retry_after: float = 1.0
+    extra_model_names: list[str] = field(default_factory=list)
+
+
+
+def make_scheduler(backend: SlotBackend, eos_token_id: int | None, config: ServeConfig, metrics: Metrics,
+                   max_waiting: int | None = None) -> Scheduler:
+    """The scheduler (and its prefix cache) a server of ``config`` runs over ``backend``."""
+    cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
+    return Scheduler(backend, eos_token_id, cache, metrics,
+                     max_waiting=config.max_waiting if max_waiting is None else max_waiting,
+                     prefill_chunk=config.prefill_chunk, stream_interval=config.stream_interval_ms / 1000,
+                     decode_steps_per_read=config.decode_steps_per_read, overlap=config.overlap_decode,
+                     prefill_pad_ratio=config.prefill_pad_ratio, early_launch=config.early_launch)
+
+
+def warm_up(backend: SlotBackend, config: ServeConfig, metrics: Metrics) -> None:
+    """Before serving: the engine's decode CUDA graphs, then the prefill graphs and kernel variants
+    (GPU only); the times go to the ``startup_seconds`` gauge."""
+    engine = getattr(backend, "engine", None)
+    started = time.perf_counter()
+    if engine is not None and hasattr(engine, "warmup"):  # no-op on CPU
+        engine.warmup()
+        metrics.startup_seconds.labels(phase="decode_graphs").set(time.perf_counter() - started)
+    if config.warm_prefill:
+        started = time.perf_counter()
+        runs = warm_prefill(backend, min(config.prefill_chunk, config.max_model_len - 1), budget=config.prefill_chunk)
+        metrics.startup_seconds.labels(phase="prefill_warmup").set(time.perf_counter() - started)
+        log.info("prefill warm-up: %d graphs and prefills in %.1f s", runs, time.perf_counter() - started)
+
+
+
+def make_backend(model, max_slots: int, kind: str = "auto") -> SlotBackend:
+    """The slot backend: the engine's (``engine``, the default when it imports) or plain model calls (``model``)."""
+    if kind not in ("auto", "engine", "model"):
+        raise ValueError(f"backend must be 'auto', 'engine' or 'model', got {kind!r}")
+    if kind in ("auto", "engine"):
+        try:
+            from ..engine.backend import EngineSlotBackend
+        except ImportError:
+            if kind == "engine":
+                raise
+        else:
+            return EngineSlotBackend(model, max_slots)
+    return ModelSlots(model, max_slots)
+

@@ -1,0 +1,140 @@
+"""What every endpoint shares: :class:`ServerState` (tokenizer, chat template, scheduler or its proxy, metrics,
+config) and the checks that turn a request body into generation requests (model name, prompt, token ids,
+context length, sampling parameters, ``n``)."""
+
+from __future__ import annotations
+
+import time
+
+from ..tokenizer import Tokenizer
+from .chat_template import ChatTemplate, ChatTemplateError
+from .errors import APIError
+from .metrics import Metrics
+from .runtime import ServeConfig, make_scheduler
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .schemas import ChatCompletionRequest
+from .slots import SlotBackend
+from .worker import RemoteBackend, SchedulerProxy, WorkerSpec
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class ServerState:
+    """Everything a route needs: tokenizer, template, scheduler, metrics, config. ``backend`` a
+    :class:`~fastxlstm.serving.worker.WorkerSpec`: the scheduler runs in a worker process (a proxy here)."""
+
+    def __init__(self, backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: ServeConfig,
+                 chat_template: ChatTemplate | None = None):
+        self.tokenizer, self.config = tokenizer, config
+        self.chat_template = chat_template or ChatTemplate()
+        self.metrics = Metrics()
+        self.remote = isinstance(backend, WorkerSpec)
+        self.scheduler: Scheduler | SchedulerProxy
+        if isinstance(backend, WorkerSpec):
+            self.backend = RemoteBackend(config.max_slots)
+            self.scheduler = SchedulerProxy(backend, config, tokenizer.eos_token_id, self.backend)
+        else:
+            self.backend = backend
+            self.scheduler = make_scheduler(backend, tokenizer.eos_token_id, config, self.metrics)
+        self.created = now()
+        self.names = {config.model_name, *config.aliases, *config.extra_model_names}
+        self._pieces: dict[int, str] = {}
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token on its own (special tokens included), memoised per token id."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    # ------------------------------------------------------------------ request -> generation requests
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            ids = self.tokenizer.encode(text)
+        except Exception as e:  # e.g. lone surrogates that are no valid Unicode text
+            raise APIError(400, f"the prompt cannot be tokenized: {type(e).__name__}", param="prompt") from None
+        if not ids:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            ids = [bos]
+        return ids
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.backend.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of range [0, {vocab})", param=param)
+
+    def params(self, body, prompt_len: int, max_tokens: int | None, default_max: int,
+               logprobs: int | None) -> SamplingParams:
+        limit = self.config.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                                f"{prompt_len} tokens", param="messages" if hasattr(body, "messages") else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(default_max, limit - prompt_len)
+        if prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for "
+                                "the completion)", param="max_tokens", code="context_length_exceeded")
+        bias = {}
+        if body.logit_bias:
+            bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+            self.check_ids(list(bias), "logit_bias")
+        stop_ids = tuple(body.stop_token_ids or ())
+        self.check_ids(list(stop_ids), "stop_token_ids")
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, logit_bias=bias, seed=body.seed,
+                ignore_eos=body.ignore_eos, stop_token_ids=list(stop_ids), logprobs=logprobs,
+            )
+        except ValueError as e:  # the shared checks (e.g. at most 7 stop_token_ids)
+            raise APIError(400, str(e)) from None
+
+    def check_n(self, n: int, prompts: int) -> None:
+        if n > self.backend.max_slots:
+            raise APIError(400, f"n={n} exceeds the server's {self.backend.max_slots} sequence slots", param="n")
+        if n * prompts > self.config.max_waiting:
+            raise APIError(400, f"{n * prompts} choices in one request exceed the queue size "
+                                f"{self.config.max_waiting}", param="n")
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], tuple[int, ...]]:
+        """Prompt token ids and the chat-turn boundaries worth caching (system prompt end, previous turn end)."""
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        try:
+            text = self.chat_template.render(messages, body.add_generation_prompt, body.continue_final_message)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ids = self.encode(text)
+        points: list[int] = []
+        if self.config.cache_chat_turns and self.config.prefix_cache_bytes > 0:
+            n_sys = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")),
+                         len(messages))
+            for k in sorted({n_sys, len(messages) - 1}):
+                if not 0 < k < len(messages):
+                    continue
+                try:
+                    prefix = self.chat_template.render(messages[:k], add_generation_prompt=False)
+                except ChatTemplateError:
+                    continue
+                if not prefix or not text.startswith(prefix):
+                    continue
+                prefix_ids = self.tokenizer.encode(prefix)
+                if 0 < len(prefix_ids) < len(ids) and ids[: len(prefix_ids)] == prefix_ids:
+                    points.append(len(prefix_ids))
+        return ids, tuple(points)
+

@@ -75,6 +75,7 @@ class CheckpointSection:
     every: int = 500
     keep: int = 2
     resume: bool = True
+    checksums: bool = True  # SHA-256 of every file (rank 0 reads it all back: ~1 s/GB); false: sizes only
 
 
 @dataclass

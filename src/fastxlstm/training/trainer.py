@@ -166,7 +166,8 @@ class Trainer:
 
     def _save(self, step: int, tokens: int) -> None:
         checkpointing.save(self.out / "checkpoints", step, self.model, self.optimizer, self.env,
-                           {"tokens": tokens, "world_size": self.env.world_size}, keep=self.cfg.checkpoint.keep)
+                           {"tokens": tokens, "world_size": self.env.world_size}, keep=self.cfg.checkpoint.keep,
+                           checksums=self.cfg.checkpoint.checksums)
 
     # --------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fastxlstm.config import PRESETS, XLSTMConfig, preset
 
@@ -56,8 +57,52 @@ def test_hf_aliases_and_round_trip():
 
 def test_dims_are_truncated_like_the_official_code():
     cfg = XLSTMConfig(embedding_dim=96, num_heads=2, qk_dim_factor=0.5, vocab_size=10)
-    # 96 * 2.667 = 256.03, rounded up to a multiple of 64
-    assert cfg.qk_dim == 48 and cfg.v_dim == 96 and cfg.ffn_dim == 320
+    # 96 * 2.667 = 256.03: int((256.03 + 63) // 64 * 64) = 256 in the official code (ceil would give 320)
+    assert cfg.qk_dim == 48 and cfg.v_dim == 96 and cfg.ffn_dim == 256
+
+
+@pytest.mark.parametrize("dim,factor", [(768, 2.667), (96, 2.667), (4096, 2.667), (2048, 2.667), (1024, 2.667),
+                                        (256, 2.667), (192, 1.34), (64, 1.0), (128, 1.5), (200, 2.0), (333, 2.667),
+                                        (640, 1.3333), (3072, 2.667)])
+def test_ffn_width_is_transformers_own(dim, factor):
+    """The FFN width transformers' xLSTMFeedForward builds (the official rule, on the float product)."""
+    from transformers import xLSTMConfig
+    from transformers.models.xlstm.modeling_xlstm import xLSTMFeedForward
+
+    ours = XLSTMConfig(embedding_dim=dim, num_heads=1, ffn_proj_factor=factor, vocab_size=10)
+    with torch.device("meta"):
+        theirs = xLSTMFeedForward(xLSTMConfig(hidden_size=dim, num_heads=1, ffn_proj_factor=factor, vocab_size=10))
+    assert ours.ffn_dim == theirs.up_proj_dim
+
+
+def test_xlstm_125m_preset_has_the_official_ffn_width():
+    assert preset("xlstm-125m").ffn_dim == 2048  # 768 * 2.667 = 2048.26 (ceil gave 2112)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_heads", "2"), ("num_heads", True), ("num_heads", 2.0), ("num_blocks", 0), ("embedding_dim", -64),
+    ("vocab_size", None), ("vocab_size", [10]), ("chunk_size", -1), ("qk_dim_factor", "0.5"), ("qk_dim_factor", 0),
+    ("v_dim_factor", float("inf")), ("ffn_proj_factor", -1.0), ("qk_dim_factor", 1e-6), ("eps", 0.0), ("eps", -1e-6),
+    ("eps", 2.0), ("norm_eps", float("nan")), ("norm_eps", "1e-6"), ("gate_soft_cap", 0.0), ("gate_soft_cap", -15.0),
+    ("output_logit_soft_cap", float("nan")), ("output_logit_soft_cap", "30"), ("use_bias", "false"),
+    ("use_bias", 1), ("add_out_norm", None), ("tie_word_embeddings", "no"), ("bos_token_id", -1),
+    ("pad_token_id", "1"), ("eos_token_id", 2.5), ("ffn_round_up_to_multiple_of", 0), ("weight_mode", ["single"]),
+])
+def test_bad_field_values_name_the_field_and_file(tmp_path, field, value):
+    data = {"embedding_dim": 64, "num_heads": 2, "num_blocks": 1, "vocab_size": 10, field: value}
+    if value is None:  # JSON null: from_dict drops it for most fields; the constructor does not
+        with pytest.raises(ValueError, match=field):
+            XLSTMConfig(**{**data, field: value})
+        return
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"config\.json: .*{field}"):
+        XLSTMConfig.from_json(tmp_path / "config.json")
+
+
+def test_non_object_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: a config must be a JSON object"):
+        XLSTMConfig.from_json(tmp_path / "config.json")
 
 
 def test_bad_configs_are_rejected(tmp_path):

@@ -9,9 +9,11 @@ reported by tensor name. No pickle anywhere.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
+import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from .model import XLSTMForCausalLM, build_model
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+_OUT_NORM_BIAS = "backbone.out_norm.bias"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # fused parameter suffix -> the single-mode parameter suffixes concatenated along dim 0.
@@ -66,21 +69,101 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
         ) from e
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    return weight_map
+
+
+def _inside(model_dir: Path, name: str, source: Path) -> Path:
+    """``model_dir / name``, refused when ``name`` is absolute, climbs with ``..``, or resolves (through
+    symlinks) outside the model directory. In a hub cache snapshot, links into the repo's ``blobs/``
+    are what the cache is made of and are allowed."""
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise CheckpointError(f"{source} names shard {name!r}, which is outside {model_dir}")
+    path = model_dir / name
+    root = model_dir.resolve()
+    roots = [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+    if path.exists() and not any(path.resolve().is_relative_to(r) for r in roots):
+        raise CheckpointError(f"{source} names shard {name!r}, a link to {path.resolve()} outside {model_dir}")
+    return path
+
+
 def _shard_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_NAME
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({model_dir / f for f in weight_map.values()})
+        files = sorted({_inside(model_dir, f, index) for f in _weight_map(index).values()})
     elif (model_dir / WEIGHTS_NAME).exists():
-        files = [model_dir / WEIGHTS_NAME]
+        files = [_inside(model_dir, WEIGHTS_NAME, model_dir)]
     else:
-        files = sorted(model_dir.glob("*.safetensors"))
+        files = [_inside(model_dir, f.name, model_dir) for f in sorted(model_dir.glob("*.safetensors"))]
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {model_dir} (expected {WEIGHTS_NAME} or {INDEX_NAME})")
-    missing = [str(f) for f in files if not f.exists()]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{INDEX_NAME} names shard(s) that do not exist: {', '.join(missing)}")
     return files
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass
+class _Shards:
+    """The open safetensors files of a checkpoint: which file holds each tensor, and its shape."""
+
+    files: list[Path]
+    handles: list
+    where: dict[str, int]
+    shapes: dict[str, list[int]]
+
+    @classmethod
+    def open(cls, model_dir: Path) -> _Shards:
+        files = _shard_files(model_dir)
+        handles, where, shapes = [], {}, {}
+        for idx, f in enumerate(files):
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+                for key in h.keys():
+                    piece = h.get_slice(key)
+                    if piece.get_dtype() not in _FLOAT_DTYPES:
+                        raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; weights are "
+                                              f"floating point ({', '.join(_FLOAT_DTYPES)})")
+                    where[key], shapes[key] = idx, list(piece.get_shape())
+            except CheckpointError:
+                raise
+            except Exception as e:  # safetensors' SafetensorError: truncated, header length lies, bad JSON
+                raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from None
+            handles.append(h)
+        return cls(files, handles, where, shapes)
+
+    def file_of(self, key: str) -> Path:
+        return self.files[self.where[key]]
+
+
+def _legacy_ffn_width(config: XLSTMConfig) -> int:
+    """The FFN width fastxlstm wrote before it used the official rounding: ``ceil(x / 64) * 64``."""
+    m = config.ffn_round_up_to_multiple_of
+    return int(math.ceil(config.embedding_dim * config.ffn_proj_factor / m) * m)
+
+
+def _match_checkpoint(config: XLSTMConfig, shapes: dict[str, list[int]]) -> XLSTMConfig:
+    """The config, with the FFN width of a directory fastxlstm saved with the old ``ceil`` rounding
+    (read as ``ffn_proj_factor = width / embedding_dim``, which every reader rounds to that width)."""
+    for key, parts in (("backbone.blocks.0.ffn.proj_up.weight", 1), ("backbone.blocks.0.ffn.proj_up_gate_z.weight", 2)):
+        if key in shapes:
+            width = shapes[key][0] // parts
+            if width != config.ffn_dim and width == _legacy_ffn_width(config):
+                warnings.warn(f"FFN width {width} is that of fastxlstm's old rounding (the official rule gives "
+                              f"{config.ffn_dim}); loading with ffn_proj_factor={width / config.embedding_dim}; "
+                              "save the model again to write that into its config.json", stacklevel=3)
+                return config.replace(ffn_proj_factor=width / config.embedding_dim)
+    return config
 
 
 # ------------------------------------------------------------------------ name mapping
@@ -130,17 +213,12 @@ def _expected_checkpoint_shape(source: _Source, want: list[int], ckpt_shapes: di
 
 def load_state_dict(
     model_dir: Path, model_shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device | str,
-    progress: bool | None = None,
+    progress: bool | None = None, shards: _Shards | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read and convert the checkpoint tensors the model needs, validating names and shapes first."""
-    files = _shard_files(model_dir)
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    where: dict[str, int] = {}
-    ckpt_shapes: dict[str, list[int]] = {}
-    for idx, h in enumerate(handles):
-        for key in h.keys():
-            where[key] = idx
-            ckpt_shapes[key] = list(h.get_slice(key).get_shape())
+    """Read and convert the checkpoint tensors the model needs, validating names and shapes first and
+    finiteness after conversion (NaN or inf is an error naming the tensor and its file)."""
+    shards = shards or _Shards.open(model_dir)
+    handles, where, ckpt_shapes = shards.handles, shards.where, shards.shapes
     plan = _plan(model_shapes, set(where))
     used = {k for source in plan.values() for k in source.keys}
     missing = sorted(k for k in used if k not in where)
@@ -176,7 +254,24 @@ def load_state_dict(
         else:
             t = handles[where[source.keys[0]]].get_tensor(source.keys[0])
         out[name] = t.to(device=device, dtype=dtype)
+    _check_finite(out, plan, shards, dtype)
     return out
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], plan: dict[str, _Source], shards: _Shards,
+                  dtype: torch.dtype) -> None:
+    """NaN/inf weights are an error. Cheap: one float32 sum per tensor (NaN and inf survive a sum) and
+    one device sync; only a non-finite sum is confirmed element-wise (a sum can overflow)."""
+    names = list(tensors)
+    if not names:
+        return
+    sums = torch.stack([tensors[n].sum(dtype=torch.float32) for n in names])
+    suspects = [n for n, ok in zip(names, torch.isfinite(sums).tolist()) if not ok]
+    bad = [n for n in suspects if not torch.isfinite(tensors[n]).all()]
+    if bad:
+        where = ", ".join(f"{'+'.join(plan[n].keys)} in {shards.file_of(plan[n].keys[0])}" for n in bad[:8])
+        more = f" ({len(bad)} tensors in all)" if len(bad) > 8 else ""
+        raise CheckpointError(f"NaN or inf weights (as {str(dtype).removeprefix('torch.')}): {where}{more}")
 
 
 # ------------------------------------------------------------------------------ public
@@ -204,12 +299,17 @@ def load(
     config = XLSTMConfig.from_json(config_path)
     if weight_mode is not None:
         config = config.replace(weight_mode=weight_mode)
+    shards = _Shards.open(model_dir)
+    config = _match_checkpoint(config, shards.shapes)
     with torch.device("meta"):
         model = XLSTMForCausalLM(config)
+        if config.use_bias and config.add_out_norm and _OUT_NORM_BIAS in shards.shapes:
+            # the official xlstm code gives the out norm a bias with use_bias (transformers does not)
+            model.backbone.out_norm.bias = torch.nn.Parameter(torch.zeros(config.embedding_dim))
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    state = load_state_dict(model_dir, shapes, dtype, device, progress)
+    state = load_state_dict(model_dir, shapes, dtype, device, progress, shards)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
@@ -236,6 +336,22 @@ def _single_mode_state(model: XLSTMForCausalLM) -> dict[str, torch.Tensor]:
         for part, piece in zip(_FUSED_PARTS[fused], t.split(sizes[fused], dim=0)):
             out[f"{prefix}{part}.{leaf}"] = piece
     return out
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it
+        with open("/proc/self/status") as fh:
+            return int(next(line.split()[1] for line in fh if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with the permissions ``open()`` gives a new file (save_file leaves 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _atomic_replace_dir(tmp: Path, target: Path) -> None:
@@ -270,17 +386,19 @@ def save_pretrained(
             size = 0
         shards[-1][name] = t
         size += nbytes
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    # os.mkdir, not tempfile.mkdtemp: the directory gets the umask's permissions (mkdtemp makes it 0700)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         config = model.config.replace(weight_mode="single")
         config.to_json(tmp / CONFIG_NAME)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_safetensors(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         else:
             weight_map = {}
             for idx, shard in enumerate(shards, 1):
                 fname = f"model-{idx:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                save_safetensors(shard, tmp / fname, metadata={"format": "pt"})
                 weight_map.update({k: fname for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / INDEX_NAME).write_text(

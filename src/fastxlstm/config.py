@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +19,25 @@ WeightMode = Literal["single", "fused"]
 
 
 def round_up(x: float, multiple_of: int) -> int:
-    """Round ``x`` up to the next multiple of ``multiple_of``."""
-    return int(math.ceil(x / multiple_of) * multiple_of)
+    """``int(((x + multiple_of - 1) // multiple_of) * multiple_of)``: the FFN-width rule of the official
+    xlstm code and of transformers (on the float product). It rounds ``int(x)`` up, so a product just
+    above a multiple stays there: 768 * 2.667 = 2048.26 gives 2048 (``ceil`` would give 2112)."""
+    return int(((x + multiple_of - 1) // multiple_of) * multiple_of)
+
+
+_INT_FIELDS = ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "ffn_round_up_to_multiple_of", "chunk_size",
+               "max_inference_chunksize")
+_FACTOR_FIELDS = ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor")
+_BOOL_FIELDS = ("norm_reduction_force_float32", "use_bias", "add_out_norm", "tie_word_embeddings")
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -51,11 +69,41 @@ class XLSTMConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        """Types and ranges of every field, so that a bad ``config.json`` fails here with the field's name
+        (not later inside the model). Limits: integer sizes > 0; factors finite and > 0; ``eps`` and
+        ``norm_eps`` in (0, 1); soft caps null or finite and > 0; token ids null or integers >= 0."""
         if self.weight_mode not in ("single", "fused"):
             raise ValueError(f"weight_mode must be 'single' or 'fused', got {self.weight_mode!r}")
-        for name in ("vocab_size", "embedding_dim", "num_blocks", "num_heads", "chunk_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in _FACTOR_FIELDS:
+            value = getattr(self, name)
+            if not _is_real(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("eps", "norm_eps"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value < 1:
+                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+        for name in ("gate_soft_cap", "output_logit_soft_cap"):
+            value = getattr(self, name)
+            if value is not None and (not _is_real(value) or value <= 0):
+                raise ValueError(f"{name} must be null or a finite number > 0, got {value!r}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be null or an integer >= 0, got {value!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+        for name, width in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim), ("ffn_dim", self.ffn_dim)):
+            if width <= 0:
+                factor = {"qk_dim": "qk_dim_factor", "v_dim": "v_dim_factor"}.get(name, "ffn_proj_factor")
+                raise ValueError(f"{name} = {width}: {factor}={getattr(self, factor)} is too small for "
+                                 f"embedding_dim={self.embedding_dim}")
         if self.qk_dim % self.num_heads or self.v_dim % self.num_heads:
             raise ValueError(
                 f"qk_dim={self.qk_dim} and v_dim={self.v_dim} must be divisible by num_heads={self.num_heads}"
@@ -110,6 +158,8 @@ class XLSTMConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> XLSTMConfig:
         """Build from a ``config.json`` dict; unknown keys go to ``extra``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs: dict[str, Any] = {}
@@ -121,7 +171,7 @@ class XLSTMConfig:
         for key in list(data):
             if key in known:
                 kwargs[key] = data.pop(key)
-        if isinstance(kwargs.get("eos_token_id"), list):
+        if isinstance(kwargs.get("eos_token_id"), list) and kwargs["eos_token_id"]:
             data["eos_token_id_list"] = kwargs["eos_token_id"]
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k.endswith("token_id") or "soft_cap" in k}
@@ -153,9 +203,14 @@ class XLSTMConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a JSON object, got {type(data).__name__}")
         if data.get("model_type", "xlstm") != "xlstm":
             raise ValueError(f"{path}: model_type is {data['model_type']!r}, expected 'xlstm'")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -54,11 +54,11 @@ def save_xlstm(cfg: XLSTMConfig, state: dict[str, torch.Tensor], out: Path,
 
 
 def save_plain(cfg, state: dict[str, torch.Tensor], out: Path, dtype: torch.dtype) -> Path:
-    from safetensors.torch import save_file
+    from ..checkpoint import save_safetensors
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(dtype).contiguous() for k, v in state.items() if not k.endswith("lm_head.weight")
                or not getattr(cfg, "tie_word_embeddings", False)}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return out

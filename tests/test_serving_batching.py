@@ -160,11 +160,12 @@ def test_batched_prefill_in_scheduler_and_cache_states_exact(model):
             if i > 0:  # a length stop leaves the state of exactly the tokens fed (all but the last): cached
                 assert ps[i] + toks[:-1] in cache, i
         assert calls == [4]  # the four 9-token prompts in one call, the others alone
-        keys = list(cache._entries)
+        keys = cache.keys()
         assert len(keys) >= len(ps) + 1  # prompt ends plus turn ends (length stops land on a window end)
         for key in keys:
-            _, fresh = be.prefill(list(key), None)
-            assert close_states(cache._entries[key].state, fresh, tol=1e-4), len(key)
+            _, fresh = be.prefill(key, None)
+            hit = cache.lookup(key, need_logits_at_end=False, count=False)
+            assert hit.length == len(key) and close_states(hit.state, fresh, tol=1e-4), len(key)
     finally:
         sched.shutdown()
 
@@ -274,10 +275,11 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
                 stops += [j + 1 for j, t in enumerate(ref[i]) if t == eos_tok and i != 6]
                 assert toks == ref[i][:min([budgets[i], *stops])], (mode, i)
                 if i < 4 and results[mode][i][-1] == "length":  # a turn that ended on its budget is cached:
-                    assert tuple(ps[i] + toks[:-1]) in cache._entries, (mode, i)  # no window ran past it
-            for key, entry in cache._entries.items():  # every cached state is the state of its key
-                _, fresh = be.prefill(list(key), None)
-                assert close_states(entry.state, fresh, tol=1e-4), (mode, len(key))
+                    assert ps[i] + toks[:-1] in cache, (mode, i)  # no window ran past it
+            for key in cache.keys():  # every cached state is the state of its key
+                hit = cache.lookup(key, need_logits_at_end=False, count=False)
+                _, fresh = be.prefill(key, None)
+                assert hit.length == len(key) and close_states(hit.state, fresh, tol=1e-4), (mode, len(key))
         finally:
             sched.shutdown()
     for mode in ("overlap", "early"):
@@ -318,7 +320,7 @@ def test_mixed_length_prefill_buckets_exact(model):
         assert batched >= 8, calls  # most of the wave went through batched forwards
         for p in ps:
             _, fresh = be.prefill(p, None)
-            assert close_states(cache._entries[tuple(p)].state, fresh, tol=1e-4), len(p)
+            assert close_states(cache.lookup(p, need_logits_at_end=False, count=False).state, fresh, tol=1e-4), len(p)
     finally:
         sched.shutdown()
 

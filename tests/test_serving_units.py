@@ -12,7 +12,7 @@ import torch
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.generation import generate
 from fastxlstm.serving.chat_template import ChatTemplate, ChatTemplateError
-from fastxlstm.serving.prefix_cache import PrefixCache, state_nbytes
+from fastxlstm.serving.prefix_cache import PrefixCache, entry_nbytes
 from fastxlstm.serving.sampling import SamplingParams
 from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
 from fastxlstm.serving.slots import ModelSlots
@@ -48,7 +48,7 @@ def test_prefix_cache_longest_prefix_and_isolation():
 
 
 def test_prefix_cache_lru_by_bytes():
-    one = state_nbytes(fake_state(0.0))
+    one = entry_nbytes(fake_state(0.0), None, 2)
     cache = PrefixCache(max_bytes=3 * one)
     for i in range(3):
         cache.insert([i, 100], fake_state(float(i)))

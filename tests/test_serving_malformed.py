@@ -179,3 +179,24 @@ def test_errors_through_openai_client(tiny, status):  # noqa: F811
                 client.get("/completions", cast_to=object)
         assert e.value.status_code == status
         assert isinstance(e.value.body, dict) and e.value.body.get("message")
+
+
+BAD_BIAS_KEYS = ["²", "--1", "+5", " 5", "5 ", "5_0", "٥", "５", "1e3", "5.0", "0x10", "", "-", "1" * 5000, "١٢",
+                 "9" * 11]
+
+
+def test_logit_bias_keys_agree_with_the_parser(tiny):  # noqa: F811
+    """Keys that ``str.isdigit`` or ``int()`` take but are no plain token id: a 400 naming logit_bias (these were
+    500s: the validator and the parser disagreed); negative or out-of-vocab ids: a 400 too; valid ones work."""
+    with start(tiny, max_slots=2, max_model_len=256) as srv:
+        with httpx.Client(base_url=srv.base_url, timeout=30) as http:
+            for key in [*BAD_BIAS_KEYS, "-1", "320", "4294967296"]:
+                r = http.post(C, json={**OK, "logit_bias": {key: 1}})
+                assert r.status_code == 400, (key[:20], r.status_code, r.text[:200])
+                assert r.json()["error"]["param"] == "logit_bias", key[:20]
+            r = http.post(C, json={**OK, "logit_bias": {"5": 1, "05": 2}})
+            assert r.status_code == 400 and "twice" in r.json()["error"]["message"]
+            for key in ["5", "007", "-0", "319"]:
+                assert http.post(C, json={**OK, "logit_bias": {key: -1}}).status_code == 200, key
+            r = http.post(CHAT, json={**OK_CHAT, "logit_bias": {"²": 1}})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"

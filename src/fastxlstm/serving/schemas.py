@@ -7,10 +7,12 @@ OpenAI parameters, the vLLM extras ``top_k``, ``min_p``, ``repetition_penalty``,
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
+_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")  # a logit_bias key: ASCII digits (int() also takes other scripts' digits)
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
@@ -36,6 +38,7 @@ class _SamplingFields(BaseModel):
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
+    # keys: token ids as strings (JSON); the validator turns them into ints
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
     user: StrictStr | None = None
     # vLLM-style extras
@@ -62,15 +65,21 @@ class _SamplingFields(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[int, float] | None:
+        """The keys parsed here, once: what passes is what the sampler gets (ASCII decimal ids only; ``int()``
+        alone would take ``" 5"``, ``"5_0"`` or ``"٥"`` and ``str.isdigit`` takes ``"²"``, which ``int()`` refuses)."""
         if value is None:
             return None
         if len(value) > 1024:
             raise ValueError("logit_bias may name at most 1024 tokens")
-        for key in value:
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-        return value
+        out: dict[int, float] = {}
+        for key, bias in value.items():
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {key[:32]!r}")
+            if int(key) in out:
+                raise ValueError(f"logit_bias names token {int(key)} twice")
+            out[int(key)] = bias
+        return out
 
     @field_validator("top_k")
     @classmethod

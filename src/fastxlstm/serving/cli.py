@@ -50,6 +50,21 @@ def serve(
     = None,
     backend: Annotated[str, typer.Option(help="Slot backend: engine (fused kernels, CUDA graphs), model, auto")]
     = "auto",
+    header_timeout: Annotated[float, typer.Option(
+        min=0, help="Seconds a connection has to send a request's complete headers (0: no deadline)")] = 10.0,
+    max_connections: Annotated[int | None, typer.Option(
+        min=1, help="Open connections before the oldest idle one is closed (default: the open-files limit, "
+                    "raised to its hard limit, minus 64)")] = None,
+    limit_concurrency: Annotated[int | None, typer.Option(
+        min=1, help="uvicorn: connections or requests in flight before new requests get 503 (default: none)")]
+    = None,
+    backlog: Annotated[int, typer.Option(min=1, help="uvicorn: backlog of connections not yet accepted")] = 2048,
+    timeout_keep_alive: Annotated[int, typer.Option(
+        min=1, help="uvicorn: seconds an idle keep-alive connection stays open")] = 5,
+    h11_max_incomplete_event_size: Annotated[int | None, typer.Option(
+        min=1024, help="Bytes of one request's headers (default: h11's 16 KiB)")] = None,
+    disable_uvicorn_access_log: Annotated[bool, typer.Option(
+        "--disable-uvicorn-access-log", help="No access-log line per request")] = False,
     device: str | None = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
     log_level: str = "info",
@@ -70,6 +85,7 @@ def serve(
     from ..tokenizer import Tokenizer
     from .app import build_app
     from .chat_template import ChatTemplate
+    from .http import HTTPOptions, raise_fd_limit, uvicorn_config
     from .runtime import ServeConfig
     from .worker import WorkerSpec
 
@@ -108,4 +124,15 @@ def serve(
     where = "a worker process" if scheduler_process else f"device {net.device}"
     console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1 ({max_slots} slots, {where}, "
                   f"chat template: {template.origin})")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout or None)
+    raise_fd_limit()
+    options = HTTPOptions(header_timeout=header_timeout or None, max_connections=max_connections,
+                          limit_concurrency=limit_concurrency, backlog=backlog, timeout_keep_alive=timeout_keep_alive,
+                          h11_max_incomplete_event_size=h11_max_incomplete_event_size,
+                          access_log=not disable_uvicorn_access_log)
+    server = uvicorn.Server(uvicorn_config(app, host, port, options, log_level, drain_timeout or None))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's start-up failure status (as uvicorn.run)

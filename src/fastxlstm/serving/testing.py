@@ -7,15 +7,16 @@ import time
 
 import uvicorn
 
+from .http import HTTPOptions, uvicorn_config
+
 
 class ServerThread:
-    """``with ServerThread(app) as srv: srv.base_url`` -- uvicorn on 127.0.0.1 and a free port."""
+    """``with ServerThread(app) as srv: srv.base_url`` -- uvicorn on 127.0.0.1 and a free port, with the
+    connection limits of ``fastxlstm serve`` (``http``)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 graceful_timeout: float | None = None):
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=graceful_timeout)
-        self.server = uvicorn.Server(config)
+                 graceful_timeout: float | None = None, http: HTTPOptions | None = None):
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, http, log_level, graceful_timeout))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
         self.port = port

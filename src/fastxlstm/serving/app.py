@@ -53,7 +53,9 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
 
     app = FastAPI(title="fastxlstm", version="0.1.0", lifespan=lifespan)
     app.state.server = server
-    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, metrics=server.metrics)
+    app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, metrics=server.metrics,
+                       allowed_hosts=config.allowed_hosts, api_key=config.api_key,
+                       public_metrics=config.public_metrics, body_timeout=config.body_timeout)
 
     # ------------------------------------------------------------------------------------ errors
     @app.exception_handler(APIError)
@@ -73,13 +75,6 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
     async def _internal_error(request: Request, exc: Exception):
         log.exception("unhandled error")
         return error_response(500, f"internal server error: {type(exc).__name__}")
-
-    def check_auth(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {config.api_key}":
-            raise APIError(401, "invalid or missing API key", code="invalid_api_key")
 
     # ------------------------------------------------------------------------------------ routes
     @app.get("/health")
@@ -110,19 +105,16 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        check_auth(request)
+    async def models():
         cards = [ModelCard(id=config.model_name, created=server.created, max_model_len=config.max_model_len)]
         return ModelList(data=cards)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        check_auth(request)
         return await completions_endpoint(server, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        check_auth(request)
         return await chat_endpoint(server, request)
 
     return app

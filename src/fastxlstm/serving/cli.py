@@ -50,6 +50,13 @@ def serve(
     = None,
     backend: Annotated[str, typer.Option(help="Slot backend: engine (fused kernels, CUDA graphs), model, auto")]
     = "auto",
+    public_metrics: Annotated[bool, typer.Option(
+        help="Serve /metrics without the API key (every other path but /health needs it)")] = False,
+    allowed_hosts: Annotated[str | None, typer.Option(
+        help="Comma-separated Host header names to answer ('*': any; '*.example.com': subdomains). Default: "
+             "the loopback names when --host is a loopback address, else any")] = None,
+    body_timeout: Annotated[float, typer.Option(
+        min=0, help="Seconds for a request body to arrive after its headers (0: no deadline)")] = 30.0,
     header_timeout: Annotated[float, typer.Option(
         min=0, help="Seconds a connection has to send a request's complete headers (0: no deadline)")] = 10.0,
     max_connections: Annotated[int | None, typer.Option(
@@ -86,7 +93,7 @@ def serve(
     from .app import build_app
     from .chat_template import ChatTemplate
     from .http import HTTPOptions, raise_fd_limit, uvicorn_config
-    from .runtime import ServeConfig
+    from .runtime import LOOPBACK_HOSTS, ServeConfig
     from .worker import WorkerSpec
 
     try:
@@ -108,11 +115,19 @@ def serve(
         fail(str(e))
     if model.startswith("random:"):
         console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its text is noise.")
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts else None
+    if hosts is None and loopback:
+        hosts = LOOPBACK_HOSTS
+    if not loopback and api_key is None:
+        console.print(f"[yellow]warning:[/] --host {host} without --api-key: anyone who can reach this address "
+                      "can run completions (set --api-key or FASTXLSTM_API_KEY)")
     name = served_model_name or model
     config = ServeConfig(
         model_name=name, aliases=(model,), max_slots=max_slots, max_waiting=max_waiting, prefill_chunk=prefill_chunk,
         max_model_len=max_model_len, prefix_cache_bytes=prefix_cache_mb * 1024**2,
-        request_timeout=request_timeout or None, api_key=api_key, backend=backend,
+        request_timeout=request_timeout or None, api_key=api_key, backend=backend, public_metrics=public_metrics,
+        allowed_hosts=hosts, body_timeout=body_timeout or None,
         stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
         overlap_decode=overlap_decode, prefill_pad_ratio=prefill_pad_ratio, early_launch=early_launch,
         scheduler_process=scheduler_process,

@@ -1,10 +1,13 @@
-"""What stands between the socket and the endpoints: :class:`GuardMiddleware` (the body-size limit, 413 before
-anything is parsed, and per-endpoint request metrics) and :func:`parse_body` (a JSON body into its request schema,
-with OpenAI-style 400/415 errors)."""
+"""What stands between the socket and the endpoints: :class:`GuardMiddleware` (trusted Host names, the API key,
+the body-size limit and read deadline, per-endpoint request metrics) and :func:`parse_body` (a JSON body into its
+request schema, with OpenAI-style 400/415 errors)."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
+import time
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -13,23 +16,71 @@ from .errors import APIError
 from .metrics import Metrics
 
 
+def host_name(header: bytes | None) -> str | None:
+    """The name of a Host header without its port (``[::1]:8000`` -> ``::1``), lower-cased."""
+    if not header:
+        return None
+    try:
+        host = header.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if host.startswith("["):  # an IPv6 literal
+        name, sep, rest = host[1:].partition("]")
+        ok = sep and (rest == "" or (rest.startswith(":") and rest[1:].isdigit()))
+        return name if ok and name else None
+    name, _, port = host.partition(":")
+    name = name.rstrip(".")  # "localhost." is localhost
+    return name if name and (not port or port.isdigit()) else None
+
+
+def host_allowed(name: str | None, allowed: tuple[str, ...] | None) -> bool:
+    """Whether a Host name is trusted: ``allowed`` None or holding ``*``: any; ``*.example.com``: its subdomains."""
+    if allowed is None or "*" in allowed:
+        return True
+    if name is None:
+        return False
+    return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
+
+
 class GuardMiddleware:
-    """Body-size limit (413 before the app parses anything) and per-endpoint request metrics."""
+    """Before any endpoint runs: the Host header must name this server (``allowed_hosts``; a DNS-rebinding page
+    sends its own name), the API key must match (every path but ``/health``, and ``/metrics`` unless
+    ``public_metrics``; ``/docs`` and ``/openapi.json`` too), the body must fit ``max_body_bytes`` (413 before the app
+    parses anything) and arrive within ``body_timeout`` seconds of the headers (408). Counts requests per endpoint."""
 
     _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, allowed_hosts: tuple[str, ...] | None = None,
+                 api_key: str | None = None, public_metrics: bool = False, body_timeout: float | None = None):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.allowed_hosts = None if allowed_hosts is None else tuple(h.lower() for h in allowed_hosts)
+        self.expected = None if api_key is None else f"Bearer {api_key}".encode()
+        self.open_paths = {"/health", "/metrics"} if public_metrics else {"/health"}
+        self.body_timeout = body_timeout
+
+    def _refusal(self, scope) -> APIError | None:
+        headers = dict(scope.get("headers", []))
+        if not host_allowed(host_name(headers.get(b"host")), self.allowed_hosts):
+            return APIError(400, "the Host header does not name this server (see --allowed-hosts)",
+                            code="invalid_host")
+        if self.expected is not None and scope.get("path", "") not in self.open_paths:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return APIError(401, "invalid or missing API key", code="invalid_api_key")
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         endpoint = scope.get("path", "") if scope.get("path", "") in self._ENDPOINTS else "other"
         status: dict[str, int] = {}
+        timed_out = False
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if timed_out:  # the rest of the body is not worth waiting for: close after this answer
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         async def reply(err: APIError) -> None:
@@ -39,6 +90,10 @@ class GuardMiddleware:
         length = dict(scope.get("headers", [])).get(b"content-length")
         limit = self.max_body_bytes
         try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await reply(refusal)
+                return
             if length is not None:
                 try:
                     declared = int(length)
@@ -51,12 +106,23 @@ class GuardMiddleware:
                                          code="request_too_large"))
                     return
             received = 0
+            body_done = False
+            deadline = None if self.body_timeout is None else time.monotonic() + self.body_timeout
 
             async def limited_receive():
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done, timed_out
+                if body_done or deadline is None:
+                    message = await receive()
+                else:  # the body's deadline (later calls wait for the client to disconnect: no deadline)
+                    try:
+                        message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        timed_out = True
+                        raise APIError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                       code="request_timeout") from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
                     if received > limit:
                         raise APIError(413, f"request body exceeds the limit of {limit} bytes",
                                        code="request_too_large")
@@ -88,8 +154,8 @@ def _param(loc: tuple) -> str:
 
 async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype and not (ctype == "application/json" or ctype.endswith("+json") or ctype == "text/plain"):
-        raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
+    if not (ctype == "application/json" or ctype.endswith("+json")):  # text/plain or none: what a cross-site
+        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")  # page can send
     raw = await request.body()
     if not raw.strip():
         raise APIError(400, "the request body is empty; expected a JSON object")

@@ -15,6 +15,8 @@ from .slots import ModelSlots, SlotBackend, warm_prefill
 
 log = logging.getLogger("fastxlstm.serving")
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names a loopback-bound server answers
+
 
 @dataclass
 class ServeConfig:
@@ -40,8 +42,11 @@ class ServeConfig:
     cache_chat_turns: bool = True
     request_timeout: float | None = 600.0
     max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout: float | None = 30.0  # seconds for a request body to arrive after its headers (408 after)
     max_prompts: int = 64  # prompts in one /v1/completions call
-    api_key: str | None = None
+    api_key: str | None = None  # bearer token for every path but /health (and /metrics when public_metrics)
+    public_metrics: bool = False
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # trusted Host header names (None or "*": any)
     retry_after: float = 1.0
     extra_model_names: list[str] = field(default_factory=list)
 

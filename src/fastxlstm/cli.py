@@ -1,4 +1,4 @@
-"""Command line: ``fastxlstm generate|info|serve|bench|data|train``."""
+"""Command line: ``fastxlstm generate|info|serve|bench|data|train|eval``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .bench.cli import bench as bench_cmd
+from .eval.cli import eval_app
 from .serving.cli import serve as serve_cmd
 from .training.cli import data_app, train_cmd
 
@@ -114,6 +115,7 @@ def info(model: ModelOpt) -> None:
 
 # Sub-commands owned by other areas (their modules import only typer at load time).
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 app.command("train")(train_cmd)
 app.command("serve")(serve_cmd)
 app.command("bench")(bench_cmd)

@@ -379,3 +379,79 @@ class Runner:
             gemv(gu, lw.w_down, prologue="silu_mul", epilogue="residual", residual=x)
         return gemv(x, self.lm_head, prologue="none" if self.out_norm is None else "rmsnorm",
                     norm_weight=self.out_norm, eps=eps, epilogue="softcap", cap=cfg.output_logit_soft_cap)
+
+
+    # --------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def token_logprobs(self, ids: Tensor, targets: Tensor, state: list[State] | None = None,
+                       lengths: Sequence[int] | None = None, top_k: int = 0, head_rows: int = 1024) -> TokenScores:
+        """Score ``targets [b, S]`` (usually ``ids`` shifted left by one) after ``ids [b, S]`` from ``state``
+        (None: zeros), with the chunked, state-carrying forward of :meth:`forward_tokens` (``lengths``:
+        right padding, as there). Per sequence chunk the normed hidden states go through the LM head, the
+        logit soft-cap and a float32 log-softmax ``head_rows`` positions at a time (padding skipped), so
+        neither ``[S, V]`` nor ``[chunk, V]`` logits are ever held: memory is constant in ``S``. Positions
+        depend on the past only through the state, so a long sequence may be scored in pieces, each
+        continuing the state the previous one returned. Returns a :class:`TokenScores`."""
+        cfg = self.config
+        b, total = ids.shape
+        if total < 1:
+            raise ValueError("ids must hold at least one position")
+        if targets.shape != ids.shape:
+            raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
+        if not 0 <= top_k <= cfg.vocab_size or head_rows <= 0:
+            raise ValueError(f"need 0 <= top_k <= vocab_size and head_rows > 0, got {top_k}, {head_rows}")
+        if lengths is not None:
+            lengths = [int(n) for n in lengths]
+            if len(lengths) != b or min(lengths) < 1 or max(lengths) > total:
+                raise ValueError(f"lengths must be {b} values in [1, {total}], got {lengths}")
+        dev = ids.device
+        lens = to_device(lengths if lengths is not None else [total] * b, dev)
+        flat_targets = targets.reshape(-1).to(dev)
+        real_all = padding_mask(lens, total)
+        lo, hi = torch.where(real_all, flat_targets, 0).aminmax()
+        if int(lo) < 0 or int(hi) >= cfg.vocab_size:
+            raise ValueError(f"targets must lie in [0, {cfg.vocab_size}), got [{int(lo)}, {int(hi)}]")
+        logprobs = torch.zeros(b * total, device=dev)
+        greedy = torch.zeros(b * total, device=dev, dtype=torch.bool)
+        top_ids = torch.zeros(b * total, top_k, device=dev, dtype=torch.long)
+        top_lp = torch.zeros(b * total, top_k, device=dev)
+        state = list(state) if state is not None else [None] * cfg.num_blocks
+        for start in range(0, total, self.chunk_size):
+            chunk = ids[:, start:start + self.chunk_size]
+            s = chunk.shape[1]
+            real = padding_mask(lens - start, s) if lengths is not None and min(lengths) < start + s else None
+            x, delta = self.blocks(chunk, state, real)
+            hidden = K.add_rmsnorm(x, delta, self.out_norm, cfg.norm_eps)  # [b*s, D]
+            del x, delta
+            rows = torch.arange(b * s, device=dev) if real is None else real.nonzero().view(-1)
+            out_pos = (rows // s) * total + start + rows % s  # chunk row -> flat output position
+            for r0 in range(0, rows.numel(), head_rows):
+                sel, pos = rows[r0:r0 + head_rows], out_pos[r0:r0 + head_rows]
+                logits = self.logits(hidden.index_select(0, sel))  # float32 [n, V]
+                lp = torch.log_softmax(logits, dim=-1)
+                tgt = flat_targets.index_select(0, pos)
+                logprobs.index_copy_(0, pos, lp.gather(1, tgt[:, None]).view(-1))
+                greedy.index_copy_(0, pos, logits.argmax(dim=-1) == tgt)
+                if top_k:
+                    vals, idx = lp.topk(top_k, dim=-1)
+                    top_lp.index_copy_(0, pos, vals)
+                    top_ids.index_copy_(0, pos, idx)
+                del logits, lp
+            del hidden
+        return TokenScores(logprobs.view(b, total), greedy.view(b, total), state,
+                           top_ids.view(b, total, top_k) if top_k else None,
+                           top_lp.view(b, total, top_k) if top_k else None)
+
+
+@dataclass
+class TokenScores:
+    """What :meth:`Runner.token_logprobs` returns. ``logprobs [b, S]`` float32: ``log p(targets[j, t] |
+    ids[j, :t+1], state)`` (0 at padding); ``greedy [b, S]`` bool: the target is the argmax (False at
+    padding); ``top_ids`` / ``top_logprobs [b, S, k]`` (``top_k > 0`` only): the k most likely tokens per
+    position (0 at padding); ``state``: per block ``(C, n, m)`` after each row's last real token."""
+
+    logprobs: Tensor
+    greedy: Tensor
+    state: list[State]
+    top_ids: Tensor | None = None
+    top_logprobs: Tensor | None = None

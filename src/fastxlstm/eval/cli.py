@@ -1,0 +1,81 @@
+"""``fastxlstm eval perplexity|niah`` (typer sub-app; heavy imports happen inside the commands)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+eval_app = typer.Typer(help="Evaluate a model on the engine: perplexity, long-context retrieval (NIAH). "
+                            "For lm-evaluation-harness tasks: python -m fastxlstm.eval.lm_eval_backend --model "
+                            "fastxlstm --model_args pretrained=DIR ...", no_args_is_help=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory, hub repo id, or random:<preset>")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda when available)")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")]
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as JSON atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _load(model: str, device: str | None, dtype: str | None):
+    from ..checkpoint import load_model_and_tokenizer
+    from ..cli import _dtype, console, fail
+
+    try:
+        net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused")
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+        fail(str(e))
+    if model.startswith("random:"):
+        console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its scores are noise.")
+    return net, tok
+
+
+@eval_app.command("perplexity")
+def perplexity_cmd(
+    model: ModelOpt,
+    data: Annotated[list[Path], typer.Option(help="Text file, JSONL file, directory of those, or a prepared "
+                                                  "token-shard directory (meta.json); repeatable")],
+    window: Annotated[int | None, typer.Option(
+        min=1, help="Score non-overlapping windows of W tokens, each from a fresh state (the transformer "
+                    "convention). Default: each document is one sequence with the recurrent state carried "
+                    "through it; a recurrent model needs no sliding window (constant memory at any length)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers as JSON here")] = None,
+    text_key: Annotated[str, typer.Option(help="Field holding the text in JSONL records")] = "text",
+    split: Annotated[str, typer.Option(help="Split of a token-shard directory")] = "val",
+    max_documents: Annotated[int | None, typer.Option(min=1, help="Score only the first N documents")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward (right-padded)")] = 8,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Tokens per forward chunk (bounds memory)")] = 4096,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Perplexity, mean NLL and bits per byte of a model on held-out text, on the engine's fused forward.
+
+    Every token of every document and its end-of-sequence token is scored; each document is preceded by a
+    context-only token (the BOS when the tokenizer inserts one, else the end-of-sequence token)."""
+    from ..cli import fail
+    from ..engine.runner import Runner
+    from .perplexity import load_documents, perplexity, prefix_token
+
+    net, tok = _load(model, device, dtype)
+    try:
+        docs = load_documents(data, tok, text_key=text_key, split=split, max_documents=max_documents)
+        result = perplexity(Runner(net, chunk_size=chunk_size), docs, prefix_token(tok), window=window,
+                            batch_size=batch_size, progress=True)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e))
+    out = result.to_dict() | {"model": model, "data": [str(d) for d in data], "device": str(net.device),
+                              "dtype": str(net.dtype).removeprefix("torch.")}
+    mode = f"windows of {window}" if window else "documents, state carried"
+    typer.echo(f"{model} on {', '.join(map(str, data))} ({mode}): {result.tokens:,} tokens in "
+               f"{result.documents} documents, mean NLL {result.nll:.4f}, perplexity {result.perplexity:.3f}, "
+               f"bits per byte {result.bits_per_byte:.4f}")
+    if json_out is not None:
+        write_json(json_out, out)

@@ -80,6 +80,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (the value itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj):
     if not dist.is_initialized():
         return obj

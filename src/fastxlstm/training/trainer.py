@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ..config import XLSTMConfig, preset
 from . import checkpointing
 from .config import TrainConfig
 from .data import TokenShards
-from .distributed import DistEnv, all_reduce_mean, barrier, cleanup, model_blocks, setup, shard
+from .distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, cleanup, model_blocks, setup, shard
 from .export import export
 from .flops import flops_per_token, peak_flops
 from .llama import LlamaConfig, build_llama
@@ -30,6 +31,7 @@ from .optim import build_optimizer, lr_at
 
 METRICS_FIELDS = ["step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "mfu", "elapsed_s"]
 EVAL_FIELDS = ["step", "tokens", "val_loss", "val_ppl"]
+LONG_RUN_S = 3600  # warn when the measured step time puts the rest of the run above this
 
 
 def model_config(cfg: TrainConfig, data: TokenShards) -> tuple[XLSTMConfig, Any]:
@@ -76,18 +78,38 @@ def build(cfg: TrainConfig, arch_cfg: Any, device: torch.device) -> nn.Module:
 
 
 class CSVLog:
-    """Append-only CSV that, on resume, drops rows written after the checkpoint it resumes from."""
+    """Append-only CSV. On resume the rows up to the checkpoint's step stay as they are (never rewritten)
+    and new rows are appended after them: the rows of steps that will be run again, and a half-written
+    last line, are cut off by truncating the file. A fresh run, or a file with other columns (moved to
+    ``<name>.old``), starts a new file."""
 
     def __init__(self, path: Path, fields: list[str], resume_step: int | None):
         self.path, self.fields = path, fields
-        rows = []
-        if resume_step is not None and path.exists():
-            with path.open() as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
+        keep = self._rows_end(resume_step) if resume_step is not None and path.exists() else None
+        if keep is not None:
+            os.truncate(path, keep)
+            return
+        if path.exists() and resume_step is not None:
+            os.replace(path, path.with_name(path.name + ".old"))
+            tqdm.write(f"{path} has other columns; moved to {path.name}.old")
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.fields).writeheader()
+        os.replace(tmp, path)
+
+    def _rows_end(self, step: int) -> int | None:
+        """Byte offset after the last complete row with ``step`` <= the given one (None: other header)."""
+        with self.path.open("rb") as fh:
+            lines = fh.read().splitlines(keepends=True)
+        if not lines or next(csv.reader([lines[0].decode(errors="replace")]), []) != self.fields:
+            return None
+        end = len(lines[0])
+        for line in lines[1:]:
+            row = next(csv.reader([line.decode(errors="replace")]), [])
+            if not line.endswith(b"\n") or len(row) != len(self.fields) or not row[0].isdigit() or int(row[0]) > step:
+                break
+            end += len(line)
+        return end
 
     def write(self, rows: list[dict]) -> None:
         with self.path.open("a", newline="") as fh:
@@ -138,6 +160,66 @@ class Trainer:
         )
         self.peak = peak_flops(env.device, cfg.log.peak_tflops)
         self.tokens_per_step = self.sampler.global_batch_size * cfg.data.seq_len
+        name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
+        self.devices = f"{env.world_size} x {name}" + (" (FSDP2)" if env.distributed else "")
+        self.stop_signal: int | None = None
+
+    def describe(self) -> str:
+        """The start-up summary: what trains, how much per step, on what, in what precision, where it writes."""
+        cfg, tc, mc = self.cfg, self.cfg.train, self.cfg.model
+        source = (f"from {mc.init_from}" if mc.init_from else f"preset {mc.preset}" if mc.preset
+                  else "XLSTMConfig defaults") + (f" + {dict(mc.overrides)}" if mc.overrides else "")
+        precision = ("bf16 compute, fp32 master weights" + (" (FSDP2 mixed precision)" if self.env.distributed
+                                                            else " (autocast)")) if self.bf16 else "fp32"
+        every = cfg.checkpoint.every
+        return "\n".join([
+            f"train: {mc.arch} {source}: {self.n_params:,} parameters",
+            f"train: {self.tokens_per_step:,} tokens per step ({tc.micro_batch_size} sequences x {cfg.data.seq_len} "
+            f"tokens x {tc.grad_accum} accumulation x {self.env.world_size} process(es)), {tc.steps:,} steps = "
+            f"{tc.steps * self.tokens_per_step:,} tokens",
+            f"train: devices {self.devices}, precision {precision}, backend {mc.backend}",
+            f"train: writes {self.out}/ (metrics.csv, eval.csv, checkpoints/ "
+            + (f"every {every} steps" if every > 0 else "only on SIGTERM/Ctrl-C")
+            + (f", export to {cfg.export.dir or self.out / 'final'}" if cfg.export.enabled else "") + ")",
+        ])
+
+    @contextlib.contextmanager
+    def _checkpoint_on_signals(self):
+        """SIGTERM and SIGINT (Ctrl-C) let the current step finish, then write a checkpoint and exit with
+        128 + the signal number; a second signal stops at once (KeyboardInterrupt)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            tqdm.write(f"{signal.Signals(signum).name}: writing a checkpoint after this step, then stopping "
+                       "(again to stop at once)")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_requested(self, done: int, is_log_step: bool) -> int:
+        """The signal to stop on, agreed by all ranks (in a sharded run only at log steps, which sync anyway)."""
+        if not self.env.distributed:
+            return self.stop_signal or 0
+        return all_reduce_max(self.stop_signal or 0, self.env.device) if is_log_step else 0
+
+    def _warn_if_long(self, per_step: float, remaining: int) -> None:
+        if per_step * remaining > LONG_RUN_S:
+            tqdm.write(f"warning: at {per_step:.2f} s per step on {self.devices}, the remaining {remaining:,} steps "
+                       f"take about {per_step * remaining / 3600:.1f} h (evaluation and checkpoints not counted)")
+
+    def _sync_time(self) -> float:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        return time.perf_counter()
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -171,6 +253,10 @@ class Trainer:
 
     # --------------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
+        with self._checkpoint_on_signals():
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         cfg, env, model = self.cfg, self.env, self.model
         oc, tc = cfg.optim, cfg.train
         start_step, tokens = 0, 0
@@ -192,6 +278,8 @@ class Trainer:
                     tqdm.write("tensorboard is not installed; logging to CSV only")
         bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step",
                    disable=not (env.is_main and cfg.log.progress), dynamic_ncols=True)
+        if env.is_main:
+            tqdm.write(self.describe())
         if env.is_main and resume_from is not None:
             tqdm.write(f"resumed from {resume_from} (step {start_step})")
         pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int]] = []
@@ -200,6 +288,7 @@ class Trainer:
         steps_since_flush = 0
         last_val: float | None = None
         best: tuple[float, int] | None = None
+        t_probe = 0.0
         model.train()
 
         def flush() -> None:
@@ -277,10 +366,25 @@ class Trainer:
                         (self.out / "best" / "best_step.json").write_text(
                             json.dumps({"step": done, "tokens": tokens, "val_loss": last_val}) + "\n")
                 t_flush = time.perf_counter()  # evaluation time is not training throughput
-            if cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or is_last):
+            saved = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or is_last)
+            if saved:
                 flush()
                 self._save(done, tokens)
                 t_flush = time.perf_counter()
+            if env.is_main and done - start_step == 1:  # step 1 warms up; steps 2-3 are timed
+                t_probe = self._sync_time()
+            elif env.is_main and done - start_step == 3:
+                self._warn_if_long((self._sync_time() - t_probe) / 2, tc.steps - done)
+            signum = self._stop_requested(done, done % max(1, cfg.log.every) == 0 or is_last)
+            if signum:
+                flush()
+                if not saved:
+                    self._save(done, tokens)
+                if env.is_main:
+                    tqdm.write(f"stopped by {signal.Signals(signum).name} after step {done}; checkpoint in "
+                               f"{self.out / 'checkpoints'}; the same command resumes")
+                bar.close()
+                raise SystemExit(128 + signum)
             if tc.debug_kill_at_step is not None and done == tc.debug_kill_at_step:
                 flush()
                 os.kill(os.getpid(), signal.SIGKILL)

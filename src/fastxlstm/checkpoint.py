@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from tqdm.auto import tqdm
 
 from .config import XLSTMConfig
 from .model import XLSTMForCausalLM, build_model
+from .model.quant import CONFIG_KEY as QUANT_KEY
+from .model.quant import keeps_dtype, quantize_model, quantizing_transform, saved_quantization
+from .ops.quant import check_supported
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -111,6 +115,7 @@ def _shard_files(model_dir: Path) -> list[Path]:
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_QUANT_DTYPES = ("I8", "F8_E4M3")  # the quantized weights of a directory with a quantization_config
 
 
 @dataclass
@@ -123,17 +128,20 @@ class _Shards:
     shapes: dict[str, list[int]]
 
     @classmethod
-    def open(cls, model_dir: Path) -> _Shards:
+    def open(cls, model_dir: Path, quantized: bool = False) -> _Shards:
         files = _shard_files(model_dir)
+        allowed = _FLOAT_DTYPES + (_QUANT_DTYPES if quantized else ())
         handles, where, shapes = [], {}, {}
         for idx, f in enumerate(files):
             try:
                 h = safe_open(str(f), framework="pt", device="cpu")
                 for key in h.keys():
                     piece = h.get_slice(key)
-                    if piece.get_dtype() not in _FLOAT_DTYPES:
+                    if piece.get_dtype() not in allowed:
                         raise CheckpointError(f"{f}: tensor {key} has dtype {piece.get_dtype()}; weights are "
-                                              f"floating point ({', '.join(_FLOAT_DTYPES)})")
+                                              f"floating point ({', '.join(_FLOAT_DTYPES)})" + (
+                                                  "" if quantized else " (int8 / FP8 ones need a quantization_config "
+                                                  "in config.json)"))
                     where[key], shapes[key] = idx, list(piece.get_shape())
             except CheckpointError:
                 raise
@@ -213,10 +221,17 @@ def _expected_checkpoint_shape(source: _Source, want: list[int], ckpt_shapes: di
 
 def load_state_dict(
     model_dir: Path, model_shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device | str,
-    progress: bool | None = None, shards: _Shards | None = None,
+    progress: bool | None = None, shards: _Shards | None = None, keep_dtype: dict[str, torch.dtype] | None = None,
+    transform: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read and convert the checkpoint tensors the model needs, validating names and shapes first and
-    finiteness after conversion (NaN or inf is an error naming the tensor and its file)."""
+    finiteness after conversion (NaN or inf is an error naming the tensor and its file).
+
+    Tensors named in ``keep_dtype`` (quantized weights, their scales) are not converted: the checkpoint
+    must hold them in the dtype given there. ``transform(name, tensor)`` (load-time quantization) maps
+    each converted tensor to the entries it becomes, one tensor at a time."""
+    keep_dtype = keep_dtype or {}
+    checked: dict[str, torch.Tensor] = {}
     shards = shards or _Shards.open(model_dir)
     handles, where, ckpt_shapes = shards.handles, shards.where, shards.shapes
     plan = _plan(model_shapes, set(where))
@@ -253,8 +268,19 @@ def load_state_dict(
             t = torch.cat([handles[where[k]].get_tensor(k) for k in source.keys], dim=0)
         else:
             t = handles[where[source.keys[0]]].get_tensor(source.keys[0])
-        out[name] = t.to(device=device, dtype=dtype)
-    _check_finite(out, plan, shards, dtype)
+        if name in keep_dtype:
+            if t.dtype != keep_dtype[name]:
+                raise CheckpointError(f"{'+'.join(source.keys)} in {shards.file_of(source.keys[0])} is {t.dtype}; "
+                                      f"its config.json's quantization_config needs {keep_dtype[name]}")
+            out[name] = t.to(device=device)
+        elif transform is not None:
+            t = t.to(device=device, dtype=dtype)
+            parts = transform(name, t)
+            out.update(parts)
+            checked[name] = parts.get(f"{name}_scale", t)  # a row's scale is NaN / inf where the row is
+        else:
+            out[name] = t.to(device=device, dtype=dtype)
+    _check_finite(out if transform is None else checked, plan, shards, dtype)
     return out
 
 
@@ -265,9 +291,12 @@ def _check_finite(tensors: dict[str, torch.Tensor], plan: dict[str, _Source], sh
     names = list(tensors)
     if not names:
         return
-    sums = torch.stack([tensors[n].sum(dtype=torch.float32) for n in names])
+    def wide(t: torch.Tensor) -> torch.Tensor:  # FP8 has no sum or isfinite kernels
+        return t.float() if t.dtype == torch.float8_e4m3fn else t
+
+    sums = torch.stack([wide(tensors[n]).sum(dtype=torch.float32) for n in names])
     suspects = [n for n, ok in zip(names, torch.isfinite(sums).tolist()) if not ok]
-    bad = [n for n in suspects if not torch.isfinite(tensors[n]).all()]
+    bad = [n for n in suspects if not torch.isfinite(wide(tensors[n])).all()]
     if bad:
         where = ", ".join(f"{'+'.join(plan[n].keys)} in {shards.file_of(plan[n].keys[0])}" for n in bad[:8])
         more = f" ({len(bad)} tensors in all)" if len(bad) > 8 else ""
@@ -277,13 +306,21 @@ def _check_finite(tensors: dict[str, torch.Tensor], plan: dict[str, _Source], sh
 # ------------------------------------------------------------------------------ public
 def load(
     path_or_repo_id: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-    weight_mode: str | None = None, progress: bool | None = None,
+    weight_mode: str | None = None, progress: bool | None = None, quantization: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> XLSTMForCausalLM:
     """Load a model from a directory in the HF layout or a hub repo id.
 
     ``weight_mode`` overrides the config's (``"fused"`` is what inference wants).
     A spec ``random:<preset>`` builds a randomly initialised preset (for benchmarks).
+    ``quantization`` (``"int8"`` / ``"fp8"``, :mod:`fastxlstm.model.quant`) quantizes the blocks'
+    projections (and the LM head with ``quantize_lm_head``) while loading, one tensor at a time, so the
+    unquantized model is never held whole. A directory saved quantized loads
+    as saved (its ``quantization_config``), without unquantized weights; ``quantization`` may then only
+    repeat its scheme.
     """
+    if quantization is not None:
+        check_supported(quantization, device)
     spec = str(path_or_repo_id)
     if spec.startswith("random:"):
         from .config import preset
@@ -291,7 +328,8 @@ def load(
         cfg = preset(spec.split(":", 1)[1])
         if weight_mode:
             cfg = cfg.replace(weight_mode=weight_mode)
-        return build_model(cfg, device=device, dtype=dtype).eval()
+        model = build_model(cfg, device=device, dtype=dtype).eval()
+        return quantize_model(model, quantization, quantize_lm_head) if quantization else model
     model_dir = resolve_model_dir(path_or_repo_id)
     config_path = model_dir / CONFIG_NAME
     if not config_path.exists():
@@ -299,17 +337,27 @@ def load(
     config = XLSTMConfig.from_json(config_path)
     if weight_mode is not None:
         config = config.replace(weight_mode=weight_mode)
-    shards = _Shards.open(model_dir)
+    saved = saved_quantization(config, quantization, device, str(config_path))
+    if saved is not None:
+        config = config.replace(extra={k: v for k, v in config.extra.items() if k != QUANT_KEY})
+    shards = _Shards.open(model_dir, quantized=saved is not None)
     config = _match_checkpoint(config, shards.shapes)
     with torch.device("meta"):
         model = XLSTMForCausalLM(config)
         if config.use_bias and config.add_out_norm and _OUT_NORM_BIAS in shards.shapes:
             # the official xlstm code gives the out norm a bias with use_bias (transformers does not)
             model.backbone.out_norm.bias = torch.nn.Parameter(torch.zeros(config.embedding_dim))
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}  # what the checkpoint holds, unquantized
+    transform = None
+    if saved is not None:  # the checkpoint holds the quantized weights and their scales
+        model = quantize_model(model, *saved)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+    elif quantization is not None:  # load-time quantization of each weight
+        transform = quantizing_transform(quantize_model(model, quantization, quantize_lm_head), quantization)
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    state = load_state_dict(model_dir, shapes, dtype, device, progress, shards)
+    keep = {k: v.dtype for k, v in model.state_dict().items() if saved is not None and keeps_dtype(k, v)}
+    state = load_state_dict(model_dir, shapes, dtype, device, progress, shards, keep_dtype=keep, transform=transform)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
@@ -369,14 +417,16 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None,
 ) -> Path:
     """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``) in the
-    ``single`` layout that transformers' ``xLSTMForCausalLM`` loads. Written to a temporary
+    ``single`` layout that transformers' ``xLSTMForCausalLM`` loads (a quantized model: its int8 / FP8
+    weights and float32 scales as they are, ``dtype`` converting the rest). Written to a temporary
     directory first and renamed into place, so a crash never leaves a half-written model."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     state = _single_mode_state(model)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    state = {k: (v.to(dtype) if dtype else v).detach().to("cpu").contiguous() for k, v in state.items()}
+    state = {k: (v.to(dtype) if dtype and not keeps_dtype(k, v) else v).detach().to("cpu").contiguous()
+             for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -426,14 +476,14 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def load_model_and_tokenizer(
     path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    weight_mode: str | None = None,
+    weight_mode: str | None = None, quantization: str | None = None,
 ):
     """Model plus its tokenizer (a byte-level one for ``random:<preset>`` specs)."""
     from .tokenizer import Tokenizer
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    model = load(path_or_repo_id, device=device, dtype=dtype, weight_mode=weight_mode)
+    model = load(path_or_repo_id, device=device, dtype=dtype, weight_mode=weight_mode, quantization=quantization)
     if str(path_or_repo_id).startswith("random:"):
         tokenizer = Tokenizer.byte_level()
     else:

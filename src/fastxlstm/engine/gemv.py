@@ -12,6 +12,11 @@ on the fly from a prologue and folds an epilogue into its output:
 
 Rounding follows the model's modules (and :mod:`fastxlstm.engine.kernels`): every elementwise
 result is rounded to the activation dtype where the module's would be, the GEMV output too.
+
+A quantized weight (:class:`fastxlstm.ops.quant.QuantWeight`: int8 / FP8 ``data [N, K]`` and float32
+per-row ``scale``) is streamed as it is stored and converted to float32 in registers; the row scale
+multiplies the float32 dot product before the output is rounded (weight-only quantization: the
+activations stay in their dtype).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.quant import QuantWeight
 from .kernels import HAS_TRITON, INTERPRET
 
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
@@ -31,8 +37,9 @@ if HAS_TRITON:
     from ..ops.triton._common import tanh as _tanh
 
     @triton.jit
-    def _gemv_kernel(X, NW, W, R, Y, N, eps, cap, K: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
-                     HAS_CAP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+    def _gemv_kernel(X, NW, W, S, R, Y, N, eps, cap, K: tl.constexpr, PRO: tl.constexpr, EPI: tl.constexpr,
+                     HAS_CAP: tl.constexpr, HAS_SCALE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     STAGES: tl.constexpr):
         pid = tl.program_id(0)
         rows = (pid * BN + tl.arange(0, BN)).to(tl.int64)
         mr = rows < N
@@ -59,7 +66,10 @@ if HAS_TRITON:
                 x = (s * u).to(dt).to(tl.float32)
             w = tl.load(W + rows[:, None] * K + cols[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1).to(W.dtype.element_ty)
+        y = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            y = y * tl.load(S + rows, mask=mr, other=0.0)
+        y = y.to(dt)
         if EPI == 0:
             tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=mr)
         elif EPI == 1:
@@ -76,12 +86,20 @@ if HAS_TRITON:
 CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 
-def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
+#: the same for 1-byte (int8 / FP8) weights
+CONFIGS_8BIT: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+
+
+def gemv_config(n: int, k: int, weight_bytes: int = 2) -> tuple[int, int, int, int]:
     """(rows per program, K tile, warps, pipeline stages)."""
-    if (n, k) in CONFIGS:
-        return CONFIGS[(n, k)]
+    table = CONFIGS_8BIT if weight_bytes == 1 else CONFIGS
+    if (n, k) in table:
+        return table[(n, k)]
     if INTERPRET:
         return 16, 32, 1, 1
+    if weight_bytes == 1:  # the same bytes per tile as the 2-byte configs below
+        bn, bk, warps, stages = gemv_config(n, k)
+        return bn, 2 * bk, warps, stages
     # H100 sweep over the 7B projections (2026-11-24, decode_profile.json): tall matrices stream best
     # with 4-row x 1024-wide tiles, the 4096-row ones with more rows per program.
     if n >= 8192:
@@ -89,12 +107,15 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     return (16, 512, 4, 3) if k >= 8192 else (8, 512, 4, 3)
 
 
-def gemv(x: Tensor, weight: Tensor, *, prologue: str = "none", norm_weight: Tensor | None = None,
+def gemv(x: Tensor, weight: Tensor | QuantWeight, *, prologue: str = "none", norm_weight: Tensor | None = None,
          eps: float = 1e-6, epilogue: str = "store", residual: Tensor | None = None, cap: float | None = None,
          out: Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> Tensor:
     """One row ``x [1, K]`` (``[1, 2K]`` for ``silu_mul``) times ``weight [N, K]``ᵀ with the fused
     prologue / epilogue (see the module docstring). Returns ``y [1, N]`` (``residual`` itself for
-    the residual epilogue, updated in place)."""
+    the residual epilogue, updated in place). ``weight`` may be quantized (see the module docstring)."""
+    scale = None
+    if isinstance(weight, QuantWeight):
+        weight, scale = weight.data, weight.scale
     n, k = weight.shape
     if x.ndim != 2 or x.shape[0] != 1 or not x.is_contiguous() or not weight.is_contiguous():
         raise ValueError("gemv takes one contiguous row x [1, K] and a contiguous weight [N, K]")
@@ -111,8 +132,9 @@ def gemv(x: Tensor, weight: Tensor, *, prologue: str = "none", norm_weight: Tens
         y = out
     else:
         y = torch.empty(1, n, device=x.device, dtype=torch.float32 if epi == 2 else x.dtype)
-    bn, bk, warps, stages = config or gemv_config(n, k)
+    bn, bk, warps, stages = config or gemv_config(n, k, weight.element_size())
     _gemv_kernel[(triton.cdiv(n, bn),)](
-        x, norm_weight if norm_weight is not None else x, weight, y, y, n, eps, float(cap or 1.0),
-        K=k, PRO=pro, EPI=epi, HAS_CAP=cap is not None, BN=bn, BK=bk, STAGES=stages, num_warps=warps)
+        x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x, y, y, n, eps,
+        float(cap or 1.0), K=k, PRO=pro, EPI=epi, HAS_CAP=cap is not None, HAS_SCALE=scale is not None, BN=bn,
+        BK=bk, STAGES=stages, num_warps=warps)
     return y

@@ -54,23 +54,29 @@ class LLM:
     """Fast xLSTM generation on one device.
 
     ``LLM(path_or_repo_id_or_model, device=None, dtype=None, max_slots=8)``; ``random:<preset>``
-    builds a randomly initialised model (benchmarks). See :meth:`generate`, :meth:`stream`,
+    builds a randomly initialised model (benchmarks). ``quantization="fp8"|"int8"`` quantizes the blocks'
+    weights (:func:`fastxlstm.load`; a given model is quantized in place). See :meth:`generate`, :meth:`stream`,
     :meth:`prefill`; :attr:`engine` is the slot-level engine underneath."""
 
     def __init__(
         self, model: str | os.PathLike | XLSTMForCausalLM, tokenizer=None, *, device: str | torch.device | None = None,
         dtype: torch.dtype | None = None, max_slots: int = 8, use_cuda_graph: bool | None = None,
         prefill_chunk_size: int = 4096, backend: str = "auto", sync_every: int = 16,
-        state_dtype: str | torch.dtype | None = None,
+        state_dtype: str | torch.dtype | None = None, quantization: str | None = None,
     ):
         if isinstance(model, XLSTMForCausalLM):
             net = model
             if device is not None or dtype is not None:
                 net = net.to(device=device, dtype=dtype)
+            if quantization is not None:
+                from ..model.quant import quantize_model
+
+                net = quantize_model(net, quantization)
         else:
             from ..checkpoint import load_model_and_tokenizer
 
-            net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused")
+            net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused",
+                                                quantization=quantization)
             tokenizer = tokenizer if tokenizer is not None else tok
         self.model = net
         self.tokenizer = tokenizer

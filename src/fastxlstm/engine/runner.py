@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..model import XLSTMForCausalLM
+from ..model.quant import QuantLinear
 from ..ops import State, mlstm_chunkwise, resolve_backend
+from ..ops.quant import QuantWeight, linear
 from ..ops.reference import mlstm_step_reference
 from . import kernels as K
 from .prefill_graph import PrefillGraphs, padding_mask
@@ -108,18 +110,21 @@ def pow2_ok(n: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- weights
+Weight = Tensor | QuantWeight  # a plain or a per-channel quantized matrix (fastxlstm.ops.quant)
+
+
 @dataclass
 class LayerWeights:
     norm_mlstm: Tensor
-    w_in: Tensor          # [2*qk + 2*v + 2*NH, D]: q | k | v | o | i | f (no bias: see gate_bias)
+    w_in: Weight          # [2*qk + 2*v + 2*NH, D]: q | k | v | o | i | f (no bias: see gate_bias)
     gate_bias: Tensor     # float32 [2*NH]: i | f gate biases, added in the gate kernel
     mh_norm: Tensor
-    w_out: Tensor
+    w_out: Weight
     b_out: Tensor | None
     norm_ffn: Tensor
-    w_up: Tensor          # [2*H, D]: gate | up
+    w_up: Weight          # [2*H, D]: gate | up
     b_up: Tensor | None
-    w_down: Tensor
+    w_down: Weight
     b_down: Tensor | None
 
 
@@ -146,6 +151,35 @@ def _param_view(module: nn.Module, name: str, tensor: Tensor) -> None:
     setattr(module, name, nn.Parameter(tensor, requires_grad=False))
 
 
+def _weight(module: nn.Module) -> Weight:
+    """A projection's matrix: the tensor of an ``nn.Linear``, the quantized weight of a ``QuantLinear``."""
+    if isinstance(module, QuantLinear):
+        return module.quant_weight()
+    return module.weight.detach()
+
+
+def _fuse_rows(modules: list[nn.Module]) -> tuple[Weight, list[Weight]]:
+    """The modules' matrices stacked by rows (:func:`_cat_rows`; data and scales alike for quantized
+    ones) and the per-module row blocks of the result; every module is re-pointed to its block."""
+    mats = [_weight(mod) for mod in modules]
+    kinds = {type(w) for w in mats}
+    if len(kinds) != 1:
+        raise ValueError("the projections of a block are partly quantized: quantize all or none of them")
+    sizes = [w.shape[0] for w in mats]
+    if isinstance(mats[0], QuantWeight):
+        fused = QuantWeight(_cat_rows([w.data for w in mats]), _cat_rows([w.scale for w in mats]))
+        parts = [QuantWeight(d, s) for d, s in zip(fused.data.split(sizes), fused.scale.split(sizes))]
+        for mod, part in zip(modules, parts):
+            _param_view(mod, "weight", part.data)
+            mod.weight_scale = part.scale
+    else:
+        fused = _cat_rows(mats)
+        parts = list(fused.split(sizes, dim=0))
+        for mod, part in zip(modules, parts):
+            _param_view(mod, "weight", part)
+    return fused, parts
+
+
 @torch.no_grad()
 def fuse_weights(model: XLSTMForCausalLM) -> list[LayerWeights]:
     """Per-block fused matrices. The model's own parameters are re-pointed to views of them
@@ -157,36 +191,20 @@ def fuse_weights(model: XLSTMForCausalLM) -> list[LayerWeights]:
     for block in model.backbone.blocks:
         layer, ffn = block.mlstm_layer, block.ffn
         if layer.fused:
-            mats = [layer.qkv_opreact.weight, layer.ifgate_preact.weight]
+            w_in, _ = _fuse_rows([layer.qkv_opreact, layer.ifgate_preact])
         else:
-            mats = [layer.q.weight, layer.k.weight, layer.v.weight, layer.ogate_preact.weight,
-                    layer.igate_preact.weight, layer.fgate_preact.weight]
-        sizes = [t.shape[0] for t in mats]
-        w_in = _cat_rows([t.detach() for t in mats])
+            w_in, _ = _fuse_rows([layer.q, layer.k, layer.v, layer.ogate_preact, layer.igate_preact,
+                                  layer.fgate_preact])
         nh = cfg.num_heads
         gate_bias = (torch.cat([layer.igate_preact.bias, layer.fgate_preact.bias]) if not layer.fused
                      else layer.ifgate_preact.bias).detach().float()
         assert gate_bias.numel() == 2 * nh
-        parts = w_in.split(sizes, dim=0)
-        if layer.fused:
-            _param_view(layer.qkv_opreact, "weight", parts[0])
-            _param_view(layer.ifgate_preact, "weight", parts[1])
-        else:
-            for mod, t in zip((layer.q, layer.k, layer.v, layer.ogate_preact, layer.igate_preact,
-                               layer.fgate_preact), parts):
-                _param_view(mod, "weight", t)
-        if ffn.fused:
-            w_up = ffn.proj_up_gate_z.weight.detach()
-        else:
-            w_up = _cat_rows([ffn.proj_up_gate.weight.detach(), ffn.proj_up.weight.detach()])
-            g, u = w_up.split(ffn.ffn_dim, dim=0)
-            _param_view(ffn.proj_up_gate, "weight", g)
-            _param_view(ffn.proj_up, "weight", u)
+        w_up = _weight(ffn.proj_up_gate_z) if ffn.fused else _fuse_rows([ffn.proj_up_gate, ffn.proj_up])[0]
         out.append(LayerWeights(
             norm_mlstm=block.norm_mlstm.weight.detach(), w_in=w_in, gate_bias=gate_bias,
-            mh_norm=layer.multihead_norm.weight.detach(), w_out=layer.out_proj.weight.detach(), b_out=None,
+            mh_norm=layer.multihead_norm.weight.detach(), w_out=_weight(layer.out_proj), b_out=None,
             norm_ffn=block.norm_ffn.weight.detach(), w_up=w_up, b_up=None,
-            w_down=ffn.proj_down.weight.detach(), b_down=None,
+            w_down=_weight(ffn.proj_down), b_down=None,
         ))
     return out
 
@@ -207,7 +225,7 @@ class Runner:
         out_norm = model.backbone.out_norm
         self.out_norm = out_norm.weight.detach() if isinstance(out_norm, nn.Module) and hasattr(
             out_norm, "weight") else None
-        self.lm_head = model.lm_head.weight.detach()
+        self.lm_head = _weight(model.lm_head)
         self.nh, self.dqk, self.dv = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
         self.splits = [cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim, 2 * cfg.num_heads]
         self.step_name, self.step_fn = select_step(backend, model.device)
@@ -228,14 +246,14 @@ class Runner:
     # ---------------------------------------------------------------------- pieces
     def logits(self, hidden: Tensor) -> Tensor:
         """float32 soft-capped logits of normed hidden states ``[N, D]``."""
-        return K.softcap_logits(F.linear(hidden, self.lm_head), self.config.output_logit_soft_cap)
+        return K.softcap_logits(linear(hidden, self.lm_head), self.config.output_logit_soft_cap)
 
     def _mlstm_seq(self, lw: LayerWeights, y: Tensor, b: int, s: int, state: State | None,
                    real: Tensor | None = None) -> tuple[Tensor, State]:
         """The mLSTM layer over ``s`` tokens of ``b`` rows; ``real [b*s]`` (bool) marks the real tokens:
         the others (right padding) get neutral gates ``i = -inf, f = +inf`` and leave the state as it is."""
         cfg = self.config
-        proj = F.linear(y, lw.w_in)  # [b*s, P]
+        proj = linear(y, lw.w_in)  # [b*s, P]
         q, k, v, o, g = proj.split(self.splits, dim=-1)
         i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias, seq=s)  # [b, NH, s]
         # [b, NH, s, D] views into proj, no copies (the Triton forward reads any batch/head/token strides)
@@ -251,7 +269,7 @@ class Runner:
         cfg = self.config
         bsz = y.shape[0]
         if proj is None:
-            proj = F.linear(y, lw.w_in)
+            proj = linear(y, lw.w_in)
         if self.fused_cell:
             out = torch.empty(bsz, cfg.v_dim, device=y.device, dtype=proj.dtype)
             self._cell_fn(proj, lw.gate_bias, active, c, n, m, lw.mh_norm, out, num_heads=self.nh,
@@ -264,7 +282,7 @@ class Runner:
         return K.mhnorm_ogate(h, o, lw.mh_norm, cfg.norm_eps)
 
     def _ffn(self, lw: LayerWeights, y: Tensor) -> Tensor:
-        return F.linear(K.silu_mul(F.linear(y, lw.w_up), self.config.ffn_dim), lw.w_down)
+        return linear(K.silu_mul(linear(y, lw.w_up), self.config.ffn_dim), lw.w_down)
 
     # --------------------------------------------------------------------- prefill
     @torch.no_grad()
@@ -337,7 +355,7 @@ class Runner:
                 state[idx] = (c, n, m)
             else:
                 h, state[idx] = self._mlstm_seq(lw, y, b, s, state[idx], real)
-            y = K.add_rmsnorm(x, F.linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
+            y = K.add_rmsnorm(x, linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
             del h
             delta = self._ffn(lw, y)
         return x, delta
@@ -360,7 +378,7 @@ class Runner:
         for lw, (c, n, m) in zip(self.layers, states):
             y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
             h = self._mlstm_step(lw, y, c, n, m, active)
-            y = K.add_rmsnorm(x, F.linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
+            y = K.add_rmsnorm(x, linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
             delta = self._ffn(lw, y)
         y = K.add_rmsnorm(x, delta, self.out_norm, cfg.norm_eps)
         return self.logits(y)

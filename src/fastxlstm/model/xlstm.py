@@ -70,7 +70,7 @@ class XLSTMForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.backbone.embeddings.weight.dtype  # the LM head may be quantized
 
     def set_backend(self, backend: str) -> None:
         """Select the mLSTM op backend (``auto``, ``reference``, ``triton``) for every layer."""
@@ -119,7 +119,7 @@ class XLSTMForCausalLM(nn.Module):
         return self.backbone.out_norm(x), new_state
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return soft_cap(self.lm_head(hidden.to(self.lm_head.weight.dtype)).float(), self.config.output_logit_soft_cap)
+        return soft_cap(self.lm_head(hidden.to(self.dtype)).float(), self.config.output_logit_soft_cap)
 
     def forward(
         self, input_ids: Tensor, state: ModelState | None = None, *, last_logits_only: bool = False

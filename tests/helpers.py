@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from fastxlstm.config import XLSTMConfig
@@ -59,3 +65,17 @@ def decode_cell_reference(proj: torch.Tensor, gate_bias: torch.Tensor, c: torch.
                                     i, f, (c.double(), n.double(), m.double()))
     hn = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, keepdim=True, unbiased=False) + norm_eps)
     return torch.sigmoid(o) * hn.flatten(-2) * norm_weight.double(), state
+
+
+def run_interpreter_worker(script: str | Path) -> dict:
+    """Run ``script`` (a test file whose ``__main__`` prints one JSON line) in ONE subprocess under
+    ``TRITON_INTERPRET=1``, so the variable never leaks into the test process; returns that JSON."""
+    import pytest
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,15 +6,9 @@ script), so ``TRITON_INTERPRET`` never leaks into the test process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,12 +135,9 @@ def _gates_case() -> dict:
 
 @pytest.fixture(scope="module")
 def interp() -> dict:
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
-    proc = subprocess.run([sys.executable, str(Path(__file__))], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from tests.helpers import run_interpreter_worker
+
+    return run_interpreter_worker(__file__)
 
 
 def test_decode_cell_matches_reference(interp):

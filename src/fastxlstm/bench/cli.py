@@ -46,13 +46,21 @@ def bench(
     update_md: Annotated[Path | None, typer.Option(help="rewrite the '## Inference' table in this file")] = None,
     small: Annotated[bool, typer.Option(help="tiny configs for every system (smoke test)")] = False,
     state_dtype: Annotated[str, typer.Option(help="fastxlstm decode state store: float32 or bfloat16")] = "float32",
+    quantization: Annotated[str, typer.Option(help="side by side: fastxlstm with these weights, e.g. bf16,fp8,int8 "
+                                              "(replaces --systems; the peers are not run)")] = "",
 ) -> None:
     """Decode tokens/s vs batch, TTFT and peak memory vs prompt length, time to generate N tokens."""
     from .common import Plan
     from .driver import ORDER, run
-    from .report import markdown, plot, update_benchmarks_md
+    from .report import markdown, markdown_quant, plot, update_benchmarks_md
 
     chosen = [s.strip() for s in systems.split(",") if s.strip()]
+    variants = [q.strip() for q in quantization.split(",") if q.strip()]
+    if variants:
+        bad = [q for q in variants if q not in ("bf16", "fp8", "int8")]
+        if bad:
+            raise typer.BadParameter(f"unknown --quantization {bad}; choose from bf16, fp8, int8")
+        chosen = ["fastxlstm" if q == "bf16" else f"fastxlstm-{q}" for q in variants]
     bad = [s for s in chosen if s not in ORDER]
     if bad:
         raise typer.BadParameter(f"unknown systems {bad}; choose from {', '.join(ORDER)}")
@@ -63,7 +71,7 @@ def bench(
     command = "fastxlstm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     results = run(plan, chosen, out_dir, tag=tag, command=command)
     png = plot(results, out_dir / f"{tag}.png")
-    table = markdown(results)
+    table = markdown_quant(results) if variants else markdown(results)
     typer.echo(table)
     for name, data in results["systems"].items():
         for err in data.get("errors", []):

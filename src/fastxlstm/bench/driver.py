@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .common import Plan
 
-ORDER = ("fastxlstm", "official", "hf-xlstm", "llama")
+ORDER = ("fastxlstm", "fastxlstm-fp8", "fastxlstm-int8", "official", "hf-xlstm", "llama")
 
 
 def _env_for(system: str) -> dict[str, str]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LABELS = {"fastxlstm": "fastxlstm", "official": "official xlstm+mlstm_kernels", "hf-xlstm": "HF xLSTM",
+LABELS = {"fastxlstm": "fastxlstm", "fastxlstm-fp8": "fastxlstm fp8", "fastxlstm-int8": "fastxlstm int8",
+          "official": "official xlstm+mlstm_kernels", "hf-xlstm": "HF xLSTM",
           "llama": "HF Llama-3.1-8B (static+compile)"}
 PEERS = ("official", "hf-xlstm", "llama")
-COLORS = {"fastxlstm": "tab:blue", "official": "tab:orange", "hf-xlstm": "tab:green", "llama": "tab:red"}
+COLORS = {"fastxlstm": "tab:blue", "fastxlstm-fp8": "tab:purple", "fastxlstm-int8": "tab:brown",
+          "official": "tab:orange", "hf-xlstm": "tab:green", "llama": "tab:red"}
 
 
 def _rows(sysdata: dict, kind: str, key: str, value: str) -> dict:
@@ -90,6 +92,40 @@ def markdown(results: dict) -> str:
             kk = f"{k // 1024}k" if key == "prompt_len" and k >= 1024 else str(k)
             lines.append("| " + " | ".join([label.format(kk), _fmt(mine, unit)] + [_fmt(v, unit) for v in vals]
                                            + ratios) + " |")
+    return "\n".join(lines)
+
+
+def markdown_quant(results: dict) -> str:
+    """The ``--quantization`` table: bf16 / fp8 / int8 side by side, each quantized variant's ratio to
+    bf16 (above 1: the quantized variant is better: faster, or less memory), and its KL from bf16."""
+    systems = results["systems"]
+    names = [n for n in ("fastxlstm", "fastxlstm-fp8", "fastxlstm-int8") if n in systems]
+    quant = [n for n in names if n != "fastxlstm"]
+    base = systems.get("fastxlstm", {})
+    head = ["figure"] + [LABELS.get(n, n) for n in names] + [f"{LABELS.get(n, n)} / bf16" for n in quant
+                                                             if "fastxlstm" in systems]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    specs = [("decode", "batch", "tok_s", "decode tok/s, batch {}", "tok/s", True),
+             ("ttft", "prompt_len", "ms", "TTFT ms, prompt {}", "ms", False),
+             ("ttft", "prompt_len", "peak_gb", "peak GB, prefill {}", "GB", False),
+             ("generate", "new_tokens", "s", "generate {} tokens, s (batch 1)", "s", False)]
+    for kind, key, val, label, unit, higher_better in specs:
+        keys = sorted({k for n in names for k in _rows(systems[n], kind, key, val)})
+        for k in keys:
+            vals = [_rows(systems[n], kind, key, val).get(k) for n in names]
+            ratios = []
+            if "fastxlstm" in systems:
+                b = _rows(base, kind, key, val).get(k)
+                for n in quant:
+                    v = _rows(systems[n], kind, key, val).get(k)
+                    ratios.append("-" if not v or not b else f"{(v / b if higher_better else b / v):.2f}x")
+            kk = f"{k // 1024}k" if key == "prompt_len" and k >= 1024 else str(k)
+            lines.append("| " + " | ".join([label.format(kk)] + [_fmt(v, unit) for v in vals] + ratios) + " |")
+    lines.append("| weights GB | " + " | ".join(_fmt(systems[n].get("weights_gb"), "GB") for n in names)
+                 + " |" + " |" * len(quant if "fastxlstm" in systems else []))
+    for what in ("kl_vs_bf16_prefill", "kl_vs_bf16_decode_b1", "top1_agree_prefill", "top1_agree_decode_b1"):
+        cells = [f"{systems[n]['quantization'][what]:.3g}" if "quantization" in systems[n] else "-" for n in names]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |" + " |" * len(quant if "fastxlstm" in systems else []))
     return "\n".join(lines)
 
 

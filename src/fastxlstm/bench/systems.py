@@ -10,6 +10,8 @@ logits only for the last prompt position, as fastxlstm does.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .common import (
@@ -134,10 +136,13 @@ def _decode_loop(plan: Plan, rec: Recorder, eng, batches, kind: str) -> None:
                 break
 
 
-def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
+def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) -> None:
+    """fastxlstm in bf16, or with ``quantization`` (``fp8`` / ``int8`` weights of the blocks, quantized
+    on the GPU from the same bf16 weights; also records the logits' KL divergence from bf16)."""
     from ..config import XLSTMConfig, preset
     from ..engine import LLM, Engine
     from ..engine.engine import capture_graph
+    from ..ops.quant import linear
 
     if plan.model.startswith("random:"):
         cfg = XLSTMConfig(**XLSTM_SMALL, weight_mode="fused") if plan.small else preset(
@@ -149,6 +154,10 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
         model = load(plan.model, device="cuda", dtype=torch.bfloat16, weight_mode="fused")
         cfg = model.config
     vocab = cfg.vocab_size
+    if quantization:
+        from .quant import quantize_against_bf16
+
+        model = quantize_against_bf16(model, quantization, plan, rec)
     wgb = _weights_gb(model)
     rec.set("weights_gb", wgb)
     rec.set("config", {"embedding_dim": cfg.embedding_dim, "num_blocks": cfg.num_blocks, "vocab": vocab})
@@ -214,11 +223,11 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
 
             def gemms(x=x, hmid=hmid, hv=hv):
                 for lw in runner.layers:
-                    torch.nn.functional.linear(x, lw.w_in)
-                    torch.nn.functional.linear(hv, lw.w_out)
-                    torch.nn.functional.linear(x, lw.w_up)
-                    torch.nn.functional.linear(hmid, lw.w_down)
-                torch.nn.functional.linear(x, runner.lm_head)
+                    linear(x, lw.w_in)
+                    linear(hv, lw.w_out)
+                    linear(x, lw.w_up)
+                    linear(hmid, lw.w_down)
+                linear(x, runner.lm_head)
 
             g, _ = capture_graph(gemms, warmup=1)
             floor[b] = _decode_timing(g.replay, 20)
@@ -234,7 +243,7 @@ def run_fastxlstm(plan: Plan, rec: Recorder) -> None:
     free_memory()
 
     # The opt-in bf16 state store (C in bf16, float32 math) at the batch sizes it is for.
-    if plan.state_dtype == "float32" and not plan.small:
+    if plan.state_dtype == "float32" and not plan.small and not quantization:
         extra = [b for b in plan.batch_sizes if b in (32, 128, 256)]
         if extra and not rec.out_of_time("decode_bf16_state", need_s=25):
             try:
@@ -458,4 +467,6 @@ def run_llama(plan: Plan, rec: Recorder) -> None:
                 break
 
 
-SYSTEMS = {"fastxlstm": run_fastxlstm, "official": run_official, "hf-xlstm": run_hf_xlstm, "llama": run_llama}
+SYSTEMS = {"fastxlstm": run_fastxlstm, "official": run_official, "hf-xlstm": run_hf_xlstm, "llama": run_llama,
+           "fastxlstm-fp8": functools.partial(run_fastxlstm, quantization="fp8"),
+           "fastxlstm-int8": functools.partial(run_fastxlstm, quantization="int8")}

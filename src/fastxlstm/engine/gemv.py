@@ -86,8 +86,10 @@ if HAS_TRITON:
 CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 
-#: the same for 1-byte (int8 / FP8) weights
-CONFIGS_8BIT: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+#: the same for 1-byte (int8 / FP8) weights: the best of the H200 sweep (2026-12-03, benchmarks/quant_gpu.py,
+#: FP8 weights: 2.70 / 2.43 / 2.95 TB/s; w_down keeps the default below, 3.02 TB/s)
+CONFIGS_8BIT: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (12304, 4096): (8, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3), (21888, 4096): (8, 1024, 4, 3)}
 
 
 def gemv_config(n: int, k: int, weight_bytes: int = 2) -> tuple[int, int, int, int]:

@@ -12,8 +12,9 @@ the output has ``x``'s dtype. Which math runs depends on the device and the numb
 * CUDA, ``M <= WO_MAX_ROWS`` (decode batches): weight-only, the Triton kernel of
   :mod:`fastxlstm.ops.triton._quant` dequantizes the weight tile in registers (int8 and fp8);
 * CUDA, larger ``M`` (prefill, large batches): fp8 -> W8A8 ``torch._scaled_mm`` with dynamic
-  per-token activation scales (e4m3, ``amax / 448`` per row) and the per-channel weight scales;
-  int8 -> the weight dequantized to ``x``'s dtype, then cuBLAS;
+  per-token activation scales (e4m3, ``amax / 448`` per row, one Triton launch) and the per-channel
+  weight scales (cuBLAS needs N and K multiples of 16; other shapes stay weight-only); int8 -> the
+  weight cast to ``x``'s dtype (exact), cuBLAS, the output columns scaled in place;
 * CPU: the weight is dequantized to ``x``'s dtype and ``F.linear`` runs (the reference math; weight
   memory is what quantization saves there, not time). torch's int8 weight-only CPU kernel
   (``torch._weight_int8pack_mm``) was 3-4x slower than this on the embedded model (torch 2.13, 2 cores).
@@ -33,8 +34,9 @@ from torch import Tensor
 SCHEMES = ("int8", "fp8")
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8": 448.0}
-#: rows up to which CUDA runs the weight-only Triton kernel (above: W8A8 for fp8, dequantize + cuBLAS for int8)
-WO_MAX_ROWS = 16
+#: rows up to which CUDA runs the weight-only Triton kernel per scheme (above: W8A8 for fp8, int8 weights cast
+#: to bf16 + cuBLAS); from the H200 sweep of 2026-12-03 (BENCHMARKS.md, Quantization)
+WO_MAX_ROWS = {"fp8": 16, "int8": 32}
 
 
 class QuantWeight(NamedTuple):
@@ -122,8 +124,10 @@ def fp8_linear_w8a8(x: Tensor, weight: QuantWeight) -> Tensor:
     scales) through ``torch._scaled_mm`` (float32 accumulation); output in ``x``'s dtype."""
     if weight.data.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fp8_linear_w8a8 needs float8_e4m3fn weights, got {weight.data.dtype}")
-    xq, sx = quantize_rows_fp8(x)
-    return torch._scaled_mm(xq, weight.data.t(), scale_a=sx, scale_b=weight.scale.t(), out_dtype=x.dtype)
+    xq, sx = _triton_quant().quantize_rows_fp8(x) if x.is_cuda else quantize_rows_fp8(x)
+    out_dtype = torch.bfloat16 if x.is_cuda else x.dtype  # cuBLAS' row-wise scaled matmul writes bf16 only
+    y = torch._scaled_mm(xq, weight.data.t(), scale_a=sx, scale_b=weight.scale.t(), out_dtype=out_dtype)
+    return y.to(x.dtype)
 
 
 def _triton_quant():
@@ -140,12 +144,13 @@ def linear(x: Tensor, weight: Tensor | QuantWeight, bias: Tensor | None = None) 
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
     if x.device.type == "cuda":
-        if rows <= WO_MAX_ROWS:
+        fp8 = weight.data.dtype == torch.float8_e4m3fn
+        if rows <= WO_MAX_ROWS[weight.scheme] or (fp8 and (n % 16 or k % 16)):
             y = _triton_quant().wo_matmul(x2, weight.data, weight.scale)
-        elif weight.data.dtype == torch.float8_e4m3fn:
+        elif fp8:
             y = fp8_linear_w8a8(x2, weight)
-        else:
-            y = F.linear(x2, dequantize(weight, x.dtype))
+        else:  # int8 values are bf16 / fp16 values: cast, multiply, scale the output columns in place
+            y = F.linear(x2, weight.data.to(x.dtype)).mul_(weight.scale.view(1, -1))
     else:
         y = F.linear(x2, dequantize(weight, x.dtype))
     if bias is not None:

@@ -74,6 +74,8 @@ def serve(
         "--disable-uvicorn-access-log", help="No access-log line per request")] = False,
     device: str | None = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
+    quantization: Annotated[str | None, typer.Option(help="Quantize the blocks' weights at load: fp8 or int8")]
+    = None,
     log_level: str = "info",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
@@ -99,11 +101,13 @@ def serve(
     try:
         if scheduler_process:  # the worker process loads the model; here only the tokenizer and template
             net = WorkerSpec(load_model_and_tokenizer, (model,),
-                             {"device": device, "dtype": _dtype(dtype), "weight_mode": "fused"})
+                             {"device": device, "dtype": _dtype(dtype), "weight_mode": "fused",
+                              "quantization": quantization})
             source_dir = None if model.startswith("random:") else resolve_model_dir(model)
             tok = Tokenizer.byte_level() if source_dir is None else Tokenizer.from_dir(source_dir)
         else:
-            net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused")
+            net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused",
+                                                quantization=quantization)
             source_dir = getattr(net, "source_dir", None)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         fail(str(e))

@@ -299,3 +299,26 @@ def test_cli_quantization_options(monkeypatch):
     assert res.exit_code == 1 and "unknown quantization 'int4'" in res.output and "Traceback" not in res.output
     res = cli.invoke(app, ["bench", "--quantization", "bf16,fp4"])
     assert res.exit_code != 0 and "fp4" in res.output
+
+
+def test_bench_quantized_variant_and_table(tmp_path):
+    """``fastxlstm bench --quantization``'s set-up of a quantized variant (run here on the CPU with a small
+    model: the benchmark itself needs a GPU) records the KL from bf16, and the side-by-side table reads it."""
+    from fastxlstm.bench.common import Plan, Recorder
+    from fastxlstm.bench.quant import quantize_against_bf16
+    from fastxlstm.bench.report import markdown_quant
+
+    model = perturbed_model(CFG.replace(weight_mode="fused"), seed=8)
+    rec = Recorder("fastxlstm-int8", tmp_path / "r.json", 60)
+    out = quantize_against_bf16(model, "int8", Plan(), rec)
+    assert out is model and isinstance(model.backbone.blocks[0].ffn.proj_down, QuantLinear)
+    q = rec.data["quantization"]
+    assert 0 < q["kl_vs_bf16_prefill"] < 0.05 and 0 < q["kl_vs_bf16_decode_b1"] < 0.05, q
+    assert 0.5 < q["top1_agree_prefill"] <= 1 and 0.5 < q["top1_agree_decode_b1"] <= 1, q
+    base = {"decode": [{"batch": 1, "tok_s": 100.0}], "ttft": [{"prompt_len": 2048, "ms": 50.0, "peak_gb": 14.0}],
+            "weights_gb": 13.7}
+    fp8 = {"decode": [{"batch": 1, "tok_s": 150.0}], "ttft": [{"prompt_len": 2048, "ms": 40.0, "peak_gb": 7.0}],
+           "weights_gb": 7.0, "quantization": q}
+    table = markdown_quant({"systems": {"fastxlstm": base, "fastxlstm-fp8": fp8}})
+    assert "| decode tok/s, batch 1 | 100 | 150 | 1.50x |" in table
+    assert "| TTFT ms, prompt 2k | 50.0 | 40.0 | 1.25x |" in table and "kl_vs_bf16_prefill" in table

@@ -44,7 +44,7 @@ def quantize_against_bf16(model, scheme: str, plan: Plan, rec: Recorder):
     from ..model.quant import quantize_model
 
     vocab = model.config.vocab_size
-    ids = seeded_tokens(256, vocab, batch=4, seed=7)
+    ids = seeded_tokens(256, vocab, batch=4, device=str(model.device), seed=7)
     prompt = ids[:1, :64]
     with torch.no_grad():
         ref = model(ids)[0].flatten(0, 1)

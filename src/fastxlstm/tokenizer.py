@@ -52,11 +52,24 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool | None = None, release_gil: bool = False) -> list[int]:
+        """Token ids of ``text``. ``release_gil``: through ``encode_batch``, which lets other Python threads run
+        while Rust tokenises (``encode`` holds the GIL throughout); the same ids."""
+        if release_gil:
+            ids = self.tok.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self.tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
+
+    def max_text_bytes_per_token(self) -> int:
+        """An upper bound on the UTF-8 bytes of input text one token can cover: a text of more than ``n`` times
+        this many bytes has more than ``n`` tokens. The longest single token's text (specials included), times 4
+        when the tokenizer normalises (NFC/NFKC can shrink text up to 4x, e.g. a 4-byte math letter to 'A')."""
+        texts = self.tok.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        longest = max(1, *(len(t.encode("utf-8", "surrogatepass")) for t in texts))
+        return longest * (4 if self.tok.normalizer is not None else 1)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

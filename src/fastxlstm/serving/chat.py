@@ -19,10 +19,10 @@ from .sse import SSEChunks, event_stream
 async def chat_completions(server: ServerState, request: Request):
     """One chat-completions call (the caller has checked the API key)."""
     config = server.config
-    body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)  # type: ignore[assignment]
+    body: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest, server.off_loop)  # type: ignore[assignment]
     server.check_model(body.model)
     server.check_n(body.n, 1)
-    ids, points = server.chat_prompt(body)
+    ids, points = await server.off_loop(server.chat_prompt, body)
     top = body.top_logprobs or 0
     params = server.params(body, len(ids), body.max_new_tokens, config.default_max_tokens,
                            top if body.logprobs else None)

@@ -20,7 +20,7 @@ from .sse import SSEChunks, event_stream, sse_event
 async def completions(server: ServerState, request: Request):
     """One completions call (the caller has checked the API key)."""
     config, tokenizer = server.config, server.tokenizer
-    body: CompletionRequest = await parse_body(request, CompletionRequest)  # type: ignore[assignment]
+    body: CompletionRequest = await parse_body(request, CompletionRequest, server.off_loop)  # type: ignore[assignment]
     server.check_model(body.model)
     prompts = body.prompts()
     if len(prompts) > config.max_prompts:
@@ -29,15 +29,15 @@ async def completions(server: ServerState, request: Request):
     reqs, texts = [], []
     for p in prompts:
         if isinstance(p, str):
-            ids = server.encode(p)
-            texts.append(p)
+            ids = await server.off_loop(server.encode, p)
+        elif not p:
+            raise APIError(400, "a token-id prompt must not be empty", param="prompt")
         else:
-            if not p:
-                raise APIError(400, "a token-id prompt must not be empty", param="prompt")
-            server.check_ids(p, "prompt")
             ids = p
-            texts.append(tokenizer.decode(p))
-        params = server.params(body, len(ids), body.max_tokens, 16, body.logprobs)
+        params = server.params(body, len(ids), body.max_tokens, 16, body.logprobs)  # the length first
+        if not isinstance(p, str):
+            server.check_ids(p, "prompt")
+        texts.append(p if isinstance(p, str) else tokenizer.decode(p) if body.echo else "")
         reqs.append(GenerationRequest(ids, params, body.n, timeout=config.request_timeout))
     call = Call(server, reqs, body.n, body.stop, body.include_stop_str_in_output)
     call.submit()

@@ -152,11 +152,7 @@ def _param(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if p not in ("body",)) or None
 
 
-async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (ctype == "application/json" or ctype.endswith("+json")):  # text/plain or none: what a cross-site
-        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")  # page can send
-    raw = await request.body()
+def _decode(raw: bytes) -> object:
     if not raw.strip():
         raise APIError(400, "the request body is empty; expected a JSON object")
     try:
@@ -164,9 +160,28 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
     except UnicodeDecodeError as e:
         raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
+
+
+OFF_LOOP_BYTES = 64 * 1024  # bodies larger than this are parsed in the text threads, not on the event loop
+
+
+async def parse_body(request: Request, schema: type[BaseModel], off_loop=None) -> BaseModel:
+    """The body as ``schema``; a body over ``OFF_LOOP_BYTES`` is decoded and validated through ``off_loop``
+    (``ServerState.off_loop``) when given."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (ctype == "application/json" or ctype.endswith("+json")):  # text/plain or none: what a cross-site
+        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}")  # page can send
+    raw = await request.body()
+    if off_loop is not None and len(raw) > OFF_LOOP_BYTES:
+        return await off_loop(_validate, raw, schema)
+    return _validate(raw, schema)
+
+
+def _validate(raw: bytes, schema: type[BaseModel]) -> BaseModel:
+    data = _decode(raw)
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:

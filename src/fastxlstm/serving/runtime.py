@@ -44,6 +44,10 @@ class ServeConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     body_timeout: float | None = 30.0  # seconds for a request body to arrive after its headers (408 after)
     max_prompts: int = 64  # prompts in one /v1/completions call
+    max_messages: int = 2048  # messages in one chat request
+    max_prompt_bytes: int | None = None  # UTF-8 bytes of one prompt's text (None: max_model_len x the bytes one
+    # token can cover, so nothing that could fit is refused); checked before the text is tokenised
+    tokenizer_threads: int = 2  # threads that render chat templates and tokenise, off the event loop
     api_key: str | None = None  # bearer token for every path but /health (and /metrics when public_metrics)
     public_metrics: bool = False
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # trusted Host header names (None or "*": any)

@@ -4,7 +4,9 @@ context length, sampling parameters, ``n``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..tokenizer import Tokenizer
 from .chat_template import ChatTemplate, ChatTemplateError
@@ -42,6 +44,12 @@ class ServerState:
         self.created = now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
         self._pieces: dict[int, str] = {}
+        self.max_prompt_bytes = config.max_prompt_bytes or config.max_model_len * tokenizer.max_text_bytes_per_token()
+        self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="fastxlstm-text")
+
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` in the text threads (chat templates, tokenising), so the event loop keeps serving."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def piece(self, token_id: int) -> str:
         """The text of one token on its own (special tokens included), memoised per token id."""
@@ -56,9 +64,19 @@ class ServerState:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {self.config.model_name!r}",
                            param="model", code="model_not_found")
 
-    def encode(self, text: str) -> list[int]:
+    def check_text(self, text: str, param: str) -> None:
+        """Refuse, before tokenising, a text too long to fit ``max_model_len`` tokens whatever its tokens."""
+        limit, n = self.max_prompt_bytes, len(text)
+        if n > limit or (4 * n > limit and len(text.encode("utf-8", "surrogatepass")) > limit):
+            raise APIError(400, f"This model's maximum context length is {self.config.max_model_len} tokens; the "
+                                f"{param} has more than {limit} bytes of text, more than that many tokens hold",
+                           param=param, code="context_length_exceeded")
+
+    def encode(self, text: str, param: str = "prompt") -> list[int]:
+        """Token ids of a prompt text (length-checked first; call it through :meth:`off_loop`)."""
+        self.check_text(text, param)
         try:
-            ids = self.tokenizer.encode(text)
+            ids = self.tokenizer.encode(text, release_gil=True)
         except Exception as e:  # e.g. lone surrogates that are no valid Unicode text
             raise APIError(400, f"the prompt cannot be tokenized: {type(e).__name__}", param="prompt") from None
         if not ids:
@@ -112,14 +130,18 @@ class ServerState:
                                 f"{self.config.max_waiting}", param="n")
 
     def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], tuple[int, ...]]:
-        """Prompt token ids and the chat-turn boundaries worth caching (system prompt end, previous turn end)."""
+        """Prompt token ids and the chat-turn boundaries worth caching (system prompt end, previous turn end).
+        Bounded before any rendering (message count, text length); call it through :meth:`off_loop`."""
+        if len(body.messages) > self.config.max_messages:
+            raise APIError(400, f"at most {self.config.max_messages} messages per request", param="messages")
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
+        self.check_text("".join(m["content"] for m in messages), "messages")
         try:
             text = self.chat_template.render(messages, body.add_generation_prompt, body.continue_final_message)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
-        ids = self.encode(text)
+        ids = self.encode(text, "messages")
         points: list[int] = []
         if self.config.cache_chat_turns and self.config.prefix_cache_bytes > 0:
             n_sys = next((i for i, m in enumerate(messages) if m["role"] not in ("system", "developer")),
@@ -133,7 +155,7 @@ class ServerState:
                     continue
                 if not prefix or not text.startswith(prefix):
                     continue
-                prefix_ids = self.tokenizer.encode(prefix)
+                prefix_ids = self.tokenizer.encode(prefix, release_gil=True)
                 if 0 < len(prefix_ids) < len(ids) and ids[: len(prefix_ids)] == prefix_ids:
                     points.append(len(prefix_ids))
         return ids, tuple(points)

@@ -456,8 +456,8 @@ def test_one_failing_request_does_not_hurt_others(tiny, backend):
 
 
 def test_graceful_shutdown_drains_running_requests(tiny):
-    srv = start(tiny, max_slots=2).__enter__()
-    srv.server.config.timeout_graceful_shutdown = 30
+    _, model, tok = tiny  # the drain (running requests finish first) is the app's drain_timeout
+    srv = ServerThread(build_app(model, tok, ServeConfig(model_name="tiny", max_slots=2), drain_timeout=30)).__enter__()
     result = {}
 
     def run():

@@ -50,9 +50,18 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
             yield
         finally:
             await asyncio.to_thread(server.scheduler.shutdown, drain_timeout)
+            server.pool.shutdown(wait=False)
 
     app = FastAPI(title="fastxlstm", version="0.1.0", lifespan=lifespan)
     app.state.server = server
+
+    async def drain() -> None:
+        """On the stop signal, while the socket still listens (``serving.http.DrainingServer``): stop admitting
+        (new and queued requests get 503 + Retry-After, /health 503), let running requests finish for up to
+        ``drain_timeout`` s, then end the rest with an error event (streams: then ``[DONE]``)."""
+        await asyncio.to_thread(server.scheduler.shutdown, drain_timeout)
+
+    app.state.drain = drain
     app.add_middleware(GuardMiddleware, max_body_bytes=config.max_body_bytes, metrics=server.metrics,
                        allowed_hosts=config.allowed_hosts, api_key=config.api_key,
                        public_metrics=config.public_metrics, body_timeout=config.body_timeout)

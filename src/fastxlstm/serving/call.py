@@ -112,7 +112,8 @@ class Call:
                 self.cached_tokens += ev.cached_tokens
             elif isinstance(ev, ErrorEvent):
                 self.cancel()
-                raise APIError(ev.status, ev.message, code=ev.code)
+                raise APIError(ev.status, ev.message, code=ev.code,
+                               retry_after=self.server.config.retry_after if ev.status == 503 else None)
 
     async def batches(self) -> AsyncIterator[list[Update]]:
         """Updates as they come; whatever queued up meanwhile is merged into one update per choice, so a

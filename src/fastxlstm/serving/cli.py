@@ -82,8 +82,6 @@ def serve(
     import os
     import sys
 
-    import uvicorn
-
     sys.setswitchinterval(gil_switch_ms / 1000)  # the scheduler and HTTP threads share one GIL
 
     # read when the kernels are first imported (below, with the model)
@@ -94,7 +92,7 @@ def serve(
     from ..tokenizer import Tokenizer
     from .app import build_app
     from .chat_template import ChatTemplate
-    from .http import HTTPOptions, raise_fd_limit, uvicorn_config
+    from .http import DrainingServer, HTTPOptions, raise_fd_limit, uvicorn_config
     from .runtime import LOOPBACK_HOSTS, ServeConfig
     from .worker import WorkerSpec
 
@@ -148,7 +146,7 @@ def serve(
                           limit_concurrency=limit_concurrency, backlog=backlog, timeout_keep_alive=timeout_keep_alive,
                           h11_max_incomplete_event_size=h11_max_incomplete_event_size,
                           access_log=not disable_uvicorn_access_log)
-    server = uvicorn.Server(uvicorn_config(app, host, port, options, log_level, drain_timeout or None))
+    server = DrainingServer(uvicorn_config(app, host, port, options, log_level, drain_timeout or None))
     try:
         server.run()
     except KeyboardInterrupt:

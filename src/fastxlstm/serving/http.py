@@ -13,6 +13,7 @@ idle connections cannot take the descriptors a health check needs. The body's de
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 import time
@@ -123,6 +124,23 @@ class GuardedH11Protocol(H11Protocol):
 def guarded_protocol(options: HTTPOptions) -> type[GuardedH11Protocol]:
     attrs = {"header_timeout": options.header_timeout, "max_connections": options.connection_cap()}
     return type("GuardedH11Protocol", (GuardedH11Protocol,), attrs)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but on the stop signal (SIGINT/SIGTERM, ``should_exit``) the app drains first
+    (``app.state.drain``: refuse new work with 503, finish or end what runs) while the socket still listens, so
+    new clients get a 503 + Retry-After instead of a refused connection; then uvicorn's own shutdown closes the
+    listener and waits for the responses to end (``timeout_graceful_shutdown``)."""
+
+    async def shutdown(self, sockets=None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None:
+            try:
+                await drain()
+            except Exception:
+                log.exception("draining failed")
+            await asyncio.sleep(0.05)  # let the last events reach their streams
+        await super().shutdown(sockets)
 
 
 def uvicorn_config(app, host: str, port: int, options: HTTPOptions | None = None, log_level: str = "info",

@@ -325,6 +325,9 @@ class Scheduler:
                 self.waiting.extend(self._inbox)
                 self._inbox.clear()
                 stop = self._stop
+                if not self._accepting:  # draining: queued requests are answered now, not after the drain
+                    for req in list(self.waiting):
+                        self._fail(req, ErrorEvent(503, "the server is shutting down", "shutting_down"))
             prof.lap("idle")
             if stop:
                 self._abort_all(ErrorEvent(503, "the server shut down before this request finished", "shutdown"))
@@ -439,6 +442,8 @@ class Scheduler:
             log.error("request %s failed: %s", req.id, "".join(traceback.format_exception(exc)))
             self.metrics.errors.inc()
             event = ErrorEvent(500, f"generation failed: {type(exc).__name__}: {exc}", "internal_error")
+        self.metrics.finished.labels(reason="abort").inc(sum(not c.done for c in req.choices) if req.choices
+                                                         else req.n)  # failed, timed out, shut down
         self._drop(req, notify=False)
         if req in self.waiting:
             self.waiting.remove(req)
@@ -456,6 +461,7 @@ class Scheduler:
         for req in list(self.waiting):
             if req.cancelled:
                 self.waiting.remove(req)
+                self.metrics.finished.labels(reason="abort").inc(req.n)  # the client left while it waited
                 self._post(req, ErrorEvent(499, "cancelled", "cancelled"))
             elif req.deadline is not None and now > req.deadline:
                 self._fail(req, ErrorEvent(408, "the request timed out while waiting for a slot", "timeout"))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-import uvicorn
-
-from .http import HTTPOptions, uvicorn_config
+from .http import DrainingServer, HTTPOptions, uvicorn_config
 
 
 class ServerThread:
@@ -16,7 +14,7 @@ class ServerThread:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                  graceful_timeout: float | None = None, http: HTTPOptions | None = None):
-        self.server = uvicorn.Server(uvicorn_config(app, host, port, http, log_level, graceful_timeout))
+        self.server = DrainingServer(uvicorn_config(app, host, port, http, log_level, graceful_timeout))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
         self.port = port

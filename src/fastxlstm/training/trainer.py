@@ -186,17 +186,20 @@ class Trainer:
     @contextlib.contextmanager
     def _checkpoint_on_signals(self):
         """SIGTERM and SIGINT (Ctrl-C) let the current step finish, then write a checkpoint and exit with
-        128 + the signal number; a second signal stops at once (KeyboardInterrupt)."""
+        128 + the first signal's number; a Ctrl-C while stopping stops at once (KeyboardInterrupt). More
+        SIGTERMs change nothing (torchrun's agent sends its workers two)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def handler(signum, frame):
             if self.stop_signal is not None:
-                raise KeyboardInterrupt
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
             self.stop_signal = signum
             tqdm.write(f"{signal.Signals(signum).name}: writing a checkpoint after this step, then stopping "
-                       "(again to stop at once)")
+                       "(Ctrl-C to stop at once)")
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:

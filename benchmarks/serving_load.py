@@ -144,9 +144,10 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
 
     from fastxlstm.checkpoint import load
     from fastxlstm.engine.backend import EngineSlotBackend
-    from fastxlstm.serving.prefix_cache import PrefixCache, clone_state
+    from fastxlstm.serving.prefix_cache import PrefixCache
     from fastxlstm.serving.sampling import SamplingParams
     from fastxlstm.serving.scheduler import GenerationRequest, Scheduler
+    from fastxlstm.state import clone_state
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"

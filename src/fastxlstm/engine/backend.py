@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..generation.sampling import SamplingParams
 from ..model import XLSTMForCausalLM
-from ..ops import State
+from ..state import State
 from .engine import Engine
 from .prefill_graph import PrefillGraphs
 from .transfer import to_device
@@ -99,7 +99,7 @@ class EngineSlotBackend:
         state untouched, so each row computes what it would alone); start states all None or all given.
         Returns the logits after each prompt's last token ``[n, V]`` and batch-1 states (views of one
         batched state: copy before keeping them past the next prefill, as the prefix cache does)."""
-        from ..serving.slots import split_state, stack_states
+        from ..state import split_state, stack_states
 
         if not tokens or len(states) != len(tokens) or not all(len(t) for t in tokens):
             raise ValueError("prefill_batch needs non-empty prompts and one state (or None) each")
@@ -138,7 +138,7 @@ class EngineSlotBackend:
         log-probabilities ``[n, steps]``. Needs the slots configured greedy, which :meth:`load` does.
         ``tokens`` (the first inputs) may be a device tensor, e.g. the last column of a window whose
         tokens the caller has not read yet: the next window queues behind it with no host round trip."""
-        from ..serving.slots import chosen_logprobs
+        from ..generation.logprobs import chosen_logprobs
 
         if len(slots) != len(tokens) or not slots or steps < 1:
             raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")

@@ -18,7 +18,7 @@ from ..generation.sampling import (
     uniform_from_seed,
 )
 from ..model import XLSTMForCausalLM
-from ..ops import State
+from ..state import State
 from .cuda_graph import capture_graph
 from .prefill_graph import PrefillGraphs
 from .runner import Runner

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..ops import State
+from ..state import FlatState, State, state_tensors
 from . import kernels as K
 from .cuda_graph import capture_graph
 from .transfer import to_device
@@ -37,34 +37,6 @@ def padding_mask(lengths: Tensor, s: int) -> Tensor:
     """``[b*s]`` bool: position ``p < lengths[row]`` of each row's ``s`` positions (right padding)."""
     pos = torch.arange(s, device=lengths.device)
     return (pos[None, :] < lengths[:, None]).view(-1)
-
-
-def _flat(state: Sequence[State]) -> list[Tensor]:
-    """The tensors of a per-block state, block after block."""
-    return [t for layer in state for t in layer]
-
-
-class FlatState:
-    """Per-block ``(C, n, m)`` views of one float32 buffer ``[B, numel]``: a whole sequence's state
-    in one row, so that a batch of states is copied or cloned with one kernel."""
-
-    def __init__(self, batch: int, num_blocks: int, nh: int, dqk: int, dv: int, device: torch.device):
-        self.shapes = ((nh, dqk, dv), (nh, dqk), (nh,))
-        self.sizes = [nh * dqk * dv, nh * dqk, nh]
-        self.num_blocks = num_blocks
-        self.buffer = torch.zeros(batch, num_blocks * sum(self.sizes), device=device)
-
-    def views(self, flat: Tensor) -> list[State]:
-        """The per-block states of the rows of ``flat`` (``[b, numel]``, this layout)."""
-        b = flat.shape[0]
-        out, off = [], 0
-        for _ in range(self.num_blocks):
-            layer = []
-            for size, shape in zip(self.sizes, self.shapes):
-                layer.append(flat[:, off:off + size].view(b, *shape))
-                off += size
-            out.append(tuple(layer))
-        return out
 
 
 class _Graph:
@@ -97,7 +69,7 @@ class _Graph:
         b, s = self.batch, self.length
         state: list = list(self.start_views)
         x, delta = runner.blocks(self.ids, state, padding_mask(self.lengths, s))
-        torch._foreach_copy_(_flat(self.end_views), _flat(state))
+        torch._foreach_copy_(state_tensors(self.end_views), state_tensors(state))
         last = torch.arange(b, device=x.device) * s + self.lengths - 1
         x_last = x.index_select(0, last)
         x_last += delta.index_select(0, last)
@@ -165,6 +137,6 @@ class PrefillGraphs:
         if state is None:
             g.start.buffer[:b].zero_()
         else:
-            torch._foreach_copy_([t[:b] for t in _flat(g.start_views)], _flat(state))
+            torch._foreach_copy_([t[:b] for t in state_tensors(g.start_views)], state_tensors(state))
         g.replay()
         return g.hidden[:b].clone(), g.end.views(g.end.buffer[:b].clone())

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 
 from ..model import XLSTMForCausalLM
 from ..model.quant import QuantLinear
-from ..ops import State, mlstm_chunkwise, resolve_backend
+from ..ops import mlstm_chunkwise, resolve_backend
 from ..ops.quant import QuantWeight, linear
 from ..ops.reference import mlstm_step_reference
+from ..state import State, zero_state
 from . import kernels as K
 from .prefill_graph import PrefillGraphs, padding_mask
 from .transfer import to_device
@@ -349,7 +350,7 @@ class Runner:
             y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
             if s == 1:
                 if state[idx] is None:
-                    state[idx] = self._zero_state(b)
+                    state[idx] = zero_state(b, self.nh, self.dqk, self.dv, self.device)
                 c, n, m = (t.clone() for t in state[idx])
                 h = self._mlstm_step(lw, y, c, n, m, real)
                 state[idx] = (c, n, m)
@@ -359,11 +360,6 @@ class Runner:
             del h
             delta = self._ffn(lw, y)
         return x, delta
-
-    def _zero_state(self, b: int) -> State:
-        dev = self.device
-        return (torch.zeros(b, self.nh, self.dqk, self.dv, device=dev),
-                torch.zeros(b, self.nh, self.dqk, device=dev), torch.zeros(b, self.nh, device=dev))
 
     # ---------------------------------------------------------------------- decode
     @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import save_safetensors
-from ..ops import State
+from ..state import State, state_to
 
 FORMAT = "fastxlstm-sequence-state/1"
 # dtypes a saved state may hold: C in the engine's state dtype (float32 or bfloat16), n, m, logits float32
@@ -49,7 +49,7 @@ class SequenceState:
 
     def to(self, device: torch.device | str) -> SequenceState:
         return SequenceState(
-            [tuple(t.to(device) for t in layer) for layer in self.layers], list(self.token_ids),
+            state_to(self.layers, device), list(self.token_ids),
             None if self.logits is None else self.logits.to(device), self.pending_token, self.rng_counter,
         )
 

@@ -1,5 +1,5 @@
 """The xLSTM 7B model family."""
 
-from .xlstm import ModelState, XLSTMBlock, XLSTMForCausalLM, build_model
+from .xlstm import XLSTMBlock, XLSTMForCausalLM, build_model
 
-__all__ = ["ModelState", "XLSTMBlock", "XLSTMForCausalLM", "build_model"]
+__all__ = ["XLSTMBlock", "XLSTMForCausalLM", "build_model"]

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import XLSTMConfig
-from ..ops import State, mlstm_chunkwise, mlstm_step
+from ..ops import mlstm_chunkwise, mlstm_step
+from ..state import State
 from .norms import MultiHeadLayerNorm
 
 

@@ -10,12 +10,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import XLSTMConfig
-from ..ops import State
+from ..state import ModelState, State
 from .ffn import FeedForward
 from .mlstm_layer import MLSTMLayer, soft_cap
 from .norms import MultiHeadLayerNorm, RMSNorm
-
-ModelState = list[State]
 
 
 class XLSTMBlock(nn.Module):

@@ -17,13 +17,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..state import State, zero_state
 from .reference import (
-    State,
     mlstm_chunkwise_reference,
     mlstm_parallel_reference,
     mlstm_recurrent_reference,
     mlstm_step_reference,
-    zero_state,
 )
 
 Backend = Literal["auto", "reference", "triton"]

@@ -21,23 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-State = tuple[Tensor, Tensor, Tensor]
+from ..state import State, zero_state
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def zero_state(
-    batch: int, num_heads: int, dqk: int, dv: int, device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> State:
-    """The all-zero state (what ``initial_state=None`` means)."""
-    return (
-        torch.zeros(batch, num_heads, dqk, dv, device=device, dtype=dtype),
-        torch.zeros(batch, num_heads, dqk, device=device, dtype=dtype),
-        torch.zeros(batch, num_heads, device=device, dtype=dtype),
-    )
 
 
 def _state_or_zeros(state: State | None, q: Tensor, v: Tensor, dtype: torch.dtype) -> State:

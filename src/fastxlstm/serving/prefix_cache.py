@@ -28,19 +28,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..model import ModelState
+from ..state import ModelState, clone_state
 
 BLOCK = 32  # tokens per hashed block
 TENSOR_OVERHEAD = 640  # bytes per stored tensor besides its data (tensor objects, allocator rounding; measured)
 ENTRY_OVERHEAD = 1024  # bytes per entry for the index (entry and key objects, dict slots, block counters)
-
-
-def state_nbytes(state: ModelState) -> int:
-    return sum(t.numel() * t.element_size() for layer in state for t in layer)
-
-
-def clone_state(state: ModelState) -> ModelState:
-    return [tuple(t.clone() for t in layer) for layer in state]
 
 
 def _tensor_cost(t: Tensor) -> int:

@@ -42,10 +42,12 @@ import torch
 from torch import Tensor
 
 from ..engine.transfer import to_device
+from ..generation.logprobs import chosen_logprobs
+from ..state import ModelState
 from .metrics import Metrics
-from .prefix_cache import ModelState, PrefixCache
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, SequenceSampler
-from .slots import SlotBackend, chosen_logprobs
+from .slots import SlotBackend
 
 log = logging.getLogger("fastxlstm.serving")
 

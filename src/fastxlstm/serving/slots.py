@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .prefix_cache import ModelState, state_nbytes
+from ..generation.logprobs import chosen_logprobs
+from ..state import ModelState, split_state, stack_states, state_nbytes
 
 
 class SlotBackend(Protocol):
@@ -57,29 +58,6 @@ class BatchedSlotBackend(SlotBackend, Protocol):
         """``steps`` greedy decode steps, each argmax fed back on the device; tokens ``[n, steps]`` (no host
         read) and, with ``logprobs``, their float32 log-probabilities ``[n, steps]``. The input ``tokens`` may
         be a device tensor (the scheduler launches a window behind one whose tokens it has not read)."""
-
-
-def chosen_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Log-probability of ``tokens [n]`` under ``logits [n, V]`` (as the scheduler computes it)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
-
-
-def split_state(state: ModelState, n: int, copy: bool = True) -> list[ModelState]:
-    """Rows of a batched state as ``n`` batch-1 states: copies (so no row keeps the batch alive), or
-    with ``copy=False`` views (no device work; whoever keeps one for long copies it)."""
-    if not copy:
-        return [[tuple(t[j:j + 1] for t in layer) for layer in state] for j in range(n)]
-    return [[tuple(t[j:j + 1].clone() for t in layer) for layer in state] for j in range(n)]
-
-
-def stack_states(states: Sequence[ModelState | None], device: torch.device) -> ModelState | None:
-    """One batched state from batch-1 states (None if they are all None); mixing is an error."""
-    if all(s is None for s in states):
-        return None
-    if any(s is None for s in states):
-        raise ValueError("cannot batch prompts with and without a start state")
-    return [tuple(torch.cat([s[i][k].to(device) for s in states]) for k in range(len(states[0][i])))
-            for i in range(len(states[0]))]
 
 
 def warm_prefill(backend: SlotBackend, max_len: int, force: bool = False, budget: int | None = None) -> int:

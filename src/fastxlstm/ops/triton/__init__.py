@@ -24,12 +24,11 @@ except Exception as exc:  # pragma: no cover - depends on the installation
 import torch
 from torch import Tensor
 
+from ...state import State
 from ..reference import mlstm_chunkwise_reference, mlstm_step_reference
 from ._chunkwise import DEFAULT_KERNEL_CHUNK, MLSTMChunkwiseFn, forward, kernel_chunk_for
 from ._common import INTERPRET
 from ._step import launch_fused_step, launch_step
-
-State = tuple[Tensor, Tensor, Tensor]
 
 __all__ = ["mlstm_chunkwise", "mlstm_step", "mlstm_step_", "mlstm_decode_cell_", "DEFAULT_KERNEL_CHUNK", "INTERPRET"]
 

@@ -13,8 +13,6 @@ from ._bwd import bwd_dk, bwd_dq, bwd_dstates, bwd_dv, bwd_gates_a, bwd_gates_b,
 from ._common import INTERPRET, dot_settings, fast, pow2, state_dtype
 from ._fwd import OUT_KEYS, STATES_KEYS, fwd_gates, fwd_out, fwd_out_kernel, fwd_states, fwd_states_kernel
 
-State = tuple[Tensor, Tensor, Tensor]
-
 #: Chunk (state) granularity used inside the kernels; the tiles of the intra-chunk part are smaller.
 #: A power of two in [64, 256] on the GPU; results do not depend on it beyond rounding.
 DEFAULT_KERNEL_CHUNK = 32 if INTERPRET else int(os.environ.get("FASTXLSTM_TRITON_CHUNK", "128"))

@@ -16,7 +16,7 @@ from fastxlstm.serving.prefix_cache import PrefixCache, entry_nbytes
 from fastxlstm.serving.sampling import SamplingParams
 from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
 from fastxlstm.serving.slots import ModelSlots
-from fastxlstm.serving.text import StopText
+from fastxlstm.text import StopText
 from fastxlstm.tokenizer import Tokenizer
 
 from .helpers import perturbed_model

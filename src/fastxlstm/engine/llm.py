@@ -11,7 +11,7 @@ import torch
 
 from ..generation.sampling import SamplingParams
 from ..model import XLSTMForCausalLM
-from ..serving.text import StopText
+from ..text import StopText
 from .engine import Engine
 from .state import SequenceState
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from ..text import StopText
 from .errors import APIError
 from .scheduler import ErrorEvent, FinishEvent, GenerationRequest, PrefillDone, QueueFull, ShuttingDown, TokenEvent
 from .schemas import Usage
 from .server import ServerState
-from .text import StopText
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """Streaming detokenisation with stop strings: text pieces that never leak a stop string.
 
-One implementation for the server (:mod:`fastxlstm.serving.app`) and ``LLM.generate`` / ``LLM.stream``
+One implementation for the server (:mod:`fastxlstm.serving.call`) and ``LLM.generate`` / ``LLM.stream``
 (:mod:`fastxlstm.engine.llm`). Tokens are fed with :meth:`StopText.add`; :meth:`StopText.ready` returns the
 text that is safe to send. Text that could still be the start of a stop string (the longest suffix that is a
 proper prefix of one) is held back until it is clear either way; when a stop string appears the text is cut
-before it (or after it, with ``include_stop``). This module imports nothing beyond the tokenizer, so the
-engine can use it without the server's dependencies.
+before it (or after it, with ``include_stop``). This module imports nothing of the package (the tokenizer is
+passed in), so every layer can use it.
 """
 
 from __future__ import annotations

@@ -22,13 +22,25 @@ def prepare_cmd(
         list[Path] | None, typer.Option("--val-input", help="Held-out files/dirs (replaces --val-fraction)")
     ] = None,
     shard_tokens: Annotated[int, typer.Option(min=1, help="Tokens per shard file")] = 100_000_000,
+    fmt: Annotated[str, typer.Option("--format", help="text (pretraining), or chat / instruct JSONL for fine-tuning "
+                                     "with a loss mask on the assistant / completion tokens")] = "text",
+    chat_template: Annotated[
+        Path | None, typer.Option(help="Directory whose chat template to use (default: the tokenizer's)")
+    ] = None,
 ) -> None:
-    """Tokenise text into memory-mapped token shards with a held-out split."""
+    """Tokenise text (or chat/instruct records) into memory-mapped token shards with a held-out split."""
+    from .chat_data import prepare_chat
     from .data import prepare
 
+    if fmt not in ("text", "chat", "instruct"):
+        raise typer.BadParameter(f"--format must be text, chat or instruct, got {fmt!r}")
     try:
-        meta = prepare(tokenizer, inputs, out, val_fraction=val_fraction, text_key=text_key,
-                       shard_tokens=shard_tokens, val_inputs=val_inputs)
+        if fmt == "text":
+            meta = prepare(tokenizer, inputs, out, val_fraction=val_fraction, text_key=text_key,
+                           shard_tokens=shard_tokens, val_inputs=val_inputs)
+        else:
+            meta = prepare_chat(tokenizer, inputs, out, fmt, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                                val_inputs=val_inputs, template_dir=chat_template)
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from e
     s = meta["splits"]

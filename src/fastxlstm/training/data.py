@@ -101,18 +101,26 @@ def is_heldout(text: str, val_fraction: float) -> bool:
 
 # ------------------------------------------------------------------------------ write
 class _ShardWriter:
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, suffix: str = ".bin"):
+        self.out, self.split, self.dtype, self.shard_tokens, self.suffix = out, split, dtype, shard_tokens, suffix
         self.shards: list[dict] = []
         self._fh = None
         self._count = 0
         self.total = 0
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.bin"
+        name = f"{self.split}-{len(self.shards):05d}{self.suffix}"
         self.shards.append({"file": name, "tokens": 0})
         self._fh = open(self.out / name, "wb")  # noqa: SIM115 - closed in close()/_open()
         self._count = 0
+
+    def start_document(self, n: int) -> None:
+        """Start a new shard unless the next ``n`` tokens fit in the current one (whole documents)."""
+        if n > self.shard_tokens:
+            raise ValueError(f"a document of {n} tokens is longer than shard_tokens={self.shard_tokens}")
+        if self._fh is None or self._count + n > self.shard_tokens:
+            self.close()
+            self._open()
 
     def write(self, ids: np.ndarray) -> None:
         while ids.size:

@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from ..config import XLSTMConfig, preset
 from . import checkpointing
+from .chat_data import is_chat_data, load_documents
 from .config import TrainConfig
 from .data import TokenShards
 from .distributed import DistEnv, all_reduce_max, all_reduce_mean, barrier, cleanup, model_blocks, setup, shard
 from .export import export
 from .flops import flops_per_token, peak_flops
 from .llama import LlamaConfig, build_llama
-from .loader import WindowSampler, eval_batches
+from .loader import IGNORE_INDEX, DocumentSampler, WindowSampler, eval_batches, eval_documents
 from .optim import build_optimizer, lr_at
 
 METRICS_FIELDS = ["step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "mfu", "elapsed_s"]
@@ -154,12 +155,14 @@ class Trainer:
             model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
             fused=True if (env.device.type == "cuda" and not env.distributed) else None,
         )
-        self.sampler = WindowSampler(
-            self.data.split(cfg.data.train_split), cfg.data.seq_len, cfg.train.micro_batch_size,
-            cfg.train.grad_accum, env.world_size, env.rank, cfg.train.seed,
-        )
+        self.chat = is_chat_data(self.data)  # chat/instruct documents with loss masks, else plain windows
+        self.pad_id = self.data.meta.get("pad_token_id") or 0
+        batching = (cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.grad_accum, env.world_size, env.rank,
+                    cfg.train.seed)
+        self.sampler = (DocumentSampler(load_documents(self.data, cfg.data.train_split), *batching, pad_id=self.pad_id)
+                        if self.chat else WindowSampler(self.data.split(cfg.data.train_split), *batching))
         self.peak = peak_flops(env.device, cfg.log.peak_tflops)
-        self.tokens_per_step = self.sampler.global_batch_size * cfg.data.seq_len
+        self.tokens_per_step = self.sampler.global_batch_size * cfg.data.seq_len  # chat data: at most this
         name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         self.devices = f"{env.world_size} x {name}" + (" (FSDP2)" if env.distributed else "")
         self.stop_signal: int | None = None
@@ -231,23 +234,28 @@ class Trainer:
         return contextlib.nullcontext()
 
     def micro_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over the labels that are trained (``IGNORE_INDEX`` ones are not)."""
         with self.autocast():
             logits, _ = self.model(x)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
     @torch.no_grad()
     def evaluate(self) -> float:
         cfg, env = self.cfg, self.env
         self.model.eval()
-        total, n = torch.zeros((), device=env.device, dtype=torch.float64), 0
+        sums = torch.zeros(2, device=env.device, dtype=torch.float64)  # summed loss, trained labels
+        args = (cfg.data.seq_len, cfg.eval.batch_size, cfg.eval.tokens, env.world_size, env.rank)
+        batches = (eval_documents(load_documents(self.data, cfg.data.val_split), *args, pad_id=self.pad_id)
+                   if self.chat else eval_batches(self.data.split(cfg.data.val_split), *args))
         try:
-            for x, y in eval_batches(self.data.split(cfg.data.val_split), cfg.data.seq_len, cfg.eval.batch_size,
-                                     cfg.eval.tokens, env.world_size, env.rank):
-                total += self.micro_loss(x.to(env.device), y.to(env.device)).double()
-                n += 1
+            for x, y in batches:
+                y = y.to(env.device)
+                sums[0] += self.micro_loss(x.to(env.device), y).double()
+                sums[1] += (y != IGNORE_INDEX).sum()
         finally:
             self.model.train()
-        return float(all_reduce_mean(total / max(n, 1)))
+        sums = all_reduce_mean(sums)
+        return float(sums[0] / sums[1].clamp(min=1))
 
     def _save(self, step: int, tokens: int) -> None:
         checkpointing.save(self.out / "checkpoints", step, self.model, self.optimizer, self.env,
@@ -288,21 +296,21 @@ class Trainer:
         pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int]] = []
         rates: list[float] = []
         t_start = t_flush = time.perf_counter()
-        steps_since_flush = 0
+        tokens_at_flush = tokens
         last_val: float | None = None
         best: tuple[float, int] | None = None
         t_probe = 0.0
         model.train()
 
         def flush() -> None:
-            nonlocal t_flush, steps_since_flush
+            nonlocal t_flush, tokens_at_flush
             if not pending:
                 return
             losses = all_reduce_mean(torch.stack([p[1] for p in pending]))
             norms = torch.stack([p[2] for p in pending])
             values = torch.stack([losses, norms]).tolist()  # one device sync per flush
             now = time.perf_counter()
-            rate = steps_since_flush * self.tokens_per_step / max(now - t_flush, 1e-9)
+            rate = (tokens - tokens_at_flush) / max(now - t_flush, 1e-9)
             rates.append(rate)
             mfu = rate * self.flops_per_token / (self.peak * env.world_size) if self.peak else None
             rows = [
@@ -323,7 +331,7 @@ class Trainer:
             bar.set_postfix(loss=last["loss"], lr=last["lr"], tok_s=f"{rate:,.0f}",
                             **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
             pending.clear()
-            t_flush, steps_since_flush = now, 0
+            t_flush, tokens_at_flush = now, tokens
 
         for step in range(start_step, tc.steps):
             lr = lr_at(step, lr=oc.lr, total_steps=tc.steps, warmup_steps=oc.warmup_steps, schedule=oc.schedule,
@@ -331,12 +339,14 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_acc = torch.zeros((), device=env.device)
+            # mean over the step's trained labels on all ranks (FSDP averages gradients over ranks)
+            denom = self.sampler.targets(step) / env.world_size
             for micro in range(tc.grad_accum):
                 x, y = self.sampler.batch(step, micro)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 if env.distributed:
                     model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-                loss = self.micro_loss(x, y) / tc.grad_accum
+                loss = self.micro_loss(x, y) / denom
                 loss.backward()
                 loss_acc += loss.detach()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip if oc.grad_clip > 0 else math.inf)
@@ -344,10 +354,9 @@ class Trainer:
                 norm = norm.full_tensor()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            tokens += self.tokens_per_step
+            tokens += self.sampler.tokens(step)
             done = step + 1
             pending.append((done, loss_acc, norm.detach(), lr, tokens))
-            steps_since_flush += 1
             bar.update(1)
             is_last = done == tc.steps
             if done % max(1, cfg.log.every) == 0 or is_last:
@@ -368,12 +377,12 @@ class Trainer:
                     if env.is_main:
                         (self.out / "best" / "best_step.json").write_text(
                             json.dumps({"step": done, "tokens": tokens, "val_loss": last_val}) + "\n")
-                t_flush = time.perf_counter()  # evaluation time is not training throughput
+                t_flush, tokens_at_flush = time.perf_counter(), tokens  # evaluation is not training throughput
             saved = cfg.checkpoint.every > 0 and (done % cfg.checkpoint.every == 0 or is_last)
             if saved:
                 flush()
                 self._save(done, tokens)
-                t_flush = time.perf_counter()
+                t_flush, tokens_at_flush = time.perf_counter(), tokens
             if env.is_main and done - start_step == 1:  # step 1 warms up; steps 2-3 are timed
                 t_probe = self._sync_time()
             elif env.is_main and done - start_step == 3:

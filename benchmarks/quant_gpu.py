@@ -141,7 +141,8 @@ def main(path: str) -> None:
 
     # decode step of the engine with these configs
     from fastxlstm.bench.common import Plan
-    from fastxlstm.bench.systems import _decode_engine, _decode_timing
+    from fastxlstm.bench.loops import decode_timing as _decode_timing
+    from fastxlstm.bench.systems import _decode_engine
     from fastxlstm.model.quant import quantize_model
 
     plan = Plan(decode_steps=32)

@@ -9,12 +9,43 @@ from typing import Annotated
 
 import typer
 
+# The paper's grids (xLSTM 7B paper, section 4) and the headline subset that runs with every peer in one
+# ~9-minute GPU call. Lists: decode batch sizes, TTFT prompt lengths, N of "generate N tokens" (batch 1),
+# prefill (batch x length) shapes; "-" = none.
+GRIDS: dict[str, dict[str, str]] = {
+    "headline": {"batch_sizes": "1,8,32,128,256", "prompt_lengths": "2048,8192,32768,65536",
+                 "generate_lengths": "1024", "prefill_shapes": "1x65536,8x8192,64x1024"},
+    "decode": {"batch_sizes": "1,2,4,8,16,32,64,128,256", "prompt_lengths": "-", "generate_lengths": "-",
+               "prefill_shapes": "-"},
+    "ttft": {"batch_sizes": "-", "prompt_lengths": "128,256,512,1024,2048,4096,8192,16384,32768,65536,131072",
+             "generate_lengths": "-", "prefill_shapes": "-"},
+    "generate": {"batch_sizes": "-", "prompt_lengths": "-", "generate_lengths": "64,256,1024,4096,16384",
+                 "prefill_shapes": "-"},
+    "prefill": {"batch_sizes": "-", "prompt_lengths": "-", "generate_lengths": "-",
+                "prefill_shapes": "1x65536,2x32768,4x16384,8x8192,16x4096,32x2048,64x1024,128x512"},
+    "tiny": {"batch_sizes": "1,2", "prompt_lengths": "32,64", "generate_lengths": "8", "prefill_shapes": "2x32"},
+}
+
 
 def _ints(text: str) -> list[int]:
+    if text.strip() == "-":
+        return []
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from e
+        raise typer.BadParameter(f"expected comma-separated integers or '-', got {text!r}") from e
+
+
+def _shapes(text: str) -> list[list[int]]:
+    if text.strip() == "-":
+        return []
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        b, sep, s = item.partition("x")
+        if not (sep and b.isdigit() and s.isdigit() and int(b) > 0 and int(s) > 0):
+            raise typer.BadParameter(f"expected BATCHxLENGTH (e.g. 8x8192), got {item!r}")
+        out.append([int(b), int(s)])
+    return out
 
 
 def _deadlines(text: str) -> dict[str, float]:
@@ -31,25 +62,31 @@ def _deadlines(text: str) -> dict[str, float]:
 def bench(
     model: Annotated[str, typer.Option(help="fastxlstm model: directory, hub id or random:<preset>")] = (
         "random:xlstm-7b"),
-    systems: Annotated[str, typer.Option(help="comma-separated: fastxlstm,official,hf-xlstm,llama")] = (
-        "fastxlstm,official,hf-xlstm,llama"),
-    batch_sizes: Annotated[str, typer.Option(help="decode batch sizes")] = "1,8,32,128,256",
-    prompt_lengths: Annotated[str, typer.Option(help="TTFT / memory prompt lengths")] = "2048,8192,32768,65536",
-    generate_lengths: Annotated[str, typer.Option(help="N for 'time to generate N tokens'")] = "256,1024",
+    systems: Annotated[str, typer.Option(help="comma-separated: fastxlstm,official,hf-xlstm,llama,mamba2")] = (
+        "fastxlstm,official,hf-xlstm,llama,mamba2"),
+    grid: Annotated[str, typer.Option(help=f"preset lists: {', '.join(GRIDS)} (the options below override)")] = (
+        "headline"),
+    batch_sizes: Annotated[str | None, typer.Option(help="decode batch sizes ('-': none)")] = None,
+    prompt_lengths: Annotated[str | None, typer.Option(help="TTFT / memory prompt lengths ('-': none)")] = None,
+    generate_lengths: Annotated[str | None, typer.Option(help="N for 'time to generate N tokens' ('-': none)")] = None,
+    prefill_shapes: Annotated[str | None, typer.Option(help="prefill throughput shapes BxS, e.g. 8x8192")] = None,
     decode_steps: Annotated[int, typer.Option(min=4)] = 48,
     prefill_chunk: Annotated[int, typer.Option(min=64, help="fastxlstm prefill chunk (tokens)")] = 4096,
     deadline: Annotated[float, typer.Option(help="seconds per system")] = 300.0,
     deadlines: Annotated[str, typer.Option(help="per-system seconds, e.g. llama=240,hf-xlstm=60")] = "",
-    out_dir: Annotated[Path, typer.Option(help="where inference.json and inference.png go")] = Path(
-        "benchmarks/results"),
+    budget: Annotated[float | None, typer.Option(help="wall-clock seconds for the whole run (cuts deadlines)")] = None,
+    energy_s: Annotated[float, typer.Option(help="seconds per energy region (NVML); 0: no energy rows")] = 1.0,
+    out_dir: Annotated[Path, typer.Option(help="where TAG.json and TAG.png go")] = Path("benchmarks/results"),
     tag: Annotated[str, typer.Option(help="file name stem of the results")] = "inference",
     update_md: Annotated[Path | None, typer.Option(help="rewrite the '## Inference' table in this file")] = None,
     small: Annotated[bool, typer.Option(help="tiny configs for every system (smoke test)")] = False,
+    tiny: Annotated[bool, typer.Option(help="dry run: tiny configs and the tiny grid; runs on a CPU")] = False,
     state_dtype: Annotated[str, typer.Option(help="fastxlstm decode state store: float32 or bfloat16")] = "float32",
     quantization: Annotated[str, typer.Option(help="side by side: fastxlstm with these weights, e.g. bf16,fp8,int8 "
                                               "(replaces --systems; the peers are not run)")] = "",
 ) -> None:
-    """Decode tokens/s vs batch, TTFT and peak memory vs prompt length, time to generate N tokens."""
+    """Decode tokens/s vs batch, TTFT and peak memory vs prompt length, prefill throughput, time and
+    memory to generate N tokens, and joules per token, for fastxlstm and its peers."""
     from .common import Plan
     from .driver import ORDER, run
     from .report import markdown, markdown_quant, plot, update_benchmarks_md
@@ -64,12 +101,22 @@ def bench(
     bad = [s for s in chosen if s not in ORDER]
     if bad:
         raise typer.BadParameter(f"unknown systems {bad}; choose from {', '.join(ORDER)}")
-    plan = Plan(batch_sizes=_ints(batch_sizes), prompt_lengths=_ints(prompt_lengths),
-                generate_lengths=_ints(generate_lengths), decode_steps=decode_steps, model=model, small=small,
-                prefill_chunk=prefill_chunk, deadline_s=deadline, deadlines=_deadlines(deadlines),
-                state_dtype=state_dtype)
+    if tiny:
+        grid, small, decode_steps, prefill_chunk = "tiny", True, 4, 64
+    if grid not in GRIDS:
+        raise typer.BadParameter(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
+    lists = dict(GRIDS[grid])
+    for key, given in (("batch_sizes", batch_sizes), ("prompt_lengths", prompt_lengths),
+                       ("generate_lengths", generate_lengths), ("prefill_shapes", prefill_shapes)):
+        if given is not None:
+            lists[key] = given
+    plan = Plan(batch_sizes=_ints(lists["batch_sizes"]), prompt_lengths=_ints(lists["prompt_lengths"]),
+                generate_lengths=_ints(lists["generate_lengths"]), prefill_shapes=_shapes(lists["prefill_shapes"]),
+                decode_steps=decode_steps, model=model, small=small, prefill_chunk=prefill_chunk,
+                deadline_s=deadline, deadlines=_deadlines(deadlines), state_dtype=state_dtype, energy_s=energy_s,
+                grid=grid)
     command = "fastxlstm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    results = run(plan, chosen, out_dir, tag=tag, command=command)
+    results = run(plan, chosen, out_dir, tag=tag, command=command, budget_s=budget)
     png = plot(results, out_dir / f"{tag}.png")
     table = markdown_quant(results) if variants else markdown(results)
     typer.echo(table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class Plan:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 256])
     prompt_lengths: list[int] = field(default_factory=lambda: [2048, 8192, 32768, 65536])
     generate_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    prefill_shapes: list[list[int]] = field(default_factory=lambda: [[1, 65536], [8, 8192], [64, 1024]])  # [b, s]
     decode_steps: int = 48
     decode_prompt: int = 32
     model: str = "random:xlstm-7b"
@@ -31,6 +33,8 @@ class Plan:
     state_dtype: str = "float32"  # fastxlstm decode state store (C); "bfloat16" is the opt-in
     deadline_s: float = 300.0  # per system
     deadlines: dict[str, float] = field(default_factory=dict)  # per-system overrides
+    energy_s: float = 1.0  # shortest region over which a row's energy is read (0: no energy rows)
+    grid: str = "custom"  # the preset the lists came from (recorded)
 
     def deadline_for(self, system: str) -> float:
         return float(self.deadlines.get(system, self.deadline_s))
@@ -44,12 +48,14 @@ class Recorder:
     """Collects one system's results and rewrites its JSON file after every measurement, so a
     crash or time-out keeps what was measured."""
 
-    def __init__(self, system: str, path: str | Path, deadline_s: float):
+    def __init__(self, system: str, path: str | Path, deadline_s: float, energy_s: float = 0.0):
         self.path = Path(path)
         self.t0 = time.monotonic()
         self.deadline_s = deadline_s
-        self.data: dict[str, Any] = {"system": system, "decode": [], "ttft": [], "generate": [], "errors": [],
-                                     "notes": []}
+        self.meter = None  # an energy.EnergyMeter when NVML is there (the worker opens it)
+        self.energy_s = energy_s
+        self.data: dict[str, Any] = {"system": system, "decode": [], "ttft": [], "prefill": [], "generate": [],
+                                     "errors": [], "notes": []}
         self.flush()
 
     def time_left(self) -> float:
@@ -76,12 +82,34 @@ class Recorder:
         self.flush()
 
     def flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1, default=str))
+        write_json(self.path, self.data)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Atomic: a reader (or a kill mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> str:
+    """Where the bench runs: the GPU, or the CPU for the ``--tiny`` dry run."""
+    return "cuda" if on_cuda() else "cpu"
+
+
+def dtype() -> torch.dtype:
+    """bf16 on the GPU (every figure); float32 for the CPU dry run (CPU bf16 matmuls are slow)."""
+    return torch.bfloat16 if on_cuda() else torch.float32
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
 
 
@@ -119,7 +147,7 @@ def device_name() -> str:
 
 # ----------------------------------------------------------------------- random models
 @torch.no_grad()
-def random_xlstm(config, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+def random_xlstm(config, device: str | torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """A fastxlstm model with the paper's initialisation drawn on the device (seconds for the 7B,
     where the CPU-side ``build_model`` takes minutes)."""
     from ..model import XLSTMForCausalLM
@@ -174,6 +202,6 @@ def graph_equals_eager(engine, n: int, steps: int) -> bool:
     return runs[True] == runs[False]
 
 
-def seeded_tokens(n: int, vocab: int, batch: int = 1, device: str = "cuda", seed: int = 0) -> torch.Tensor:
+def seeded_tokens(n: int, vocab: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(3, vocab, (batch, n), generator=gen).to(device)
+    return torch.randint(3, vocab, (batch, n), generator=gen).to(device())

@@ -167,7 +167,7 @@ def decode_variants(out: dict, model, batches) -> None:
     from ..engine import Engine
     from ..generation.sampling import SamplingParams
     from .common import seeded_tokens
-    from .systems import _decode_timing
+    from .loops import decode_timing as _decode_timing
 
     vocab = model.config.vocab_size
     rows = []

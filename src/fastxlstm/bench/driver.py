@@ -10,12 +10,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .common import Plan
+from .common import Plan, write_json
 
-ORDER = ("fastxlstm", "fastxlstm-fp8", "fastxlstm-int8", "official", "hf-xlstm", "llama")
+ORDER = ("fastxlstm", "fastxlstm-fp8", "fastxlstm-int8", "official", "hf-xlstm", "llama", "mamba2")
 
 
 def _env_for(system: str) -> dict[str, str]:
@@ -33,22 +33,38 @@ def _env_for(system: str) -> dict[str, str]:
     return env
 
 
+KILL_GRACE_S = 30.0  # a worker past its deadline gets this long to finish its row before it is killed
+
+
 def run(plan: Plan, systems: list[str], out_dir: str | Path, tag: str = "inference",
-        command: str | None = None) -> dict:
+        command: str | None = None, budget_s: float | None = None) -> dict:
+    """Each system in its own process, one after another. ``budget_s``: the whole run's wall-clock
+    limit; a system's deadline is cut to what is left of it (a system with under a minute left is
+    skipped, and recorded as such)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "benchmark": "inference", "date": _dt.date.today().isoformat(),
         "command": command or " ".join(sys.argv), "plan": asdict(plan), "systems": {},
     }
+    start = time.monotonic()
     for system in systems:
         part = out_dir / f".{tag}-{system}.json"
         part.unlink(missing_ok=True)
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "fastxlstm.bench.worker", system, json.dumps(asdict(plan)), str(part)]
-        print(f"[bench] {system} ...", flush=True)
+        deadline = plan.deadline_for(system)
+        if budget_s is not None:
+            left = budget_s - (t0 - start) - KILL_GRACE_S
+            if left < 60:
+                results["systems"][system] = {"system": system, "errors": [
+                    {"what": "system", "error": f"skipped: {left + KILL_GRACE_S:.0f} s of the run's budget left"}]}
+                continue
+            deadline = min(deadline, left)
+        sub = replace(plan, deadlines={**plan.deadlines, system: deadline})
+        cmd = [sys.executable, "-m", "fastxlstm.bench.worker", system, json.dumps(asdict(sub)), str(part)]
+        print(f"[bench] {system} (deadline {deadline:.0f} s) ...", flush=True)
         try:
-            proc = subprocess.run(cmd, env=_env_for(system), timeout=plan.deadline_for(system) + 30)
+            proc = subprocess.run(cmd, env=_env_for(system), timeout=deadline + KILL_GRACE_S)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -60,7 +76,8 @@ def run(plan: Plan, systems: list[str], out_dir: str | Path, tag: str = "inferen
         results["systems"][system] = data
         if "device" in data:
             results["device"] = data["device"]
-        (out_dir / f"{tag}.json").write_text(json.dumps(results, indent=1))
+        write_json(out_dir / f"{tag}.json", results)
         part.unlink(missing_ok=True)
         print(f"[bench] {system} done in {data['wall_s']} s, errors: {len(data['errors'])}", flush=True)
+    write_json(out_dir / f"{tag}.json", results)
     return results

@@ -7,14 +7,18 @@ from pathlib import Path
 
 LABELS = {"fastxlstm": "fastxlstm", "fastxlstm-fp8": "fastxlstm fp8", "fastxlstm-int8": "fastxlstm int8",
           "official": "official xlstm+mlstm_kernels", "hf-xlstm": "HF xLSTM",
-          "llama": "HF Llama-3.1-8B (static+compile)"}
-PEERS = ("official", "hf-xlstm", "llama")
-COLORS = {"fastxlstm": "tab:blue", "fastxlstm-fp8": "tab:purple", "fastxlstm-int8": "tab:brown",
-          "official": "tab:orange", "hf-xlstm": "tab:green", "llama": "tab:red"}
+          "llama": "HF Llama-3.1-8B (static+compile)", "mamba2": "HF Mamba2 Codestral-7B (mamba_ssm Triton)"}
+PEERS = ("official", "hf-xlstm", "llama", "mamba2")
+COLORS = {"fastxlstm": "tab:blue", "fastxlstm-fp8": "tab:cyan", "fastxlstm-int8": "tab:brown",
+          "official": "tab:orange", "hf-xlstm": "tab:green", "llama": "tab:red", "mamba2": "tab:purple"}
+
+
+def _key(row: dict, key: str):
+    return (row["batch"], row["prompt_len"]) if key == "shape" else row[key]
 
 
 def _rows(sysdata: dict, kind: str, key: str, value: str) -> dict:
-    return {r[key]: r[value] for r in sysdata.get(kind, [])}
+    return {_key(r, key): r[value] for r in sysdata.get(kind, []) if r.get(value) is not None}
 
 
 def plot(results: dict, path: str | Path) -> Path | None:
@@ -25,16 +29,29 @@ def plot(results: dict, path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 4, figsize=(22, 4.8))
     panels = [("decode", "batch", "tok_s", "decode tokens/s vs batch size", "batch size", "tokens/s", True),
               ("ttft", "prompt_len", "ms", "time to first token vs prompt length", "prompt tokens", "ms", True),
-              ("generate", "new_tokens", "s", "total time to generate N tokens (batch 1)", "N", "s", False),
-              ("ttft", "prompt_len", "peak_gb", "peak GPU memory while prefilling", "prompt tokens", "GB", False)]
+              ("prefill", "shape", "tok_s", "prefill tokens/s at batch x length = const", "batch", "tokens/s",
+               False),
+              ("generate", "new_tokens", "s", "time to generate N tokens (batch 1)", "N", "s", True),
+              ("ttft", "prompt_len", "peak_gb", "peak GPU memory while prefilling", "prompt tokens", "GB", False),
+              ("decode", "batch", "j_per_token", "decode energy per token (idle subtracted)", "batch size", "J/token",
+               True)]
+    panels = [p for p in panels if any(_rows(d, p[0], p[1], p[2]) for d in results["systems"].values())]
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.4 * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (kind, key, val, title, xl, yl, logy) in zip(axes, panels):
         for name, data in results["systems"].items():
             pts = sorted(_rows(data, kind, key, val).items())
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(name, name),
+                xs = [p[0][0] if isinstance(p[0], tuple) else p[0] for p in pts]
+                ax.plot(xs, [p[1] for p in pts], marker="o", label=LABELS.get(name, name),
                         color=COLORS.get(name))
         ax.set_xscale("log", base=2)
         if logy:
@@ -44,7 +61,9 @@ def plot(results: dict, path: str | Path) -> Path | None:
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"xLSTM-7B inference, {results.get('device', '?')}, bf16, {results.get('date', '')}")
+    dev = results.get("device", "?")
+    prec = "float32 dry run" if dev == "cpu" else "bf16"
+    fig.suptitle(f"7B-class inference, random weights, {dev}, {prec}, {results.get('date', '')}")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -53,12 +72,14 @@ def plot(results: dict, path: str | Path) -> Path | None:
 
 
 def _fmt(v: float | None, unit: str) -> str:
-    if v is None:
+    if v is None or v != v:  # missing or NaN (no GPU memory figure on a CPU)
         return "-"
     if unit == "tok/s":
         return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
     if unit == "ms":
         return f"{v:,.1f}"
+    if unit == "J":
+        return f"{v:.3g}"
     return f"{v:.2f}" if unit in ("GB", "s") else f"{v:.3g}"
 
 
@@ -74,7 +95,11 @@ def markdown(results: dict) -> str:
               "default)", "tok/s", True),
              ("ttft", "prompt_len", "ms", "TTFT ms, prompt {}", "ms", False),
              ("ttft", "prompt_len", "peak_gb", "peak GB, prefill {}", "GB", False),
-             ("generate", "new_tokens", "s", "generate {} tokens, s (batch 1)", "s", False)]
+             ("prefill", "shape", "tok_s", "prefill tok/s, batch x length {}", "tok/s", True),
+             ("generate", "new_tokens", "s", "generate {} tokens, s (batch 1)", "s", False),
+             ("generate", "new_tokens", "peak_gb", "peak GB, generate {} tokens", "GB", False),
+             ("decode", "batch", "j_per_token", "decode J/token, batch {}", "J", False),
+             ("ttft", "prompt_len", "j_per_token", "prefill J/token, prompt {}", "J", False)]
     for kind, key, val, label, unit, higher_better in specs:
         peer_kind = "decode" if kind == "decode_bf16_state" else kind
         keys = set(_rows(ours, kind, key, val))
@@ -85,11 +110,13 @@ def markdown(results: dict) -> str:
             vals = [_rows(systems[p], peer_kind, key, val).get(k) for p in peers]
             ratios = []
             for v in vals:
-                if mine is None or v is None or v == 0 or mine == 0:
+                if mine is None or v is None or not (v and mine) or v != v or mine != mine:
                     ratios.append("-")
                 else:
                     ratios.append(f"{(mine / v if higher_better else v / mine):.2f}x")
             kk = f"{k // 1024}k" if key == "prompt_len" and k >= 1024 else str(k)
+            if key == "shape":
+                kk = f"{k[0]} x {k[1] // 1024}k" if k[1] >= 1024 else f"{k[0]} x {k[1]}"
             lines.append("| " + " | ".join([label.format(kk), _fmt(mine, unit)] + [_fmt(v, unit) for v in vals]
                                            + ratios) + " |")
     return "\n".join(lines)

@@ -18,15 +18,29 @@ from .common import (
     GB,
     Plan,
     Recorder,
+    device,
+    dtype,
     free_memory,
     graph_equals_eager,
     is_oom,
+    on_cuda,
     peak_gb,
     random_xlstm,
     reset_peak,
     seeded_tokens,
     sync,
     timed,
+)
+from .loops import (
+    StaticDecoder,
+    decode_timing,
+    energy,
+    failed,
+    measured,
+    prefill_loop,
+    static_decode,
+    ttft_loop,
+    weights_gb,
 )
 
 XLSTM_7B = dict(embedding_dim=4096, num_heads=8, num_blocks=32, vocab_size=50304)
@@ -39,70 +53,11 @@ LLAMA_SMALL = dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, num
                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=131072)
 
 
-def _failed(rec: Recorder, what: str, exc: BaseException) -> bool:
-    """Record a failed measurement and free memory; True (stop the loop) unless it ran out of memory."""
-    rec.error(what, exc)
-    free_memory()
-    return not is_oom(exc)
-
-
-def _ttft_loop(plan: Plan, rec: Recorder, prefill, vocab: int, weights_gb: float, max_len: int | None = None,
-               repeats: int = 3) -> None:
-    """TTFT (prefill + first greedy token, batch 1) and peak memory for each prompt length.
-
-    The allocator cache is emptied once per length, then the prompt runs ``repeats`` times: the first
-    run pays the allocator's fresh cudaMalloc calls (and fastxlstm's capture of the length's prefill graph,
-    which a server does at start-up; recorded as ``ms_first``), the best run (``ms``) is what a
-    long-running process sees. Every system is timed by this same loop."""
-    try:
-        prefill(seeded_tokens(256, vocab))  # compile / autotune outside the timings
-    except Exception as e:  # noqa: BLE001
-        rec.error("ttft warm-up", e)
-        return
-    for n in plan.prompt_lengths:
-        if max_len is not None and n > max_len:
-            rec.data["errors"].append({"what": f"ttft {n}", "error": f"skipped: above this system's limit {max_len}"})
-            continue
-        if rec.out_of_time(f"ttft {n}", need_s=5 + n / 4000):
-            break
-        ids = seeded_tokens(n, vocab, seed=n)
-        times, peak = [], 0.0
-        try:
-            free_memory()
-            for _ in range(repeats):
-                reset_peak()
-                t, _ = timed(lambda ids=ids: prefill(ids))
-                times.append(t)
-                peak = max(peak, peak_gb())
-            rec.add("ttft", prompt_len=n, ms=min(times) * 1e3, ms_first=times[0] * 1e3, peak_gb=peak,
-                    weights_gb=weights_gb)
-        except Exception as e:  # noqa: BLE001
-            if _failed(rec, f"ttft {n}", e):
-                break
-
-
-def _decode_timing(step, steps: int, warmup: int = 3) -> float:
-    """Median-free simple timing: ms per step over ``steps`` back-to-back steps."""
-    for _ in range(warmup):
-        step()
-    sync()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    sync()
-    return start.elapsed_time(end) / steps
-
-
-def _weights_gb(model: torch.nn.Module) -> float:
-    seen = {}
-    for p in model.parameters():
-        seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
-    return sum(seen.values()) / GB
-
-
 # ------------------------------------------------------------------------------ fastxlstm
+class _NotHere(Exception):
+    """A GPU-only measurement on the CPU dry run (a note, not an error)."""
+
+
 def _decode_engine(model, plan: Plan, vocab: int, slots_n: int, state_dtype: str):
     """An engine with ``slots_n`` slots, each continuing the same short prompt (greedy, no stops)."""
     from ..engine import Engine
@@ -128,8 +83,9 @@ def _decode_loop(plan: Plan, rec: Recorder, eng, batches, kind: str) -> None:
             break
         try:
             eng.decode_step(slots=list(range(b)), return_outputs=False)  # sets the active set, captures the graph
-            ms = _decode_timing(lambda eng=eng: eng.decode_step(return_outputs=False), plan.decode_steps)
-            rec.add(kind, batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
+            step = lambda eng=eng: eng.decode_step(return_outputs=False)  # noqa: E731
+            ms = decode_timing(step, plan.decode_steps)
+            rec.add(kind, batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms, **energy(rec, step, ms / 1e3, b, f"{kind} {b}"))
         except Exception as e:  # noqa: BLE001
             rec.error(f"{kind} {b}", e)
             if not is_oom(e):
@@ -147,18 +103,18 @@ def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) ->
     if plan.model.startswith("random:"):
         cfg = XLSTMConfig(**XLSTM_SMALL, weight_mode="fused") if plan.small else preset(
             plan.model.split(":", 1)[1], weight_mode="fused")
-        model = random_xlstm(cfg, "cuda", torch.bfloat16)
+        model = random_xlstm(cfg, device(), dtype())
     else:
         from ..checkpoint import load
 
-        model = load(plan.model, device="cuda", dtype=torch.bfloat16, weight_mode="fused")
+        model = load(plan.model, device=device(), dtype=dtype(), weight_mode="fused")
         cfg = model.config
     vocab = cfg.vocab_size
     if quantization:
         from .quant import quantize_against_bf16
 
         model = quantize_against_bf16(model, quantization, plan, rec)
-    wgb = _weights_gb(model)
+    wgb = weights_gb(model)
     rec.set("weights_gb", wgb)
     rec.set("config", {"embedding_dim": cfg.embedding_dim, "num_blocks": cfg.num_blocks, "vocab": vocab})
 
@@ -172,11 +128,11 @@ def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) ->
         logits = eng.prefill_into_slot(slot, ids[0])
         return eng.sample([slot], logits[None])
 
-    _ttft_loop(plan, rec, prefill, vocab, wgb)
+    ttft_loop(plan, rec, prefill, vocab, wgb)
     # What the 2k TTFT is made of: the forward alone (CUDA events), as one prefill-graph replay and as
     # the eager chunked forward (kernels launched one by one from Python).
     try:
-        if 2048 in plan.prompt_lengths and not plan.small:
+        if 2048 in plan.prompt_lengths and not plan.small and on_cuda():
             ids = seeded_tokens(2048, vocab, seed=2048)
             graphs = eng.runner.prefill_graphs
             for key, use in (("prefill_forward_gpu_ms_2k", graphs), ("prefill_forward_eager_ms_2k", None)):
@@ -195,6 +151,17 @@ def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) ->
     eng = prefill = None
     free_memory()
 
+    # Prefill throughput: an engine with one slot per row; equal-length prompts share one forward.
+    if plan.prefill_shapes:
+        try:
+            eng = Engine(model, max_slots=max(b for b, _ in plan.prefill_shapes), prefill_chunk_size=plan.prefill_chunk)
+            slots = [eng.allocate_slot() for _ in range(eng.max_slots)]
+            prefill_loop(plan, rec, lambda ids, eng=eng: eng.prefill_into_slots(slots[:len(ids)], list(ids)), vocab)
+        except Exception as e:  # noqa: BLE001
+            rec.error("prefill setup", e)
+        eng = None
+        free_memory()
+
     # Decode throughput: one engine with max(batch) slots; every slot continues a short prompt.
     max_b = max(plan.batch_sizes)
     try:
@@ -208,12 +175,15 @@ def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) ->
     _decode_loop(plan, rec, eng, plan.batch_sizes, "decode")
     # CUDA graph vs eager: same greedy tokens (batch 4, 16 steps, same start state).
     try:
-        rec.set("graph_equals_eager", graph_equals_eager(eng, min(4, max_b), 16))
+        if on_cuda():
+            rec.set("graph_equals_eager", graph_equals_eager(eng, min(4, max_b), 16))
     except Exception as e:  # noqa: BLE001
         rec.error("graph vs eager", e)
     # What bounds decode: the same step with only its GEMMs (weights streaming) and the state
     # traffic (one read + one write of every slot's float32 state), and the copy bandwidth.
     try:
+        if not on_cuda():
+            raise _NotHere
         floor = {}
         runner = eng.runner
         for b in [x for x in plan.batch_sizes if x in (1, 32, 128, 256)]:
@@ -230,13 +200,15 @@ def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) ->
                 linear(x, runner.lm_head)
 
             g, _ = capture_graph(gemms, warmup=1)
-            floor[b] = _decode_timing(g.replay, 20)
+            floor[b] = decode_timing(g.replay, 20)
         rec.set("gemm_only_ms_per_step", floor)
         src = torch.empty(int(2e9) // 2, device="cuda", dtype=torch.bfloat16)
         dst = torch.empty_like(src)
-        ms = _decode_timing(lambda src=src, dst=dst: dst.copy_(src), 10)
+        ms = decode_timing(lambda src=src, dst=dst: dst.copy_(src), 10)
         rec.set("copy_tb_s", 2 * 2e9 / (ms * 1e-3) / 1e12)
         src = dst = None
+    except _NotHere:
+        rec.data["notes"].append("floors: measured on a GPU only")
     except Exception as e:  # noqa: BLE001
         rec.error("floors", e)
     eng = None
@@ -263,9 +235,12 @@ def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) ->
         for n in plan.generate_lengths:
             if rec.out_of_time(f"generate {n}", need_s=n / 100):
                 break
-            t, out = timed(lambda n=n: llm.generate(prompt, max_new_tokens=n, ignore_eos=True))
-            assert len(out[0].token_ids) == n
-            rec.add("generate", prompt_len=16, new_tokens=n, s=t, tok_s=n / t)
+            out: list = []
+            reset_peak()
+            t, row = measured(rec, lambda n=n, out=out: out.append(llm.generate(prompt, max_new_tokens=n,
+                                                                                 ignore_eos=True)), n, f"generate {n}")
+            assert len(out[0][0].token_ids) == n
+            rec.add("generate", prompt_len=16, new_tokens=n, s=t, tok_s=n / t, peak_gb=peak_gb(), **row)
     except Exception as e:  # noqa: BLE001
         rec.error("generate", e)
 
@@ -275,23 +250,21 @@ def run_official(plan: Plan, rec: Recorder) -> None:
     import xlstm
     from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
 
-    from ..engine.engine import capture_graph
-
     rec.set("version", getattr(xlstm, "__version__", "?"))
     dims = XLSTM_SMALL if plan.small else XLSTM_7B
     kernel = "chunkwise--triton_limit_chunk"
     cfg = xLSTMLargeConfig(**dims, return_last_states=True, mode="inference", chunkwise_kernel=kernel,
                            sequence_kernel="native_sequence__triton", step_kernel="triton", weight_mode="fused")
     rec.set("kernels", {"chunkwise": kernel, "sequence": "native_sequence__triton", "step": "triton"})
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype())
     try:
-        with torch.device("cuda"):
+        with torch.device(device()):
             model = xLSTMLarge(cfg).eval()
     finally:
         torch.set_default_dtype(torch.float32)
     from xlstm.xlstm_large.components import soft_cap
 
-    wgb = _weights_gb(model)
+    wgb = weights_gb(model)
     rec.set("weights_gb", wgb)
     vocab = dims["vocab_size"]
 
@@ -300,64 +273,40 @@ def run_official(plan: Plan, rec: Recorder) -> None:
         x, _ = model.backbone(model.embedding(ids), None)
         return soft_cap(model.lm_head(x[:, -1:]), cfg.output_logit_soft_cap).argmax(-1)
 
-    _ttft_loop(plan, rec, prefill, vocab, wgb)
+    ttft_loop(plan, rec, prefill, vocab, wgb)
     free_memory()
 
-    def graph_step(b: int):
-        with torch.no_grad():
-            _, state = model(seeded_tokens(plan.decode_prompt, vocab, batch=b))
-            tok = torch.zeros(b, 1, dtype=torch.long, device="cuda")
-
-            def step():
-                logits, _ = model(tok, state)
-                tok.copy_(logits[:, -1:].argmax(-1))
-
-            g, _ = capture_graph(step, warmup=3)
-        return g, state, tok
-
-    for b in plan.batch_sizes:
-        if rec.out_of_time(f"decode {b}", need_s=15):
-            break
-        try:
-            g, state, tok = graph_step(b)
-            ms = _decode_timing(g.replay, plan.decode_steps)
-            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
-            del g, state, tok
-            free_memory()
-        except Exception as e:  # noqa: BLE001
-            if _failed(rec, f"decode {b}", e):
-                break
-    try:
-        g, state, tok = graph_step(1)
-        prompt = seeded_tokens(16, vocab)
+    @torch.no_grad()
+    def make(b: int) -> StaticDecoder:
+        logits, state = model(seeded_tokens(plan.decode_prompt, vocab, batch=b))
+        tok = logits[:, -1:].argmax(-1)
 
         @torch.no_grad()
-        def gen(n):
-            _, st = model(prompt)
-            for layer, new in zip(state.values(), st.values()):
-                for a, b_ in zip(layer, new):
-                    a.copy_(b_)
-            out = []
-            for _ in range(n):
-                g.replay()
-                out.append(tok.clone())
-            return torch.cat(out, 1).tolist()
+        def step():
+            out, _ = model(tok, state)
+            tok.copy_(out[:, -1:].argmax(-1))
 
-        for n in plan.generate_lengths:
-            if rec.out_of_time(f"generate {n}", need_s=n / 60):
-                break
-            t, _ = timed(lambda n=n: gen(n))
-            rec.add("generate", prompt_len=16, new_tokens=n, s=t, tok_s=n / t)
-    except Exception as e:  # noqa: BLE001
-        rec.error("generate", e)
+        @torch.no_grad()
+        def reset(ids):
+            out, new = model(ids)
+            for layer, fresh in zip(state.values(), new.values()):
+                for buf, x in zip(layer, fresh):
+                    buf.copy_(x)
+            tok.copy_(out[:, -1:].argmax(-1))
+
+        return StaticDecoder(step, reset, tok)
+
+    prefill_loop(plan, rec, prefill, vocab)
+    free_memory()
+    static_decode(plan, rec, make, vocab)
 
 
 # ------------------------------------------------------------------------------- hf-xlstm
 def _from_config(cls, config):
     try:
-        return cls._from_config(config, dtype=torch.bfloat16)
+        return cls._from_config(config, dtype=dtype())
     except TypeError:
-        return cls._from_config(config, torch_dtype=torch.bfloat16)
+        return cls._from_config(config, torch_dtype=dtype())
 
 
 def run_hf_xlstm(plan: Plan, rec: Recorder) -> None:
@@ -370,9 +319,9 @@ def run_hf_xlstm(plan: Plan, rec: Recorder) -> None:
     dims = XLSTM_SMALL if plan.small else XLSTM_7B
     cfg = xLSTMConfig(vocab_size=dims["vocab_size"], hidden_size=dims["embedding_dim"],
                       num_hidden_layers=dims["num_blocks"], num_blocks=dims["num_blocks"], num_heads=dims["num_heads"])
-    with torch.device("cuda"):
+    with torch.device(device()):
         model = _from_config(xLSTMForCausalLM, cfg).eval()
-    wgb = _weights_gb(model)
+    wgb = weights_gb(model)
     rec.set("weights_gb", wgb)
     vocab = dims["vocab_size"]
 
@@ -382,7 +331,9 @@ def run_hf_xlstm(plan: Plan, rec: Recorder) -> None:
         h = out.last_hidden_state[:, -1:]
         return model.lm_head(h.to(model.lm_head.weight.dtype)).float().argmax(-1)
 
-    _ttft_loop(plan, rec, prefill, vocab, wgb, max_len=None if plan.small else 32768, repeats=1)
+    limit = None if plan.small else 32768
+    ttft_loop(plan, rec, prefill, vocab, wgb, max_len=limit, repeats=1)
+    prefill_loop(plan, rec, prefill, vocab, max_tokens=limit)
     free_memory()
     for b in plan.batch_sizes:
         if b > 32 and not plan.small:
@@ -402,12 +353,13 @@ def run_hf_xlstm(plan: Plan, rec: Recorder) -> None:
                     o = model(input_ids=tok, use_cache=True, **{key: cache})
                     tok = o.logits[:, -1:].argmax(-1)
 
-                ms = _decode_timing(step, max(8, plan.decode_steps // 4), warmup=2)
-            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms)
+                ms = decode_timing(step, max(8, plan.decode_steps // 4), warmup=2)
+                row = energy(rec, step, ms / 1e3, b, f"decode {b}")
+            rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms, method="eager steps", **row)
             del cache, out
             free_memory()
         except Exception as e:  # noqa: BLE001
-            if _failed(rec, f"decode {b}", e):
+            if failed(rec, f"decode {b}", e):
                 break
 
 
@@ -419,14 +371,14 @@ def run_llama(plan: Plan, rec: Recorder) -> None:
     rec.set("version", transformers.__version__)
     dims = LLAMA_SMALL if plan.small else LLAMA_8B
     cfg = LlamaConfig(**dims, attn_implementation="sdpa")
-    with torch.device("cuda"):
+    with torch.device(device()):
         model = _from_config(LlamaForCausalLM, cfg).eval()
     with torch.no_grad():  # random init (from_config may leave memory uninitialised)
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=device()).manual_seed(0)
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.02, generator=gen)
-    wgb = _weights_gb(model)
+    wgb = weights_gb(model)
     rec.set("weights_gb", wgb)
     vocab = dims["vocab_size"]
 
@@ -435,13 +387,14 @@ def run_llama(plan: Plan, rec: Recorder) -> None:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].argmax(-1)
 
-    _ttft_loop(plan, rec, prefill, vocab, wgb)
+    ttft_loop(plan, rec, prefill, vocab, wgb)
+    prefill_loop(plan, rec, prefill, vocab)
     free_memory()
 
     @torch.no_grad()
-    def generate(ids, n):
+    def generate(ids, n):  # no torch.compile on a CPU (the dry run)
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              cache_implementation="static", pad_token_id=0)
+                              cache_implementation="static", pad_token_id=0, disable_compile=not on_cuda())
 
     # batch 1: the longest generate length gives both total time and tok/s (each new length
     # recompiles the static-cache graph, so lengths are kept few).
@@ -450,20 +403,23 @@ def run_llama(plan: Plan, rec: Recorder) -> None:
             continue
         if rec.out_of_time(f"decode {b}", need_s=45):
             break
-        n = max(plan.generate_lengths) if b == 1 else plan.decode_steps
+        n = max(plan.generate_lengths, default=plan.decode_steps) if b == 1 else plan.decode_steps
         try:
             ids = seeded_tokens(plan.decode_prompt, vocab, batch=b)
             t_compile, _ = timed(lambda ids=ids, n=n: generate(ids, n))
-            t, out = timed(lambda ids=ids, n=n: generate(ids, n))
+            reset_peak()
+            t, row = measured(rec, lambda ids=ids, n=n: generate(ids, n), b * n, f"decode {b}")
+            peak = peak_gb()
             t_pre, _ = timed(lambda ids=ids: prefill(ids))
             ms = (t - t_pre) * 1e3 / n
             rec.add("decode", batch=b, ms_per_step=ms, tok_s=b * 1e3 / ms, new_tokens=n, first_call_s=t_compile,
-                    method="generate(static cache, auto torch.compile); prefill time subtracted")
+                    method="generate(static cache, auto torch.compile); prefill time subtracted; energy: the "
+                    "whole generate call", **row)
             if b == 1:
-                rec.add("generate", prompt_len=plan.decode_prompt, new_tokens=n, s=t, tok_s=n / t)
+                rec.add("generate", prompt_len=plan.decode_prompt, new_tokens=n, s=t, tok_s=n / t, peak_gb=peak, **row)
             free_memory()
         except Exception as e:  # noqa: BLE001
-            if _failed(rec, f"decode {b}", e):
+            if failed(rec, f"decode {b}", e):
                 break
 
 

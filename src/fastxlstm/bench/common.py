@@ -202,6 +202,9 @@ def graph_equals_eager(engine, n: int, steps: int) -> bool:
     return runs[True] == runs[False]
 
 
-def seeded_tokens(n: int, vocab: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+def seeded_tokens(n: int, vocab: int, batch: int = 1, seed: int = 0, device: str | None = None) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(3, vocab, (batch, n), generator=gen).to(device())
+    return torch.randint(3, vocab, (batch, n), generator=gen).to(device or _device())
+
+
+_device = device  # seeded_tokens' argument of the same name shadows it

@@ -57,7 +57,7 @@ def engine_peer(model_spec: str, slots: int, steps: int, dtype: str, prompts: li
 
     from fastxlstm.checkpoint import load
     from fastxlstm.engine import Engine
-    from fastxlstm.generation.sampling import SamplingParams
+    from fastxlstm.sampling import SamplingParams
 
     dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     model = load(model_spec, device="cuda", dtype=dt, weight_mode="fused")
@@ -144,8 +144,8 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
 
     from fastxlstm.checkpoint import load
     from fastxlstm.engine.backend import EngineSlotBackend
+    from fastxlstm.sampling import SamplingParams
     from fastxlstm.serving.prefix_cache import PrefixCache
-    from fastxlstm.serving.sampling import SamplingParams
     from fastxlstm.serving.scheduler import GenerationRequest, Scheduler
     from fastxlstm.state import clone_state
 
@@ -205,8 +205,8 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
     _, st = be.prefill(ps[0], None)
     for s in range(slots):
         be.load(s, st)
-    nxt = torch.zeros(slots, dtype=torch.long, device=dev)
-    out["window_4_steps_all_slots"] = timed(lambda: be.decode_greedy(list(range(slots)), nxt, 4, logprobs=True))
+    be.first_tokens(list(range(slots)), torch.zeros(slots, be.vocab_size, device=dev))
+    out["window_4_steps_all_slots"] = timed(lambda: be.decode_window(list(range(slots)), 4))
 
     # the scheduler loop itself (no HTTP): a wave of greedy requests with logprobs=0 as the load test sends
     sched = Scheduler(be, eos_token_id=None, cache=PrefixCache(1 << 30), decode_steps_per_read=4,
@@ -238,7 +238,7 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
             warnings.simplefilter("always")
             be.prefill(ps[0], None)
             hand_over(2)
-            tokens = be.decode_greedy(list(range(slots)), nxt, 4, logprobs=True)[0]
+            tokens = be.decode_window(list(range(slots)), 4).tokens
             tokens.to("cpu", non_blocking=True)
             marker = len(caught)
             wave(3, n=12)
@@ -484,6 +484,14 @@ def run_server(args, variant: str, extra_args: list[str], result: dict, prefix: 
         out["profile"]["server_cpu_us_per_token"] = (http_cpu + child_cpu) / max(1, ld["completion_tokens"]) * 1e6
         print(json.dumps({k: ld[k] for k in ("output_tokens_per_s", "ttft_ms", "itl_ms", "errors")}), flush=True)
         print(json.dumps(out["profile"]), flush=True)
+        if args.sampled:  # the same requests, sampled: same server, same run
+            temp, top_p = (float(x) for x in args.sampled.split(","))
+            out["load_sampled"] = sl = asyncio.run(load_test(
+                base, "bench", args.requests, args.concurrency, args.min_prompt, args.max_prompt, args.output_tokens,
+                procs=args.client_procs, extra={"temperature": temp, "top_p": top_p}))
+            out["sampled_params"] = {"temperature": temp, "top_p": top_p}
+            out["sampled_over_greedy"] = sl["output_tokens_per_s"] / ld["output_tokens_per_s"]
+            print(json.dumps({k: sl[k] for k in ("output_tokens_per_s", "ttft_ms", "tpot_ms", "errors")}), flush=True)
         if prefix:
             before = metrics_snapshot(base)
             out["prefix_cache"] = asyncio.run(prefix_test(base, "bench", args.system_tokens, 32, 8))
@@ -523,7 +531,9 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-audit", action="store_true", help="skip the backend audit (host vs device time, syncs)")
     ap.add_argument("--audit-only", action="store_true", help=argparse.SUPPRESS)  # the audit's own process
-    ap.add_argument("--backend", default="auto", help="the server's slot backend (engine, model, auto)")
+    ap.add_argument("--backend", default="auto", help="the server's mLSTM kernels (auto, triton, reference)")
+    ap.add_argument("--sampled", default="", metavar="TEMPERATURE,TOP_P",
+                    help="after each greedy load, the same load with these sampling knobs (e.g. 0.8,0.95)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SERVER ARGS",
                     help="a server configuration to load-test, e.g. 'k1=--decode-steps-per-read 1' (repeatable; "
                          "default: one run with the server's defaults); the first one also runs the prefix test")
@@ -547,12 +557,11 @@ def main() -> None:
             result["engine_peer"] = engine_peer(args.model, args.max_slots, args.peer_steps, args.dtype,
                                                 make_prompts(args.requests, args.min_prompt, args.max_prompt),
                                                 args.output_tokens)
-        except Exception as e:  # record and go on: the server can still run on plain model calls
+        except Exception as e:  # record and go on: the server runs all the same
             import traceback
 
             traceback.print_exc()
             result["engine_peer_error"] = f"{type(e).__name__}: {e}"
-            args.backend = "model"
         import gc
 
         gc.collect()
@@ -589,6 +598,11 @@ def main() -> None:
             print(f"  {run['variant']}: failed ({run.get('error')})")
             continue
         ld, pr = run["load"], run["profile"]
+        if "sampled_over_greedy" in run:
+            sl = run["load_sampled"]
+            print(f"  {run['variant']} sampled {run['sampled_params']}: {sl['output_tokens_per_s']:.0f} output tok/s "
+                  f"= {run['sampled_over_greedy']:.2f}x greedy; TTFT p50 {sl['ttft_ms']['p50']:.0f} ms p99 "
+                  f"{sl['ttft_ms']['p99']:.0f} ms, TPOT p50 {sl['tpot_ms']['p50']:.1f} ms")
         ratio = f", server / engine decode {run['server_over_engine_decode']:.2f}" if "server_over_engine_decode" in \
             run else ""
         if "server_over_engine_offline" in run:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from serving_load import process_cpu_s  # (benchmarks/, this script's folder)
 
+from fastxlstm.engine.backend import Sampled
+from fastxlstm.sampling import MAX_LOGPROBS
 from fastxlstm.serving.app import create_app
 from fastxlstm.serving.runtime import ServeConfig
 from fastxlstm.serving.testing import ServerThread
@@ -37,6 +39,7 @@ class SimulatedEngine:
         self.step_s, self.prefill_token_s = step_s, prefill_token_s
         self.table = torch.randn(512, vocab, generator=torch.Generator().manual_seed(0))
         self.state = [(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4), torch.zeros(1, 2))]
+        self.last = torch.zeros(max_slots, dtype=torch.long)  # each slot's last sampled token
 
     def prefill(self, tokens, state):
         time.sleep(self.prefill_token_s * len(tokens))
@@ -46,18 +49,32 @@ class SimulatedEngine:
         time.sleep(self.prefill_token_s * sum(map(len, tokens)))
         return self.table[len(tokens[0]) % 512].expand(len(tokens), -1), [self.state] * len(tokens)
 
-    def decode_greedy(self, slots, tokens, steps, logprobs=False):
+    def first_tokens(self, slots, logits, logprobs=False):
+        tok = logits.argmax(-1)  # the argmax stands in for on-device sampling
+        self.last[list(slots)] = tok
+        return self._sampled(tok[:, None], logits[:, None], logprobs)
+
+    def decode_window(self, slots, steps, logprobs=False):
         """``steps`` steps queued back to back (as CUDA launches are): one wait of ``steps`` step times."""
         time.sleep(self.step_s * steps)
-        out, lps, tok = [], [], torch.tensor([t % 512 for t in tokens])
-        for _ in range(steps):  # the argmax stands in for on-device sampling
+        out, rows, tok = [], [], self.last[list(slots)]
+        for _ in range(steps):
             logits = self.table.index_select(0, tok % 512)
             tok = logits.argmax(-1)
             out.append(tok)
-            lps.append(torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
-        return (torch.stack(out, 1), torch.stack(lps, 1)) if logprobs else torch.stack(out, 1)
+            rows.append(logits)
+        self.last[list(slots)] = tok
+        return self._sampled(torch.stack(out, 1), torch.stack(rows, 1), logprobs)
 
-    def load(self, slot, state):
+    @staticmethod
+    def _sampled(tokens, logits, logprobs):
+        if not logprobs:
+            return Sampled(tokens)
+        lsm = torch.log_softmax(logits, -1)
+        top = lsm.topk(MAX_LOGPROBS, -1)
+        return Sampled(tokens, lsm.gather(2, tokens[..., None])[..., 0], top.values, top.indices)
+
+    def load(self, slot, state, params=None, history=()):
         pass
 
     def read(self, slot):
@@ -65,10 +82,6 @@ class SimulatedEngine:
 
     def release(self, slot):
         pass
-
-    def decode(self, slots, tokens):
-        time.sleep(self.step_s)
-        return self.table.index_select(0, torch.tensor([t % 512 for t in tokens]))
 
 
 def simulated_engine(max_slots: int, step_s: float, prefill_token_s: float, plain: bool, threads: int):
@@ -85,7 +98,7 @@ class _Plain:
         self._inner = inner
         self.max_slots, self.vocab_size, self.device = inner.max_slots, inner.vocab_size, inner.device
         self.prefill, self.load, self.read = inner.prefill, inner.load, inner.read
-        self.release, self.decode = inner.release, inner.decode
+        self.release, self.first_tokens, self.decode_window = inner.release, inner.first_tokens, inner.decode_window
 
 
 def scheduler_only(args) -> None:
@@ -93,7 +106,7 @@ def scheduler_only(args) -> None:
     import asyncio
     import random
 
-    from fastxlstm.serving.sampling import SamplingParams
+    from fastxlstm.sampling import SamplingParams
     from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, Scheduler
 
     backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
@@ -148,7 +161,7 @@ def main() -> None:
     ap.add_argument("--decode-steps-per-read", type=int, default=None,
                     help="ServeConfig.decode_steps_per_read (default: the server's)")
     ap.add_argument("--no-batching", action="store_true",
-                    help="hide the stand-in's prefill_batch/decode_greedy (the server as before them)")
+                    help="hide the stand-in's prefill_batch (one prompt per prefill call)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads for the host-side tensor ops (on a GPU these run on the device; on a "
                          "2-core box extra OpenMP workers spin against the load client)")

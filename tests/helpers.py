@@ -79,3 +79,30 @@ def run_interpreter_worker(script: str | Path) -> dict:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@torch.inference_mode()
+def greedy_reference(model: XLSTMForCausalLM, input_ids, max_new_tokens: int = 32,
+                     eos_token_id: int | None = None) -> torch.Tensor:
+    """The test oracle for greedy decoding: the readable loop over the reference model (``model/``),
+    prefill once, then one recurrent step per token; ``[B, n]`` generated ids (rows that hit EOS are
+    padded with it; stops once every row did). The engine, the server and the CLI must match it."""
+    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(
+        input_ids if input_ids and isinstance(input_ids[0], (list, tuple)) else [list(input_ids)])
+    ids = (ids[None] if ids.ndim == 1 else ids).to(device=model.device, dtype=torch.long)
+    out = []
+    if max_new_tokens > 0:
+        logits, state = model(ids, last_logits_only=True)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            token = logits[:, -1].argmax(dim=-1)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            out.append(token)
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits, state = model(token[:, None], state)
+    if not out:
+        return torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)
+    return torch.stack(out, dim=1)

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from fastxlstm.cli import app
 from fastxlstm.config import XLSTMConfig
-from fastxlstm.generation import generate
 from fastxlstm.tokenizer import Tokenizer
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 
 runner = CliRunner()

@@ -13,10 +13,10 @@ import torch
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine import LLM, Engine, SequenceState
 from fastxlstm.engine.runner import Runner, step_inplace_bmm, step_inplace_reference
-from fastxlstm.generation import generate
-from fastxlstm.generation.sampling import SamplingParams
+from fastxlstm.sampling import SamplingParams
 from fastxlstm.tokenizer import Tokenizer
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 
 CFG = XLSTMConfig(vocab_size=259, embedding_dim=64, num_blocks=2, num_heads=2, weight_mode="fused", chunk_size=16)
@@ -208,22 +208,34 @@ print("ok")
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_slot_backend_adapter_matches_model_slots():
+def test_slot_backend_window_equals_reference_model(ref):
+    """The serving backend (prefill, load, first tokens, multi-step windows with logprobs) against the
+    reference model: greedy tokens equal the reference loop, logprobs its log-softmax, rows in the
+    caller's order whatever the slot order."""
     from fastxlstm.engine.backend import EngineSlotBackend
-    from fastxlstm.serving.slots import ModelSlots
 
-    fast = EngineSlotBackend(perturbed_model(CFG), max_slots=3)
-    slow = ModelSlots(perturbed_model(CFG), max_slots=3)
-    for be in (fast, slow):
-        for slot, p in ((0, PROMPTS[0]), (2, PROMPTS[2])):
-            _, st = be.prefill(p, None)
-            be.load(slot, st)
-    a = fast.decode([0, 2], [5, 6])
-    b = slow.decode([0, 2], [5, 6])
-    assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
-    lf, _ = fast.prefill(PROMPTS[1], fast.read(0))
-    ls, _ = slow.prefill(PROMPTS[1], slow.read(0))
-    assert torch.allclose(lf, ls, atol=2e-5, rtol=1e-4)
+    be = EngineSlotBackend(perturbed_model(CFG), max_slots=3)
+    prompts = {2: PROMPTS[0], 0: PROMPTS[2]}
+    logits = []
+    for slot, p in prompts.items():
+        lg, st = be.prefill(p, None)
+        be.load(slot, st, SamplingParams(logprobs=2), p)
+        logits.append(lg)
+    first = be.first_tokens([2, 0], torch.stack(logits), logprobs=True)
+    win = be.decode_window([2, 0], 5, logprobs=True)
+    toks = torch.cat([first.tokens, win.tokens], 1)
+    lps = torch.cat([first.logprobs, win.logprobs], 1)
+    for row, p in enumerate(prompts.values()):
+        want = generate(ref, p, max_new_tokens=6)[0]
+        assert toks[row].tolist() == want.tolist()
+        with torch.no_grad():
+            full, _ = ref(torch.tensor([p + want.tolist()]))
+        lsm = torch.log_softmax(full[0, len(p) - 1:-1].double(), -1)
+        torch.testing.assert_close(lps[row].double(), lsm.gather(1, want[:, None])[:, 0], atol=2e-4, rtol=0)
+    lf, _ = be.prefill(PROMPTS[1], be.read(0))
+    with torch.no_grad():
+        want_logits = ref(torch.tensor([PROMPTS[2] + toks[1, :5].tolist() + PROMPTS[1]]))[0][0, -1]
+    assert torch.allclose(lf, want_logits, atol=2e-4, rtol=1e-4)
 
 
 def _slot_run(eng: Engine, params: SamplingParams):

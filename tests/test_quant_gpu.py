@@ -74,8 +74,8 @@ def test_engine_on_quantized_model(scheme):
         pytest.skip("needs FP8 (sm_89+)")
     from fastxlstm.bench.common import graph_equals_eager
     from fastxlstm.engine import Engine
-    from fastxlstm.generation.sampling import SamplingParams
     from fastxlstm.model.quant import quantize_model
+    from fastxlstm.sampling import SamplingParams
     from tests.helpers import perturbed_model
 
     # 8 heads: every fused matrix has a multiple of 16 rows (the W8A8 path), and every prompt has more than

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from fastxlstm.config import XLSTMConfig
-from fastxlstm.generation import generate
+from fastxlstm.engine import LLM
 from fastxlstm.serving.app import build_app
 from fastxlstm.serving.chat_template import ChatTemplate
 from fastxlstm.serving.runtime import ServeConfig
 from fastxlstm.serving.testing import ServerThread
 from fastxlstm.tokenizer import Tokenizer
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 
 TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
@@ -189,9 +190,11 @@ def test_n_and_seeds(tiny, client):
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # reproducible
     assert len({c.text for c in a.choices}) > 1  # different choices differ
     assert a.usage.prompt_tokens == len(tok.encode(prompt))
-    # choice 0 with seed s samples exactly like generate(seed=s)
-    want, _ = reference(tiny, tok.encode(prompt), 12, temperature=1.0, seed=1234)
-    assert a.choices[0].text == want
+    # choice 0 with seed s samples exactly like LLM.generate(seed=s), choice 1 like seed s + 1
+    llm = LLM(tiny[1], tok)
+    for i in (0, 1):
+        want = llm.generate(prompt, max_new_tokens=12, temperature=1.0, seed=1234 + i)[0].text
+        assert a.choices[i].text == want
     # streaming n>1 delivers every choice
     s = client.completions.create(**kw, stream=True)
     texts = ["", "", ""]
@@ -243,10 +246,10 @@ def test_sampling_knobs_and_logprobs(tiny, client):
 
 
 # ------------------------------------------------------------------------------------- concurrency
-@pytest.mark.parametrize("backend", ["engine", "model"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_32_concurrent_streams_match_solo_runs(tiny, backend):
     """Mixed prompt lengths, fewer slots than clients (queueing), small prefill chunks (interleaving),
-    on the engine's slots and on plain model calls."""
+    with the engine's Triton/auto and PyTorch reference kernels."""
     _, model, tok = tiny
     words = "The quick brown fox jumps over the lazy dog and xLSTM is a recurrent model".split()
     prompts = [" ".join(words[: 1 + (i * 7) % len(words)]) * (1 + i % 5) for i in range(32)]
@@ -293,7 +296,7 @@ def test_32_concurrent_streams_match_solo_runs(tiny, backend):
         stats = wait_idle(srv)
         assert stats["running"] == 0 and stats["waiting"] == 0
         slots = scheduler(srv).backend
-        assert not (slots.engine.active.any() if backend == "engine" else slots.live)
+        assert not slots.engine.active.any()
 
 
 # ------------------------------------------------------------------------------------ prefix cache
@@ -393,7 +396,7 @@ def test_queue_full_gets_429_with_retry_after(tiny):
         wait_idle(srv)
 
 
-@pytest.mark.parametrize("backend", ["engine", "model"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_one_failing_request_does_not_hurt_others(tiny, backend):
     """Faults injected in prefill (one prompt) and in decode (whenever one request's forced token is fed)."""
     _, model, tok = tiny
@@ -403,7 +406,8 @@ def test_one_failing_request_does_not_hurt_others(tiny, backend):
     poison = next(t for t in range(3, 300) if t not in used)
     with start(tiny, max_slots=8, backend=backend) as srv:
         backend = scheduler(srv).backend
-        real_prefill, real_decode = backend.prefill, backend.decode
+        real_prefill, real_decode = backend.prefill, backend.decode_window
+        sched = scheduler(srv)
         real_batch = getattr(backend, "prefill_batch", None)
 
         def prefill(tokens, state):
@@ -416,12 +420,13 @@ def test_one_failing_request_does_not_hurt_others(tiny, backend):
                 raise RuntimeError("injected batched prefill fault")
             return real_batch(tokens, states)
 
-        def decode(slots, tokens):
-            if poison in tokens:
+        def decode(slots, steps, logprobs=False):  # a window holding a sequence that sampled the poison token
+            fed = {c.slot for r in list(sched.running) for c in r.choices if poison in c.generated}
+            if fed & set(slots):
                 raise RuntimeError("injected decode fault")
-            return real_decode(slots, tokens)
+            return real_decode(slots, steps, logprobs)
 
-        backend.prefill, backend.decode = prefill, decode
+        backend.prefill, backend.decode_window = prefill, decode
         if real_batch is not None:
             backend.prefill_batch = prefill_batch
         aclient = openai.AsyncOpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0)
@@ -448,7 +453,7 @@ def test_one_failing_request_does_not_hurt_others(tiny, backend):
         got = asyncio.run(main())
         assert list(got[:4]) == want
         wait_idle(srv)
-        backend.prefill, backend.decode = real_prefill, real_decode
+        backend.prefill, backend.decode_window = real_prefill, real_decode
         r = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none").completions.create(
             model="tiny", prompt=prompts[0], max_tokens=16, temperature=0)
         assert (r.choices[0].text, r.usage.completion_tokens) == want[0]

@@ -8,12 +8,11 @@ import torch
 
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine.backend import EngineSlotBackend
-from fastxlstm.generation import generate
+from fastxlstm.sampling import SamplingParams
 from fastxlstm.serving.prefix_cache import PrefixCache
-from fastxlstm.serving.sampling import SamplingParams
 from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
-from fastxlstm.serving.slots import ModelSlots
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 from .test_serving_units import run_requests
 
@@ -34,9 +33,8 @@ def close_states(a, b, tol=1e-5):
     return all(torch.allclose(x, y, atol=tol, rtol=tol) for la, lb in zip(a, b) for x, y in zip(la, lb))
 
 
-@pytest.mark.parametrize("kind", ["model", "engine"])
-def test_prefill_batch_equals_one_by_one(model, kind):
-    be = ModelSlots(model, max_slots=4) if kind == "model" else EngineSlotBackend(model, max_slots=4)
+def test_prefill_batch_equals_one_by_one(model):
+    be = EngineSlotBackend(model, max_slots=4)
     ps = prompts([13, 13, 13])
     starts = [None] * 3
     for with_state in (False, True):
@@ -48,34 +46,34 @@ def test_prefill_batch_equals_one_by_one(model, kind):
             assert close_states(states[j], st) and states[j][0][0].shape[0] == 1
         starts = states  # second round: continue from the states (prefix-cache hits)
         assert with_state or all(s is not None for s in starts)
-    if getattr(be, "prefill_padded", False):  # different lengths: right-padded (tests/test_engine_padded_prefill.py)
-        with pytest.raises(ValueError):
-            be.prefill_batch([[1, 2], []], [None, None])
-    else:
-        with pytest.raises(ValueError):
-            be.prefill_batch([[1, 2], [3]], [None, None])
+    with pytest.raises(ValueError):  # different lengths are right-padded (tests/test_engine_padded_prefill.py)
+        be.prefill_batch([[1, 2], []], [None, None])
 
 
-@pytest.mark.parametrize("kind", ["model", "engine"])
-def test_decode_greedy_equals_single_steps(model, kind):
-    make = (lambda: ModelSlots(model, max_slots=4)) if kind == "model" else (
-        lambda: EngineSlotBackend(model, max_slots=4))
-    fast, slow = make(), make()
+@pytest.mark.parametrize("params", [SamplingParams(logprobs=0), SamplingParams(logprobs=3, temperature=0.9, top_p=0.9,
+                                    seed=5, presence_penalty=0.5, repetition_penalty=1.2, logit_bias={7: 2.0})])
+def test_decode_window_equals_single_steps(model, params):
+    """A window of 6 steps equals 6 windows of one step (tokens, logprobs, top alternatives, states), any slot
+    order (the scheduler's), greedy and sampled (seeded, penalties, bias: all on the device)."""
+    fast, slow = EngineSlotBackend(model, max_slots=4), EngineSlotBackend(model, max_slots=4)
     ps = prompts([5, 9, 17], seed=1)
+    firsts = []
     for be in (fast, slow):
-        for slot, p in zip((0, 1, 3), ps):
-            be.load(slot, be.prefill(p, None)[1])
-    # any slot order (the scheduler's), first inputs on the device
-    got, lps = fast.decode_greedy([3, 0, 1], torch.tensor([9, 7, 8]), 6, logprobs=True)
-    tok, want, want_lp = [9, 7, 8], [], []
-    for _ in range(6):
-        logits = slow.decode([3, 0, 1], tok)
-        tok = logits.argmax(-1).tolist()
-        want.append(tok)
-        want_lp.append(torch.log_softmax(logits, -1)[torch.arange(3), tok])
-    assert got.tolist() == [list(r) for r in zip(*want)]
-    assert torch.allclose(lps, torch.stack(want_lp, 1), atol=1e-5)
+        logits = []
+        for slot, p in zip((3, 0, 1), ps):
+            lg, st = be.prefill(p, None)
+            be.load(slot, st, params, p)
+            logits.append(lg)
+        firsts.append(be.first_tokens([3, 0, 1], torch.stack(logits), logprobs=True))
+    assert torch.equal(firsts[0].tokens, firsts[1].tokens)
+    got = fast.decode_window([3, 0, 1], 6, logprobs=True)
+    steps = [slow.decode_window([3, 0, 1], 1, logprobs=True) for _ in range(6)]
+    for name in ("tokens", "logprobs", "top_logprobs", "top_ids"):
+        want = torch.cat([getattr(s, name) for s in steps], 1)
+        assert torch.allclose(getattr(got, name).double(), want.double(), atol=1e-5), name
     assert close_states(fast.read(3), slow.read(3))
+    lsm = torch.log_softmax(torch.stack([fast.prefill(p, None)[0] for p in ps]), -1)
+    torch.testing.assert_close(firsts[0].logprobs[:, 0], lsm.gather(1, firsts[0].tokens)[:, 0])
 
 
 def counted(fn, name, log):
@@ -114,10 +112,9 @@ def test_multi_step_window_stops_exactly(model):
     want.append((ref[5][:13], "length"))
     assert want[4] == (ref[4][:eos_at + 1], "stop")
     for k in (1, 4, 8):
-        be = ModelSlots(model, max_slots=8)
+        be = EngineSlotBackend(model, max_slots=8)
         reads = []
-        for name in ("decode", "decode_greedy"):
-            setattr(be, name, counted(getattr(be, name), name, reads))
+        be.decode_window = counted(be.decode_window, "decode_window", reads)
         sched = Scheduler(be, eos_token_id=eos_tok, decode_steps_per_read=k)
         sched.start()
         try:
@@ -127,7 +124,7 @@ def test_multi_step_window_stops_exactly(model):
             assert sched.stats()["slots_free"] == 8
             assert sched.metrics.generation_tokens._value.get() == sum(len(w[0]) for w in want)
             assert sched.steps == 19  # device steps: the longest request's 20 tokens less the prefill's
-            assert (len(reads) < 19 and "decode_greedy" in reads) if k > 1 else len(reads) == 19
+            assert len(reads) < 19 if k > 1 else len(reads) == 19
         finally:
             sched.shutdown()
 
@@ -135,12 +132,12 @@ def test_multi_step_window_stops_exactly(model):
 def test_batched_prefill_in_scheduler_and_cache_states_exact(model):
     """A wave of equal-length prompts is prefilled in one call; tokens equal generate(); every cached state
     (prompt ends and chat-turn ends, even when a window ran past a stop) equals a fresh prefill of its key."""
-    be = ModelSlots(model, max_slots=8)
+    be = EngineSlotBackend(model, max_slots=8)
     calls = []
     orig = be.prefill_batch
     be.prefill_batch = lambda t, s: (calls.append(len(t)), orig(t, s))[1]
     cache = PrefixCache(10**8)
-    sched = Scheduler(be, eos_token_id=None, cache=cache, decode_steps_per_read=4)
+    sched = Scheduler(be, eos_token_id=None, cache=cache, decode_steps_per_read=4, prefill_pad_ratio=1.0)
     ps = prompts([9, 9, 9, 9, 4, 12], seed=3)
     ref = [generate(model, p, 10)[0].tolist() for p in ps]
     stop_tok = ref[0][1] if ref[0][1] not in ref[0][:1] else ref[0][2]
@@ -170,34 +167,36 @@ def test_batched_prefill_in_scheduler_and_cache_states_exact(model):
         sched.shutdown()
 
 
-def test_multi_step_window_chosen_logprobs_equal_single_steps(model):
-    """``logprobs=0`` (the chosen token's log-probability) rides in windows; top alternatives force single steps."""
-    ps = prompts([7, 7, 10], seed=4)
+def test_multi_step_window_logprobs_equal_single_steps(model):
+    """Logprobs (the chosen token's and top alternatives) and sampled requests ride in windows: tokens and
+    logprobs with k=4 equal k=1, and windows are used for every kind of request."""
+    ps = prompts([7, 7, 10, 5], seed=4)
+    params = [SamplingParams(max_new_tokens=9, temperature=0, logprobs=0),
+              SamplingParams(max_new_tokens=9, temperature=0, logprobs=2),
+              SamplingParams(max_new_tokens=9, temperature=0),
+              SamplingParams(max_new_tokens=9, temperature=1.0, top_k=20, seed=3, logprobs=1)]
     got = {}
     for k in (1, 4):
-        be = ModelSlots(model, max_slots=4)
+        be = EngineSlotBackend(model, max_slots=4)
         reads = []
-        be.decode_greedy = counted(be.decode_greedy, "decode_greedy", reads)
+        be.decode_window = counted(be.decode_window, "decode_window", reads)
         sched = Scheduler(be, eos_token_id=None, decode_steps_per_read=k)
         sched.start()
         try:
-            reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=9, temperature=0, logprobs=0 if i < 2 else None))
-                    for i, p in enumerate(ps)]
+            reqs = [GenerationRequest(p, sp) for p, sp in zip(ps, params)]
             events = run_requests(sched, reqs)
             got[k] = [[(e.token, e.logprob, e.top_logprobs) for e in events[r.id] if isinstance(e, TokenEvent)]
                       for r in reqs]
-            assert bool(reads) == (k > 1)
-            top = GenerationRequest(ps[0], SamplingParams(max_new_tokens=5, temperature=0, logprobs=2))
-            reads.clear()
-            run_requests(sched, [top])
-            assert not reads  # alternatives are computed on the host, one step at a time
+            assert len(reads) == (8 if k == 1 else 2)  # 8 steps after the first token: 8 windows of 1, or 4 + 4
         finally:
             sched.shutdown()
     for a, b in zip(got[1], got[4]):
         assert [t for t, _, _ in a] == [t for t, _, _ in b]
-        assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5) and ta == tb
-                   for (_, la, ta), (_, lb, tb) in zip(a, b))
+        assert all((la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-5)
+                   and [i for i, _ in ta or []] == [i for i, _ in tb or []] for (_, la, ta), (_, lb, tb) in zip(a, b))
     assert got[4][0][0][1] is not None and got[4][0][0][2] == [] and got[4][2][0][1] is None
+    assert len(got[4][1][0][2]) == 2 and got[4][1][0][2][0][0] == got[4][1][0][0]  # greedy picks the top one
+    assert len(got[4][3][0][2]) == 1
 
 
 def test_engine_backend_windows_past_engine_defaults(model):
@@ -217,8 +216,7 @@ def test_engine_backend_windows_past_engine_defaults(model):
         sched.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["model", "engine"])
-def test_overlapped_windows_equal_serial_and_generate(model, kind):
+def test_overlapped_windows_equal_serial_and_generate(model):
     """With overlap a window is queued behind one whose tokens were not read yet (its inputs stay on the
     device); with ``early_launch`` also before the iteration's prefill (which then runs with two windows
     unread); tokens, finish reasons, cached turn-end states and slot accounting equal the serial scheduler's
@@ -232,7 +230,7 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
     budgets = [23, 23, 5, 17, 23, 2, 11]
     results = {}
     for mode in ("serial", "overlap", "early"):
-        be = ModelSlots(model, max_slots=4) if kind == "model" else EngineSlotBackend(model, max_slots=4)
+        be = EngineSlotBackend(model, max_slots=4)
         launches, bad, at_prefill = [], [], []  # (an assertion inside the scheduler thread would only trigger
         cache = PrefixCache(10**8)  # its fallback)
         sched = Scheduler(be, eos_token_id=eos_tok, cache=cache, decode_steps_per_read=4, overlap=mode != "serial",
@@ -245,18 +243,16 @@ def test_overlapped_windows_equal_serial_and_generate(model, kind):
             setattr(be, name, lambda *a, _orig=getattr(be, name), _seen=at_prefill, _unread=unread: (
                 _seen.append(_unread()), _orig(*a))[1])
 
-        def counted(slots, tokens, steps, logprobs=False, _orig=be.decode_greedy, _sched=sched, _launches=launches,
+        def counted(slots, steps, logprobs=False, _orig=be.decode_window, _sched=sched, _launches=launches,
                     _bad=bad):
             _launches.append(unread() > 0)  # a window still unread when this one is queued
-            if not isinstance(tokens, torch.Tensor):  # inputs come from the device, not from the host
-                _bad.append(("host inputs", slots))
             live = {c.slot: c for r in _sched.running for c in r.choices if not c.done}
             # no sequence is relaunched once the inputs handed to the device (fed) cover its budget
-            if not all(live[s].fed + 1 < live[s].sampler.params.max_new_tokens for s in slots):
+            if not all(live[s].fed + 1 < live[s].params.max_new_tokens for s in slots):
                 _bad.append(("budget spent", slots))
-            return _orig(slots, tokens, steps, logprobs)
+            return _orig(slots, steps, logprobs)
 
-        be.decode_greedy = counted
+        be.decode_window = counted
         sched.start()
         try:
             params = [SamplingParams(max_new_tokens=m, temperature=0, logprobs=0 if i % 2 else None,

@@ -13,12 +13,12 @@ import torch
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine.backend import EngineSlotBackend
 from fastxlstm.engine.prefill_graph import PrefillGraphs
-from fastxlstm.generation import generate
+from fastxlstm.sampling import SamplingParams
 from fastxlstm.serving.prefix_cache import PrefixCache
-from fastxlstm.serving.sampling import SamplingParams
 from fastxlstm.serving.scheduler import GenerationRequest, Scheduler
 from fastxlstm.serving.slots import warm_prefill
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 from .test_serving_batching import close_states, prompts, tokens_and_finish
 from .test_serving_units import run_requests
@@ -115,31 +115,36 @@ def test_scheduler_meets_only_captured_buckets_and_stays_exact():
         assert close_states(cache.lookup(p, need_logits_at_end=False, count=False).state, fresh, tol=1e-4), len(p)
 
 
-def test_greedy_first_tokens_are_not_waited_for():
-    """With windows, a greedy request's first token goes to the device's next inputs and is read behind
-    the next window (no host sampling of prefill logits); sampled requests still pick theirs on the host."""
+def test_first_tokens_are_not_waited_for():
+    """A request's first token, greedy or sampled, is sampled on the device from the prefill logits and read
+    behind the next window (no host sampling, no wait): every first-token block is read while a decode window
+    launched after it is in flight; tokens equal the reference (greedy) and LLM.generate (seeded)."""
+    from fastxlstm.engine import LLM
+
     model = perturbed_model(CFG)
     be = EngineSlotBackend(model, max_slots=4)
     sched = Scheduler(be, eos_token_id=None, decode_steps_per_read=4)
-    phases = []
-    orig = sched._sample_and_emit
-    sched._sample_and_emit = lambda c, o, lg, phase="decode": (phases.append(phase), orig(c, o, lg, phase))[1]
+    behind = []
+    orig = sched._finish_window
+    sched._finish_window = lambda w: (behind.append(any(x.phase == "decode" for x in sched._unread))
+                                      if w.phase == "prefill" else None, orig(w))[1]
     ps = prompts([7, 7, 12], seed=12)
     sched.start()
     try:
         reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
-                for p, n in zip(ps, (1, 9, 5))]
+                for p, n in zip(ps, (2, 9, 5))]
         events = run_requests(sched, reqs)
         for p, r in zip(ps, reqs):
             assert tokens_and_finish(events[r.id])[0] == generate(model, p, r.params.max_new_tokens)[0].tolist()
-        assert "prefill" not in phases and sched.steps == 8 and not sched._unread
-        sampled = GenerationRequest(ps[0], SamplingParams(max_new_tokens=3, temperature=0.7, seed=1))
-        run_requests(sched, [sampled])
-        assert "prefill" in phases
+        assert behind and all(behind) and sched.steps == 8 and not sched._unread
+        behind.clear()
+        sp = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9, seed=1, ignore_eos=True)
+        sampled = GenerationRequest(ps[0], sp)
+        toks = tokens_and_finish(run_requests(sched, [sampled])[sampled.id])[0]
+        assert behind == [True]
+        assert toks == LLM(model).generate(ps[0], sampling_params=sp)[0].token_ids
     finally:
         sched.shutdown()
-
-
 def test_bucket_plan_with_graph_costs():
     """The plan against a backend with graph buckets: at most ``prefill_max_batch`` rows, the padded
     bucket's cost within the budget and within the ratio x the prompts' costs alone, the first-come request

@@ -8,12 +8,12 @@ import json
 import pytest
 
 from fastxlstm.config import XLSTMConfig
-from fastxlstm.generation import generate
-from fastxlstm.serving.sampling import SamplingParams
+from fastxlstm.engine.backend import EngineSlotBackend
+from fastxlstm.sampling import SamplingParams
 from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
-from fastxlstm.serving.slots import ModelSlots
 from fastxlstm.serving.sse import SSEChunks, sse_event
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 
 
@@ -57,15 +57,15 @@ def test_stream_interval_batches_tokens_but_stops_exactly():
     stop_tok = refs[1][6]
     cut = refs[1].index(stop_tok) + 1  # generation ends on (and includes) the first occurrence of the stop token
     # a slow "engine": each step waits, so one 60 ms interval spans several steps
-    slots = ModelSlots(model, max_slots=4)
-    decode = slots.decode
+    slots = EngineSlotBackend(model, max_slots=4)
+    decode = slots.decode_window
 
-    def slow_decode(s, t):
+    def slow_decode(s, steps, logprobs=False):
         import time
-        time.sleep(0.01)
-        return decode(s, t)
+        time.sleep(0.01 * steps)
+        return decode(s, steps, logprobs)
 
-    slots.decode = slow_decode
+    slots.decode_window = slow_decode
     sched = Scheduler(slots, eos_token_id=None, stream_interval=0.06)
     sched.start()
     try:

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from fastxlstm.config import XLSTMConfig
-from fastxlstm.generation import generate
+from fastxlstm.engine.backend import EngineSlotBackend
+from fastxlstm.sampling import SamplingParams
 from fastxlstm.serving.chat_template import ChatTemplate, ChatTemplateError
 from fastxlstm.serving.prefix_cache import PrefixCache, entry_nbytes
-from fastxlstm.serving.sampling import SamplingParams
 from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
-from fastxlstm.serving.slots import ModelSlots
 from fastxlstm.text import StopText
 from fastxlstm.tokenizer import Tokenizer
 
+from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
 
 
@@ -195,7 +195,7 @@ def run_requests(sched: Scheduler, reqs: list[GenerationRequest]) -> dict[int, l
 def test_scheduler_chunked_prefill_cache_points_and_exactness():
     model = perturbed_model(XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2))
     cache = PrefixCache(10**8)
-    sched = Scheduler(ModelSlots(model, max_slots=3), eos_token_id=None, cache=cache, prefill_chunk=7)
+    sched = Scheduler(EngineSlotBackend(model, max_slots=3), eos_token_id=None, cache=cache, prefill_chunk=7)
     sched.start()
     try:
         g = torch.Generator().manual_seed(0)
@@ -224,60 +224,35 @@ def test_scheduler_chunked_prefill_cache_points_and_exactness():
     assert not sched.alive
 
 
-# ------------------------------------------------------------------------------------------ sampler penalties
-def test_sequence_sampler_penalties_match_references():
-    """Repetition penalty as transformers' processor applies it (prompt + output); presence / frequency
-    penalty and logit bias by the OpenAI formula (output tokens only)."""
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
-
-    from fastxlstm.serving.sampling import SequenceSampler
-
-    vocab, prompt, output = 32, [3, 5, 5, 9], [5, 7, 7, 7, 11]
-    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
-    logits[[3, 9]] = torch.tensor([2.5, -1.5])  # a positive and a negative seen logit for sure
-    rep = SequenceSampler(SamplingParams(max_new_tokens=8, repetition_penalty=1.7), prompt, vocab, torch.device("cpu"))
-    for t in output:
-        rep.observe(t)
-    want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits[None].clone())[0]
-    torch.testing.assert_close(rep.process(logits), want)
-
-    bias = {2: 4.0, 7: -2.5}
-    pf = SequenceSampler(SamplingParams(max_new_tokens=8, presence_penalty=0.6, frequency_penalty=0.3, logit_bias=bias),
-                         prompt, vocab, torch.device("cpu"))
-    for t in output:
-        pf.observe(t)
-    want = logits.clone()
-    for t in set(output):
-        want[t] -= 0.3 * output.count(t) + 0.6
-    for t, b in bias.items():
-        want[t] += b
-    torch.testing.assert_close(pf.process(logits), want)
-
-
-def test_model_slots_decode_leaves_other_live_slots_alone():
-    """A decode over some live slots (enough for the whole-batch path) must not advance the others."""
+def test_decode_window_leaves_other_live_slots_alone():
+    """A decode window over some live slots must not advance the others (bitwise), and its tokens are the
+    reference model's greedy continuation."""
     model = perturbed_model(XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2))
-    slots = ModelSlots(model, max_slots=4)
-    for slot, prompt in enumerate(([5, 7, 9], [11, 2], [300, 4, 4, 8])):
-        slots.load(slot, slots.prefill(prompt, None)[1])
-    before = slots.read(2)
-    logits = slots.decode([0, 1], [13, 17])  # 2 of 4 slots: at the whole-batch threshold, but slot 2 is live
-    for got, want in zip(slots.read(2), before):
+    be = EngineSlotBackend(model, max_slots=4)
+    prompts = ([5, 7, 9], [11, 2], [300, 4, 4, 8])
+    logits = []
+    for slot, prompt in enumerate(prompts):
+        lg, st = be.prefill(prompt, None)
+        be.load(slot, st)
+        logits.append(lg)
+    before = be.read(2)
+    first = be.first_tokens([0, 1], torch.stack(logits[:2]))
+    toks = torch.cat([first.tokens, be.decode_window([0, 1], 3).tokens], 1)
+    for got, want in zip(be.read(2), before):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for row, (prompt, token) in enumerate((([5, 7, 9], 13), ([11, 2], 17))):
-        ref = model(torch.tensor([prompt + [token]]), last_logits_only=True)[0][0, -1]
-        torch.testing.assert_close(logits[row], ref, rtol=1e-4, atol=1e-4)
+    for row, prompt in enumerate(prompts[:2]):
+        assert toks[row].tolist() == generate(model, prompt, 4)[0].tolist()
 
 
 def test_warm_prefill_covers_shape_classes_and_touches_no_slot():
     """The start-up prefill warm-up runs on GPU backends only (unless forced), covers lengths on both sides of
     each power of two with and without a start state, and leaves every slot's state as it was."""
-    from fastxlstm.serving.slots import ModelSlots, warm_prefill
+    from fastxlstm.serving.slots import warm_prefill
 
     model = perturbed_model(XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2))
-    be = ModelSlots(model, max_slots=2)
+    be = EngineSlotBackend(model, max_slots=2)
     be.load(0, be.prefill([5, 6, 7], None)[1])
-    before = [t.clone() for layer in be.state for t in layer]
+    before = [t.clone() for layer in be.engine.states for t in layer]
     seen = []
     batched = []
     orig, orig_batch = be.prefill, be.prefill_batch
@@ -288,10 +263,8 @@ def test_warm_prefill_covers_shape_classes_and_touches_no_slot():
     assert n == len(seen) + len(batched) and batched and max(batched) <= 256
     assert {(15, False), (16, False), (255, False), (256, False), (1, False)} <= set(seen)
     assert any(s for _, s in seen) and max(k for k, _ in seen) <= 300
-    assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in be.state for t in layer)))
+    assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in be.engine.states for t in layer)))
     # a padding backend (the engine's) also gets the different-length (padding-mask) variants
-    from fastxlstm.engine.backend import EngineSlotBackend
-
     eb = EngineSlotBackend(model, max_slots=1)
     calls = []
     orig_engine_batch = eb.prefill_batch

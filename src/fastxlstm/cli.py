@@ -43,50 +43,60 @@ def generate(
     model: ModelOpt,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text")],
     max_new_tokens: Annotated[int, typer.Option(min=0)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy")] = 0.0,
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    seed: int | None = None,
+    min_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Reproducible sampling (same tokens as LLM.generate / the "
+                                                  "server with this seed)")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the EOS token")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
     device: str | None = None,
     dtype: str | None = None,
 ) -> None:
-    """Generate a continuation of PROMPT (greedy when --temperature 0)."""
-    from .checkpoint import load_model_and_tokenizer
-    from .generation import generate_stream
+    """Generate a continuation of PROMPT on the engine (greedy when --temperature 0)."""
+    from .engine import LLM
+    from .sampling import SamplingParams
 
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, ignore_eos=ignore_eos)
+    except ValueError as e:
+        fail(str(e))
     t0 = time.perf_counter()
     try:
-        net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype))
+        llm = LLM(model, device=device, dtype=_dtype(dtype), max_slots=1)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         fail(str(e))
+    except (RuntimeError, AssertionError) as e:  # e.g. --device cuda on a machine without one
+        fail(f"could not load {model} on device {device or 'auto'}: {e}")
     if model.startswith("random:"):
         console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its text is noise.")
-    ids = tok.encode(prompt)
-    if not ids:
+    if not llm.tokenizer.encode(prompt):
         raise typer.BadParameter("the prompt encodes to no tokens", param_hint="--prompt")
     load_s = time.perf_counter() - t0
-    decoder = tok.incremental_decoder()
     out = sys.stdout
     out.write(prompt)
     out.flush()
     t1 = time.perf_counter()
-    pieces, n = [], 0
-    for token in generate_stream(net, ids, max_new_tokens, temperature, top_k, top_p, seed, tok.eos_token_id):
-        n += 1
-        if int(token[0]) == tok.eos_token_id:
-            break
-        piece = decoder.add(int(token[0]))
-        if stream:
-            out.write(piece)
-            out.flush()
-        else:
-            pieces.append(piece)
-    tail = decoder.flush()
-    out.write(("" if stream else "".join(pieces)) + tail + "\n")
+    if stream:
+        pieces = llm.stream(prompt, params)
+        while True:
+            try:
+                out.write(next(pieces))
+                out.flush()
+            except StopIteration as done:
+                result = done.value
+                break
+    else:
+        result = llm.generate(prompt, sampling_params=params)[0]
+        out.write(result.text)
+    out.write("\n")
     dt = time.perf_counter() - t1
+    n = len(result.token_ids)
     console.print(f"[dim]{n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s), load {load_s:.2f}s, "
-                  f"device {net.device}, dtype {net.dtype}[/]")
+                  f"device {llm.model.device}, dtype {llm.model.dtype}[/]")
 
 
 @app.command()

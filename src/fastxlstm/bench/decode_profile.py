@@ -165,7 +165,7 @@ def gemv_sweep(out: dict, model, only: tuple[str, ...] = ()) -> dict:
 def decode_variants(out: dict, model, batches) -> None:
     """Decode step time per variant, with the shipped GEMV configs (gemv_config), as the benchmark runs."""
     from ..engine import Engine
-    from ..generation.sampling import SamplingParams
+    from ..sampling import SamplingParams
     from .common import seeded_tokens
     from .loops import decode_timing as _decode_timing
 

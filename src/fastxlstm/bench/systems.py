@@ -61,7 +61,7 @@ class _NotHere(Exception):
 def _decode_engine(model, plan: Plan, vocab: int, slots_n: int, state_dtype: str):
     """An engine with ``slots_n`` slots, each continuing the same short prompt (greedy, no stops)."""
     from ..engine import Engine
-    from ..generation.sampling import SamplingParams
+    from ..sampling import SamplingParams
 
     eng = Engine(model, max_slots=slots_n, prefill_chunk_size=plan.prefill_chunk, state_dtype=state_dtype)
     slot0 = eng.allocate_slot()

@@ -39,12 +39,12 @@ Slot-level API (what a server builds on), ``engine = Engine(model, max_slots=64)
 ``EngineSlotBackend(model, max_slots)`` (``fastxlstm.engine.backend``) adapts the Engine to the serving
 scheduler's ``SlotBackend`` protocol (``prefill/load/read/release/decode``).
 
-Sampling (``fastxlstm.generation.sampling.SamplingParams``): greedy / temperature / top-k / top-p /
+Sampling (``fastxlstm.sampling.SamplingParams``): greedy / temperature / top-k / top-p /
 min-p / repetition penalty / per-request seed, all per slot, all on the GPU inside the graph; a seeded
 request draws the same tokens whatever batch it runs in (counter-based RNG keyed by seed and step).
 """
 
-from ..generation.sampling import SamplingParams
+from ..sampling import SamplingParams
 from .backend import EngineSlotBackend
 from .engine import DecodeOutput, Engine, SlotRead
 from .llm import LLM, GenerationResult

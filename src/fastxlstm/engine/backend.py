@@ -4,15 +4,17 @@ server without changing its scheduler (``fastxlstm.serving.slots.SlotBackend``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..generation.sampling import SamplingParams
 from ..model import XLSTMForCausalLM
+from ..sampling import SamplingParams
 from ..state import State
 from .engine import Engine
 from .prefill_graph import PrefillGraphs
@@ -21,7 +23,26 @@ from .transfer import to_device
 log = logging.getLogger("fastxlstm.serving")
 
 # the server checks every stop condition on the host: the engine's own stops are disabled
-_GREEDY = SamplingParams(max_new_tokens=1 << 40, ignore_eos=True)
+_NO_STOPS = dict(max_new_tokens=1 << 40, ignore_eos=True, stop_token_ids=[], stop=[])
+
+
+@dataclass
+class Sampled:
+    """Tokens sampled on the device for ``n`` sequences over ``steps`` steps: ``tokens [n, steps]``, and
+    where asked for ``logprobs [n, steps]`` with the top alternatives ``top_logprobs`` / ``top_ids``
+    ``[n, steps, MAX_LOGPROBS]`` (the model's log-softmax)."""
+
+    tokens: Tensor
+    logprobs: Tensor | None = None
+    top_logprobs: Tensor | None = None
+    top_ids: Tensor | None = None
+
+    def rows(self, idx: Tensor) -> Sampled:
+        pick = lambda t: None if t is None else t.index_select(0, idx)
+        return Sampled(pick(self.tokens), pick(self.logprobs), pick(self.top_logprobs), pick(self.top_ids))
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.tokens, self.logprobs, self.top_logprobs, self.top_ids) if t is not None]
 
 
 class EngineSlotBackend:
@@ -112,9 +133,14 @@ class EngineSlotBackend:
         hidden, new_state = eng.runner.forward_tokens(ids, start, lengths if min(lengths) < width else None)
         return eng.runner.logits(hidden), split_state(new_state, len(tokens), copy=False)
 
-    def load(self, slot: int, state: list[State]) -> None:
+    def load(self, slot: int, state: list[State], params: SamplingParams | None = None,
+             history: Sequence[int] = ()) -> None:
+        """Make ``state`` the state of ``slot`` and configure its sampling (``params``, default greedy;
+        ``history``: the prompt, for the repetition penalty). The engine's own stops are off: the
+        caller checks EOS, stop ids and lengths on the host."""
         self.engine.set_slot_state(slot, state)
-        self.engine.configure_slot(slot, _GREEDY)
+        base = params if params is not None else SamplingParams()
+        self.engine.configure_slot(slot, dataclasses.replace(base, **_NO_STOPS), history)
 
     def read(self, slot: int) -> list[State]:
         return self.engine.get_slot_state(slot)
@@ -123,51 +149,45 @@ class EngineSlotBackend:
         self.engine.active[slot:slot + 1].zero_()  # a 0-dim write would wait for the GPU
 
     @torch.no_grad()
-    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
-        """One step for ``slots`` fed ``tokens``; float32 logits ``[n, V]`` (other slots untouched)."""
-        if len(slots) != len(tokens) or not slots:
-            raise ValueError("decode needs one token per slot and at least one slot")
-        out = self.engine.decode_step(list(slots), list(tokens), return_logits=True)
-        return out.logits
+    def first_tokens(self, slots: Sequence[int], logits: Tensor, logprobs: bool = False) -> Sampled:
+        """Sample each slot's first token from its prefill ``logits [n, V]`` on the device (the slots'
+        own parameters, as :meth:`load` set them); the tokens become the slots' next decode inputs.
+        Device tensors, no host read."""
+        eng = self.engine
+        tokens = eng.sample(list(slots), logits)
+        if not logprobs:
+            return Sampled(tokens[:, None])
+        lp, top_v, top_i = eng.sampler.last_logprobs(to_device(list(slots), eng.device))
+        return Sampled(tokens[:, None], lp[:, None], top_v[:, None], top_i[:, None])
 
     @torch.no_grad()
-    def decode_greedy(self, slots: Sequence[int], tokens: Sequence[int] | Tensor, steps: int, logprobs: bool = False
-                      ) -> Tensor | tuple[Tensor, Tensor]:
-        """``steps`` greedy steps, the engine feeding each sampled token back on the device; tokens
-        ``[n, steps]`` as a device tensor (the caller's one host read) and, with ``logprobs``, their
-        log-probabilities ``[n, steps]``. Needs the slots configured greedy, which :meth:`load` does.
-        ``tokens`` (the first inputs) may be a device tensor, e.g. the last column of a window whose
-        tokens the caller has not read yet: the next window queues behind it with no host round trip."""
-        from ..generation.logprobs import chosen_logprobs
-
-        if len(slots) != len(tokens) or not slots or steps < 1:
-            raise ValueError("decode_greedy needs one token per slot, at least one slot and steps >= 1")
+    def decode_window(self, slots: Sequence[int], steps: int, logprobs: bool = False) -> Sampled:
+        """``steps`` decode steps for ``slots``, each slot fed its last sampled token on the device and
+        sampled with its own parameters (one CUDA-graph replay per step); tokens ``[n, steps]`` and, with
+        ``logprobs``, their log-probabilities and top alternatives, as device tensors (the caller's one
+        host read). A window may follow one whose tokens the caller has not read yet."""
+        if not slots or steps < 1:
+            raise ValueError("decode_window needs at least one slot and steps >= 1")
         eng = self.engine
-        # The engine runs its slots in ascending order: the first step lists them (and feeds ``tokens``),
-        # the later ones replay the same set with the tokens it sampled (``slots=None``: no host work per
-        # slot); the rows go back to the caller's order once, at the end.
+        # The engine runs its slots in ascending order: the first step lists them, the later ones replay
+        # the same set (``slots=None``: no host work per slot); rows go back to the caller's order at the end.
         order = sorted(range(len(slots)), key=lambda j: slots[j])
-        ordered = [int(slots[j]) for j in order]
-        same = order == list(range(len(order)))
-        if isinstance(tokens, Tensor):
-            feed = tokens if same else tokens.index_select(0, to_device(order, tokens.device))
-        else:
-            feed = [int(tokens[j]) for j in order]
-        out, lps = [], []
-        step = eng.decode_step(ordered, feed, return_logits=logprobs)
+        steps_out = []
+        step = eng.decode_step([int(slots[j]) for j in order])
         for i in range(steps):
             if i:
-                step = eng.decode_step(None, return_logits=logprobs)
-            out.append(step.tokens)
-            if logprobs:
-                lps.append(chosen_logprobs(step.logits, step.tokens))
-        toks = torch.stack(out, 1)
-        lp = torch.stack(lps, 1) if logprobs else None
-        if not same:
+                step = eng.decode_step(None)
+            steps_out.append(step)
+        out = Sampled(torch.stack([s.tokens for s in steps_out], 1))
+        if logprobs:
+            if steps_out[0].logprobs is None:
+                raise ValueError("logprobs asked for, but no slot in the window was configured with logprobs")
+            out = Sampled(out.tokens, torch.stack([s.logprobs for s in steps_out], 1),
+                          torch.stack([s.top_logprobs for s in steps_out], 1),
+                          torch.stack([s.top_ids for s in steps_out], 1))
+        if order != list(range(len(order))):
             back = [0] * len(order)
             for pos, j in enumerate(order):
                 back[j] = pos
-            idx = to_device(back, toks.device)
-            toks = toks.index_select(0, idx)
-            lp = lp.index_select(0, idx) if lp is not None else None
-        return (toks, lp) if logprobs else toks
+            out = out.rows(to_device(back, eng.device))
+        return out

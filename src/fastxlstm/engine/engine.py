@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import heapq
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..generation.sampling import (
-    MAX_STOP_TOKEN_IDS,
-    SamplingParams,
-    apply_repetition_penalty,
-    sample_rows,
-    uniform_from_seed,
-)
 from ..model import XLSTMForCausalLM
+from ..sampling import SamplingParams
 from ..state import State
 from .cuda_graph import capture_graph
 from .prefill_graph import PrefillGraphs
 from .runner import Runner
+from .sampler import SlotRead, SlotSampler
 from .transfer import to_device
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -47,21 +41,17 @@ class DecodeOutput:
 
     ``tokens [n]`` are the sampled next tokens; ``finished [n]`` is True where the sequence
     stopped on this step (EOS / stop token id / max_new_tokens); ``logits [n, V]`` (float32,
-    after soft-capping, before penalties) only when asked for."""
+    after soft-capping, before penalties) only when asked for; where some slot's parameters ask for
+    logprobs, ``logprobs [n]`` of the tokens and the top alternatives ``top_logprobs`` / ``top_ids``
+    ``[n, MAX_LOGPROBS]`` (the model's log-softmax; rows of other slots hold stale values)."""
 
     slots: list[int]
     tokens: Tensor
     finished: Tensor
     logits: Tensor | None = None
-
-
-@dataclass
-class SlotRead:
-    """Tokens a slot produced since the previous :meth:`Engine.read_tokens`, and whether it stopped."""
-
-    slot: int
-    new_tokens: list[int]
-    finished: bool
+    logprobs: Tensor | None = None
+    top_logprobs: Tensor | None = None
+    top_ids: Tensor | None = None
 
 
 class Engine:
@@ -94,7 +84,6 @@ class Engine:
         self.buckets = buckets
         nh, dqk, dv = cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim
         f32 = dict(device=dev, dtype=torch.float32)
-        i64 = dict(device=dev, dtype=torch.long)
         self.state_dtype = resolve_state_dtype(
             state_dtype if state_dtype is not None else getattr(cfg, "inference_state_dtype", None))
         # Recurrent state, one row per slot: C in state_dtype (float32 math either way), n and m float32.
@@ -103,27 +92,13 @@ class Engine:
              torch.zeros(n, nh, **f32))
             for _ in range(cfg.num_blocks)
         ]
-        # Decode inputs / controls and per-slot sampling parameters.
-        self.tokens = torch.zeros(n, **i64)
-        self.active = torch.zeros(n, device=dev, dtype=torch.bool)
-        self.temperature = torch.zeros(n, **f32)
-        self.top_k = torch.zeros(n, **i64)
-        self.top_p = torch.ones(n, **f32)
-        self.min_p = torch.zeros(n, **f32)
-        self.penalty = torch.ones(n, **f32)
-        self.seed = torch.zeros(n, **i64)
-        self.counter = torch.zeros(n, **i64)
-        self.seen = torch.zeros(n, cfg.vocab_size, device=dev, dtype=torch.bool)
-        self.remaining = torch.zeros(n, **i64)
-        self.stop_ids = torch.full((n, MAX_STOP_TOKEN_IDS), -1, **i64)
+        # Per-slot sampling parameters, next inputs, stop conditions and sampled-token ring buffers.
+        self.sampler = SlotSampler(n, cfg.vocab_size, dev, history, self.eos_token_id)
         self.history = history
-        self.hist = torch.zeros(n, history, **i64)
-        self.pos = torch.zeros(n, **i64)
+        self.tokens, self.active = self.sampler.tokens, self.sampler.active
         # Host-side bookkeeping.
         self._free = list(range(n))
-        self._params: list[SamplingParams | None] = [None] * n
         self._running: set[int] = set()
-        self._read_pos = [0] * n
         # (bucket, mode) -> (graph, its logits, the captured function). The function is kept alive
         # because the graph reads tensors it owns (e.g. the row indices) on every replay.
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, Tensor, object]] = {}
@@ -145,9 +120,8 @@ class Engine:
         self._check_slot(slot)
         if slot in self._free:
             raise ValueError(f"slot {slot} is not allocated")
-        self.active[slot:slot + 1].zero_()
+        self.sampler.release(slot)
         self._running.discard(slot)
-        self._params[slot] = None
         heapq.heappush(self._free, slot)
 
     def _check_slot(self, slot: int) -> None:
@@ -188,16 +162,18 @@ class Engine:
     def prefill_into_slots(
         self, slots: Sequence[int], token_ids: Sequence[Sequence[int] | Tensor],
         states: Sequence[list[State] | None] | None = None, params: Sequence[SamplingParams | None] | None = None,
-        histories: Sequence[Sequence[int]] | None = None,
+        histories: Sequence[Sequence[int]] | None = None, counters: Sequence[int] | None = None,
     ) -> Tensor:
         """Prefill several slots; prompts of equal length without a start state share one forward
-        (no padding ever: every row of a forward is a full prompt). Returns logits ``[n, V]``."""
+        (no padding ever: every row of a forward is a full prompt). ``counters``: each slot's RNG
+        position (tokens sampled before, when continuing a state; default 0). Returns logits ``[n, V]``."""
         n = len(slots)
         if len(token_ids) != n:
             raise ValueError(f"{n} slots but {len(token_ids)} prompts")
         states = list(states) if states is not None else [None] * n
         params = list(params) if params is not None else [None] * n
         histories = list(histories) if histories is not None else [()] * n
+        counters = list(counters) if counters is not None else [0] * n
         for s in slots:
             self._check_allocated(s)
         if len(set(slots)) != n:
@@ -218,7 +194,7 @@ class Engine:
             self._store_states([slots[j] for j in members], new_state)
         for j, s in enumerate(slots):
             hist = self._long(list(histories[j]))
-            self.configure_slot(s, params[j] or SamplingParams(), torch.cat([hist, ids[j]]))
+            self.configure_slot(s, params[j] or SamplingParams(), torch.cat([hist, ids[j]]), counters[j])
         return logits
 
     def _store_states(self, slots: list[int], state: list[State]) -> None:
@@ -260,84 +236,14 @@ class Engine:
         """Set ``slot``'s sampling parameters and stop conditions; ``history`` (prompt and earlier
         output) feeds the repetition penalty; ``counter`` is the RNG position (tokens drawn so far)."""
         self._check_allocated(slot)
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        self._params[slot] = params
-        # one-element fills: ``t[slot] = x`` copies a CPU scalar, which waits for all queued GPU work
-        one = slice(slot, slot + 1)
-        self.temperature[one].fill_(float(params.temperature))
-        self.top_k[one].fill_(int(params.top_k))
-        self.top_p[one].fill_(float(params.top_p))
-        self.min_p[one].fill_(float(params.min_p))
-        self.penalty[one].fill_(float(params.repetition_penalty))
-        self.seed[one].fill_(int(seed) & ((1 << 63) - 1))
-        self.counter[one].fill_(int(counter))
-        self.remaining[one].fill_(int(params.max_new_tokens))
-        stops = list(params.stop_token_ids)
-        if not params.ignore_eos and self.eos_token_id is not None:
-            stops.append(int(self.eos_token_id))
-        stops += [-1] * (MAX_STOP_TOKEN_IDS - len(stops))
-        self.stop_ids[slot] = self._long(stops)
-        self.seen[slot] = False
-        if len(history):
-            if not isinstance(history, Tensor):
-                history = torch.as_tensor(list(history), dtype=torch.long)
-            self.seen[slot].index_fill_(0, to_device(history, self.device), True)
-        self.pos[one].zero_()
-        self._read_pos[slot] = 0
-
-    def _mode(self, slots) -> str:
-        mode = "greedy"
-        for s in slots:
-            p = self._params[s]
-            if p is None:
-                continue
-            if p.needs_sort:
-                return "sorted"
-            if not p.greedy or p.repetition_penalty != 1.0:
-                mode = "sample"
-        return mode
-
-    def _advance(self, ridx: Tensor | slice, logits: Tensor, mode: str, act: Tensor) -> Tensor:
-        """Sample the next token of rows ``ridx`` (index tensor, or a slice of the leading rows: the
-        decode step's case, done with views and no gathers) from ``logits`` and update their
-        bookkeeping (inactive rows keep everything). Capturable: no host sync, static shapes."""
-        if mode == "greedy":
-            nxt = logits.argmax(dim=-1)
-        else:
-            logits = apply_repetition_penalty(logits, self.seen[ridx], self.penalty[ridx])
-            u = uniform_from_seed(self.seed[ridx], self.counter[ridx])
-            nxt = sample_rows(logits, self.temperature[ridx], self.top_k[ridx], self.top_p[ridx], self.min_p[ridx],
-                              u, use_sort=mode == "sorted")
-        nxt = torch.where(act, nxt, self.tokens[ridx])
-        step = act.long()
-        col = (self.pos[ridx] % self.history)[:, None]
-        if isinstance(ridx, slice):
-            self.tokens[ridx] = nxt
-            self.counter[ridx] += step
-            seen = self.seen[ridx]
-            seen.scatter_(1, nxt[:, None], seen.gather(1, nxt[:, None]) | act[:, None])
-            hist = self.hist[ridx]
-            hist.scatter_(1, col, torch.where(act[:, None], nxt[:, None], hist.gather(1, col)))
-            self.pos[ridx] += step
-            rem = self.remaining[ridx]
-            rem -= step
-        else:
-            self.tokens[ridx] = nxt
-            self.counter[ridx] = self.counter[ridx] + step
-            self.seen[ridx, nxt] = self.seen[ridx, nxt] | act
-            self.hist[ridx, col[:, 0]] = torch.where(act, nxt, self.hist[ridx, col[:, 0]])
-            self.pos[ridx] = self.pos[ridx] + step
-            rem = self.remaining[ridx] - step
-            self.remaining[ridx] = rem
-        stop = (rem <= 0) | (nxt[:, None] == self.stop_ids[ridx]).any(dim=-1)
-        self.active[ridx] = act & ~stop
-        return nxt
+        self.sampler.configure(slot, params, history, counter)
 
     @torch.no_grad()
     def sample(self, slots: Sequence[int], logits: Tensor) -> Tensor:
         """Sample the first token of each slot from ``logits [n, V]`` (e.g. from prefill) with the
         slot's parameters; the token becomes the slot's next decode input and the slot starts
-        decoding (unless that token already stopped it). Returns the tokens ``[n]`` (device)."""
+        decoding (unless that token already stopped it). Returns the tokens ``[n]`` (device); with
+        logprobs asked for, :meth:`SlotSampler.last_logprobs` gives theirs."""
         slots = [int(s) for s in slots]
         for s in slots:
             self._check_allocated(s)
@@ -345,7 +251,7 @@ class Engine:
             raise ValueError(f"logits must have shape {(len(slots), self.vocab_size)}, got {tuple(logits.shape)}")
         ridx = self._long(slots)
         act = torch.ones(len(slots), device=self.device, dtype=torch.bool)
-        nxt = self._advance(ridx, logits.float(), self._mode(slots), act)
+        nxt = self.sampler.advance(ridx, logits.float(), self.sampler.mode(slots), act)
         self._running.update(slots)
         return nxt
 
@@ -355,7 +261,7 @@ class Engine:
         self._check_allocated(slot)
         one = slice(slot, slot + 1)
         self.tokens[one].fill_(int(token))
-        torch.gt(self.remaining[one], 0, out=self.active[one])
+        torch.gt(self.sampler.remaining[one], 0, out=self.active[one])
         self._running.add(slot)
 
     # ----------------------------------------------------------------------- decode
@@ -373,7 +279,7 @@ class Engine:
         def fn() -> Tensor:
             act = self.active[:bsz].clone()
             logits = self.runner.decode(self.tokens[:bsz], views, act)
-            self._advance(ridx, logits, mode, act)
+            self.sampler.advance(ridx, logits, mode, act)
             return logits
 
         return fn
@@ -392,7 +298,8 @@ class Engine:
         return self._graphs[key][:2]
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, modes: Sequence[str] = ("greedy",)) -> None:
-        """Capture the CUDA graphs of the given batch buckets ahead of time (no-op on CPU)."""
+        """Capture the CUDA graphs of the given batch buckets and sampler modes (``greedy``, ``sample``,
+        ``sorted``, each optionally ``+lp``) ahead of time (no-op on CPU)."""
         if not self.use_cuda_graph:
             return
         with torch.no_grad():
@@ -427,7 +334,7 @@ class Engine:
                     raise ValueError(f"tokens must have shape {(len(running),)}, got {tuple(tok.shape)}")
                 self.tokens[ridx] = tok
         bsz = self._bucket(running)
-        mode = self._mode(running)
+        mode = self.sampler.mode(running)
         if self.use_cuda_graph:
             graph, logits = self._graph(bsz, mode)
             graph.replay()
@@ -436,30 +343,19 @@ class Engine:
         if not return_outputs:
             return None
         ridx = self._long(running)
-        return DecodeOutput(running, self.tokens[ridx], ~self.active[ridx],
-                            logits[ridx] if return_logits else None)
+        out = DecodeOutput(running, self.tokens[ridx], ~self.active[ridx], logits[ridx] if return_logits else None)
+        if mode.endswith("+lp"):
+            out.logprobs, out.top_logprobs, out.top_ids = self.sampler.last_logprobs(ridx)
+        return out
 
     # ------------------------------------------------------------------------ reads
     def read_tokens(self, slots: Sequence[int]) -> list[SlotRead]:
-        """Tokens each slot sampled since the last read (one host sync for all slots)."""
-        slots = [int(s) for s in slots]
-        if not slots:
-            return []
-        ridx = self._long(slots)
-        packed = torch.cat([self.pos[ridx, None], self.active[ridx, None].long(), self.hist[ridx]], dim=1).cpu()
-        out = []
-        for j, s in enumerate(slots):
-            pos, active = int(packed[j, 0]), bool(packed[j, 1])
-            start = self._read_pos[s]
-            if pos - start > self.history:
-                raise RuntimeError(f"slot {s}: {pos - start} tokens since the last read exceed the history "
-                                   f"buffer ({self.history}); read more often or raise history")
-            new = [int(packed[j, 2 + (p % self.history)]) for p in range(start, pos)]
-            self._read_pos[s] = pos
-            if not active:
-                self._running.discard(s)
-            out.append(SlotRead(s, new, not active))
-        return out
+        """Tokens (and logprobs, where asked for) each slot sampled since the last read (one host sync)."""
+        reads = self.sampler.read([int(s) for s in slots])
+        for rd in reads:
+            if rd.finished:
+                self._running.discard(rd.slot)
+        return reads
 
     # ------------------------------------------------------------------------ state
     def get_slot_state(self, slot: int) -> list[State]:

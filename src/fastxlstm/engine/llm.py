@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..generation.sampling import SamplingParams
 from ..model import XLSTMForCausalLM
+from ..sampling import SamplingParams
 from ..text import StopText
 from .engine import Engine
 from .state import SequenceState
@@ -22,14 +22,17 @@ Prompt = str | Sequence[int] | SequenceState
 class GenerationResult:
     """One request's output: generated ``token_ids`` only (the stop / EOS token included when it
     ended the sequence), ``text`` (without stop strings and special tokens), ``finish_reason``
-    ``"stop"`` (EOS, stop token or stop string) or ``"length"``, and the ``state`` to continue
-    from when ``return_state`` was asked for."""
+    ``"stop"`` (EOS, stop token or stop string) or ``"length"``, the ``state`` to continue
+    from when ``return_state`` was asked for, and with ``logprobs`` asked for, each token's
+    log-probability and its top alternatives ``[(token_id, logprob), ...]``."""
 
     token_ids: list[int]
     text: str
     finish_reason: str
     prompt_token_ids: list[int] = field(default_factory=list)
     state: SequenceState | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -43,6 +46,8 @@ class _Request:
     want_state: bool
     slot: int = -1
     out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
 
     @property
@@ -133,11 +138,25 @@ class LLM:
                 raise ValueError(f"prompt {idx} is empty: at least one token is needed")
             if p.stop and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
+            p.check_vocab(self.engine.vocab_size)
+            if st is not None:
+                self._check_state(st, idx)
             stop_ids = set(p.stop_token_ids)
             if not p.ignore_eos and self.engine.eos_token_id is not None:
                 stop_ids.add(int(self.engine.eos_token_id))
             reqs.append(_Request(idx, ids, st, p, StopText(self.tokenizer, p.stop), stop_ids, want_state))
         return reqs
+
+    def _check_state(self, st: SequenceState, idx: int) -> None:
+        """A clear error for a saved state that does not fit this model (before it reaches the device)."""
+        vocab = self.engine.vocab_size
+        toks = list(st.token_ids) + ([] if st.pending_token is None else [st.pending_token])
+        bad = [t for t in toks if not 0 <= int(t) < vocab]
+        if bad:
+            raise ValueError(f"state {idx}: token id {bad[0]} is out of range for vocab_size {vocab}")
+        self.engine._as_state(st.layers)  # layer count and shapes
+        if st.logits is not None and tuple(st.logits.shape) != (vocab,):
+            raise ValueError(f"state {idx}: logits have shape {tuple(st.logits.shape)}, expected ({vocab},)")
 
     @staticmethod
     def _params(sampling_params, **kw) -> list[SamplingParams]:
@@ -172,10 +191,8 @@ class LLM:
                 idx = [plain.index(r) for r in pre]
                 logits = eng.prefill_into_slots([r.slot for r in pre], [ids[i] for i in idx],
                                                 [states[i] for i in idx], [r.params for r in pre],
-                                                [hists[i] for i in idx])
-                for r in pre:
-                    if r.start is not None:
-                        eng.counter[r.slot] = r.start.rng_counter
+                                                [hists[i] for i in idx],
+                                                [r.start.rng_counter if r.start is not None else 0 for r in pre])
                 self._first_tokens(pre, logits)
             for r in pend_only:
                 eng.set_slot_state(r.slot, r.start.layers)
@@ -197,11 +214,15 @@ class LLM:
         if go:
             self.engine.sample([reqs[j].slot for j in go], logits[go])
 
-    def _consume(self, r: _Request, new: list[int], finished: bool) -> None:
-        for tok in new:
+    def _consume(self, r: _Request, rd) -> None:
+        new, finished = rd.new_tokens, rd.finished
+        for i, tok in enumerate(new):
             if r.done:
                 break
             r.out.append(tok)
+            if rd.logprobs is not None:
+                r.logprobs.append(rd.logprobs[i])
+                r.top_logprobs.append(rd.top_logprobs[i])
             if tok in r.stop_ids:
                 r.finish_reason = "stop"
             elif r.text.add(tok):
@@ -224,8 +245,9 @@ class LLM:
         if r.slot >= 0:
             eng.free_slot(r.slot)
             r.slot = -1
-        prompt = r.prompt_ids
-        return GenerationResult(list(r.out), r.text.text, r.finish_reason or "length", prompt, state)
+        lp = r.params.logprobs is not None
+        return GenerationResult(list(r.out), r.text.text, r.finish_reason or "length", r.prompt_ids, state,
+                                list(r.logprobs) if lp else None, list(r.top_logprobs) if lp else None)
 
     def _run(self, reqs: list[_Request], sync_every: int) -> Iterator[_Request]:
         """Continuous batching over the engine's slots; yields each request whenever it got new
@@ -233,28 +255,34 @@ class LLM:
         eng = self.engine
         waiting = deque(reqs)
         running: dict[int, _Request] = {}
-        while waiting or running:
-            admit = []
-            while waiting and eng.free_slots:
-                r = waiting.popleft()
-                r.slot = eng.allocate_slot()
-                admit.append(r)
-            if admit:
-                self._admit(admit)
-                for r in admit:
-                    running[r.slot] = r
-            else:
-                budget = max(r.params.max_new_tokens - len(r.out) for r in running.values())
-                for _ in range(max(1, min(sync_every, budget))):
-                    eng.decode_step(return_outputs=False)
-            reads = eng.read_tokens([s for s, r in running.items() if not r.done])
-            for rd in reads:
-                self._consume(running[rd.slot], rd.new_tokens, rd.finished)
-            for slot in list(running):
-                r = running[slot]
-                yield r
-                if r.done:
-                    del running[slot]
+        try:
+            while waiting or running:
+                admit = []
+                while waiting and eng.free_slots:
+                    r = waiting.popleft()
+                    r.slot = eng.allocate_slot()
+                    admit.append(r)
+                if admit:
+                    self._admit(admit)
+                    for r in admit:
+                        running[r.slot] = r
+                else:
+                    budget = max(r.params.max_new_tokens - len(r.out) for r in running.values())
+                    for _ in range(max(1, min(sync_every, budget))):
+                        eng.decode_step(return_outputs=False)
+                reads = eng.read_tokens([s for s, r in running.items() if not r.done])
+                for rd in reads:
+                    self._consume(running[rd.slot], rd)
+                for slot in list(running):
+                    r = running[slot]
+                    yield r
+                    if r.done:
+                        del running[slot]
+        finally:  # a failure (or an abandoned stream) must not leak slots: every later call would fail
+            for r in reqs:
+                if r.slot >= 0:
+                    eng.free_slot(r.slot)
+                    r.slot = -1
 
     # ---------------------------------------------------------------------- API
     @torch.no_grad()
@@ -262,16 +290,22 @@ class LLM:
         self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
         top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
         stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-        seed: int | None = None, *, state: SequenceState | Sequence[SequenceState | None] | None = None,
+        seed: int | None = None, *, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+        state: SequenceState | Sequence[SequenceState | None] | None = None,
         return_state: bool = False, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[GenerationResult]:
         """Generate for one prompt or many (strings, token-id lists, or :class:`SequenceState`
         to continue). Returns one :class:`GenerationResult` per prompt, in order. Prompts run
         as a continuous batch over the engine's slots; each prompt is prefilled on its own
         (or with prompts of equal length), so results equal those of each prompt alone.
-        ``state`` (one or one per prompt) continues a saved sequence with the prompt appended."""
+        ``state`` (one or one per prompt) continues a saved sequence with the prompt appended. The
+        keyword arguments are the fields of :class:`~fastxlstm.sampling.SamplingParams` (or pass
+        ``sampling_params``, one or one per prompt)."""
         params = self._params(sampling_params, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              logit_bias=logit_bias or {}, logprobs=logprobs,
                               seed=seed, stop=stop or [], stop_token_ids=stop_token_ids or [],
                               ignore_eos=ignore_eos)
         reqs = self._requests(prompts, state, params, return_state)
@@ -284,35 +318,32 @@ class LLM:
         return [results[i] for i in range(len(reqs))]
 
     @torch.no_grad()
-    def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-               stop: str | list[str] | None = None, stop_token_ids: list[int] | None = None,
-               ignore_eos: bool = False, seed: int | None = None, *, state: SequenceState | None = None,
-               ) -> Iterator[str]:
-        """Yield the generated text piece by piece (stop strings never appear)."""
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+               state: SequenceState | None = None, **kwargs) -> Generator[str, None, GenerationResult]:
+        """Yield the generated text piece by piece (stop strings never appear); the generator's return
+        value (``StopIteration.value``) is the :class:`GenerationResult`. ``kwargs`` are the fields of
+        :class:`~fastxlstm.sampling.SamplingParams` (or pass ``sampling_params``)."""
         if not self._is_single(prompt):
             raise ValueError("stream takes one prompt")
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer (use generate with token ids instead)")
-        params = self._params(None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                              stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
+        if sampling_params is not None and kwargs:
+            raise ValueError("pass sampling_params or sampling keyword arguments, not both")
+        params = [sampling_params if sampling_params is not None else SamplingParams(**kwargs)]
         (req,) = self._requests(prompt, state, params, False)
         gen = self._run([req], 1)
         try:
             for r in gen:
                 if r.done:
-                    r.text.finish()
+                    result = self._finish(r)
                 piece = r.text.ready(final=r.done)
                 if piece:
                     yield piece
                 if r.done:
-                    break
+                    return result
         finally:
-            gen.close()
-            if req.slot >= 0:
-                self.engine.free_slot(req.slot)
-                req.slot = -1
+            gen.close()  # frees the slot
+        raise AssertionError("unreachable: a request always finishes")
 
     @torch.no_grad()
     def prefill(self, prompt: str | Sequence[int], state: SequenceState | None = None) -> SequenceState:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ServeConfig", "build_app", "create_app", "PrefixCache", "ChatTemplate", "Scheduler", "ModelSlots",
-           "WorkerSpec"]
+__all__ = ["ServeConfig", "build_app", "create_app", "PrefixCache", "ChatTemplate", "Scheduler", "WorkerSpec"]
 
 _WHERE = {"ServeConfig": "runtime", "build_app": "app", "create_app": "app", "PrefixCache": "prefix_cache",
-          "ChatTemplate": "chat_template", "Scheduler": "scheduler", "ModelSlots": "slots",
-          "WorkerSpec": "worker"}
+          "ChatTemplate": "chat_template", "Scheduler": "scheduler", "WorkerSpec": "worker"}
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import fastxlstm.serving` does not pull in FastAPI

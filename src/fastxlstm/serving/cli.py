@@ -48,7 +48,7 @@ def serve(
     = None,
     api_key: Annotated[str | None, typer.Option(envvar="FASTXLSTM_API_KEY", help="Require this bearer token")]
     = None,
-    backend: Annotated[str, typer.Option(help="Slot backend: engine (fused kernels, CUDA graphs), model, auto")]
+    backend: Annotated[str, typer.Option(help="mLSTM kernels of the engine: auto (Triton on CUDA), triton, reference")]
     = "auto",
     public_metrics: Annotated[bool, typer.Option(
         help="Serve /metrics without the API key (every other path but /health needs it)")] = False,

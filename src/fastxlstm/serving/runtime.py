@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
-from .slots import ModelSlots, SlotBackend, warm_prefill
+from .slots import SlotBackend, warm_prefill
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -84,16 +84,13 @@ def warm_up(backend: SlotBackend, config: ServeConfig, metrics: Metrics) -> None
 
 
 def make_backend(model, max_slots: int, kind: str = "auto") -> SlotBackend:
-    """The slot backend: the engine's (``engine``, the default when it imports) or plain model calls (``model``)."""
-    if kind not in ("auto", "engine", "model"):
-        raise ValueError(f"backend must be 'auto', 'engine' or 'model', got {kind!r}")
-    if kind in ("auto", "engine"):
-        try:
-            from ..engine.backend import EngineSlotBackend
-        except ImportError:
-            if kind == "engine":
-                raise
-        else:
-            return EngineSlotBackend(model, max_slots)
-    return ModelSlots(model, max_slots)
+    """The slot backend: the engine over ``model``, with the mLSTM kernels ``kind`` (``auto``: Triton on
+    CUDA, else PyTorch; ``triton``; ``reference``). ``engine`` is an old name of ``auto``."""
+    from ..engine.backend import EngineSlotBackend
+
+    kind = "auto" if kind == "engine" else kind
+    if kind not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {kind!r} (the plain-model "
+                         "backend is gone: the engine is the one inference path)")
+    return EngineSlotBackend(model, max_slots, backend=kind)
 

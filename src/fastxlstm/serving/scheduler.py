@@ -28,9 +28,11 @@ succeeded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import logging
+import secrets
 import threading
 import time
 import traceback
@@ -41,12 +43,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..engine.transfer import to_device
-from ..generation.logprobs import chosen_logprobs
+from ..engine.backend import Sampled
+from ..sampling import SamplingParams
 from ..state import ModelState
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, SequenceSampler
 from .slots import SlotBackend
 
 log = logging.getLogger("fastxlstm.serving")
@@ -130,7 +131,7 @@ class ShuttingDown(Exception):
 @dataclass
 class _Choice:
     index: int
-    sampler: SequenceSampler
+    params: SamplingParams  # the request's, with this choice's seed (the engine samples with them)
     slot: int | None = None
     generated: list[int] = field(default_factory=list)
     fed: int = 0  # generated tokens already folded into the slot state
@@ -141,19 +142,19 @@ class _Choice:
     def steps_left(self) -> int:
         """Decode steps this choice may still launch: each step feeds one generated token, and the last of
         its ``max_new_tokens`` is never fed, so ``max_new_tokens - 1`` less those already fed."""
-        return self.sampler.params.max_new_tokens - self.fed - 1
+        return self.params.max_new_tokens - self.fed - 1
 
 
 @dataclass
 class _Window:
-    """A multi-step decode launched on the device whose tokens are not read yet."""
+    """A block of tokens sampled on the device whose values are not read yet: a multi-step decode
+    window, or (``phase == "prefill"``) the first tokens sampled from prefill logits."""
 
     active: list[_Choice]
     owners: list[GenerationRequest]
-    tokens: Tensor  # [n, steps] (host copy in flight, or on the device backend's own host memory)
-    logprobs: Tensor | None
+    sampled: Sampled  # tokens [n, steps] (+ logprobs): host copies in flight (CUDA) or the tensors
     event: torch.cuda.Event | None  # recorded after the copies (CUDA only)
-    phase: str = "decode"  # "prefill": the first tokens picked on the device from prefill logits
+    phase: str = "decode"
 
 
 _ids = itertools.count()
@@ -234,7 +235,6 @@ class Scheduler:
         # blocks of tokens on their way to the host, in launch order: decode windows and first tokens picked
         # on the device from prefill logits (greedy); read in this order, so each sequence's tokens stay in order
         self._unread: deque[_Window] = deque()
-        self._next_in: Tensor | None = None
         # what a prefill of (batch, padded length) costs the device: the backend's graph bucket, else b * n
         self._cost = getattr(backend, "prefill_cost", None) or (lambda b, n: b * n)
         self._max_batch: int | None = getattr(backend, "prefill_max_batch", None)
@@ -482,14 +482,8 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.free_slots) >= self.waiting[0].n:
             req = self.waiting.popleft()
-            try:
-                samplers = [SequenceSampler(req.params, req.prompt, self.backend.vocab_size, self.backend.device, i)
-                            for i in range(req.n)]
-            except Exception as e:
-                self._fail(req, e)
-                continue
-            req.choices = [_Choice(i, sampler, slot=heapq.heappop(self.free_slots))
-                           for i, sampler in enumerate(samplers)]
+            req.choices = [_Choice(i, choice_params(req.params, i), slot=heapq.heappop(self.free_slots))
+                           for i in range(req.n)]
             self.metrics.prompt_tokens.inc(len(req.prompt))
             if self.cache is not None:
                 try:
@@ -639,7 +633,9 @@ class Scheduler:
         started.append(req)
 
     def _start_decoding(self, reqs: list[GenerationRequest]) -> None:
-        """Load the prefilled states into the requests' slots and pick every first token in one go."""
+        """Load the prefilled states into the requests' slots (each choice configured with its sampling
+        parameters) and sample every first token on the device in one go: they become the next window's
+        inputs and reach the host behind it, with no wait here."""
         choices: list[_Choice] = []
         owners: list[GenerationRequest] = []
         rows: list[Tensor] = []
@@ -648,7 +644,7 @@ class Scheduler:
                 state, logits = req.state, req.logits
                 assert state is not None and logits is not None
                 for choice in req.choices:
-                    self.backend.load(choice.slot, state)
+                    self.backend.load(choice.slot, state, choice.params, req.prompt)
             except Exception as e:
                 self._fail(req, e)
                 continue
@@ -661,23 +657,14 @@ class Scheduler:
             rows.extend([logits] * len(req.choices))
         if not choices:
             return
-        logits = torch.stack(rows)
-        # plain greedy choices that a window may continue: their first tokens stay on the device (the next
-        # window reads them from there) and reach the host behind it, with no wait here
-        later = [j for j, c in enumerate(choices) if self._windowed and c.sampler.params.greedy_plain
-                 and c.sampler.params.logprobs in (None, 0)]
-        if later:
-            sub = self._rows(logits, later)
-            first = sub.argmax(dim=-1)
-            lps = chosen_logprobs(sub, first) if any(choices[j].sampler.params.logprobs == 0 for j in later) else None
-            self._set_next(self._index([choices[j].slot for j in later]), first)
-            self._to_host([choices[j] for j in later], [owners[j] for j in later], first[:, None],
-                          None if lps is None else lps[:, None], "prefill")
-        if len(later) < len(choices):
-            deferred = set(later)
-            rest = [j for j in range(len(choices)) if j not in deferred]
-            self._sample_and_emit([choices[j] for j in rest], [owners[j] for j in rest], self._rows(logits, rest),
-                                  "prefill")
+        want_lp = any(c.params.logprobs is not None for c in choices)
+        try:
+            first = self.backend.first_tokens([c.slot for c in choices], torch.stack(rows), logprobs=want_lp)
+        except Exception as e:
+            for req in {id(r): r for r in owners}.values():
+                self._fail(req, e)
+            return
+        self._to_host(choices, owners, first, "prefill")
 
     def _active(self) -> tuple[list[_Choice], list[GenerationRequest]]:
         active: list[_Choice] = []
@@ -690,22 +677,30 @@ class Scheduler:
         return active, owners
 
     def _launch_window(self) -> _Window | None:
-        """Queue a multi-step window over the running sequences that have budget left, where they all
-        allow one (:meth:`_window`); None where not (or where it failed: everything in flight is read)."""
+        """Queue a decode window (:meth:`_window` steps) over the running sequences that have budget left;
+        None when there are none. If the batched launch fails, everything in flight is read and each
+        sequence is retried alone for one step, so only the sequence(s) at fault fail."""
         active, owners = self._active()
         # sequences whose budget the tokens not read yet use up are not relaunched (once every token is
         # read, a sequence not done has steps left)
         keep = [j for j, c in enumerate(active) if c.steps_left > 0]
         active, owners = [active[j] for j in keep], [owners[j] for j in keep]
-        steps = self._window(active, owners) if active else 0
-        if steps <= 1:
+        if not active:
             return None
         try:
-            return self._launch(active, owners, steps)
-        except Exception:  # fall back to single steps (which isolate a failing sequence)
-            log.warning("multi-step decode failed; single steps:\n%s", traceback.format_exc())
-            self._drain()
-            return None
+            return self._launch(active, owners, self._window(active, owners))
+        except Exception:
+            log.warning("batched decode failed; retrying per sequence:\n%s", traceback.format_exc())
+        self._drain()
+        last = None
+        for choice, req in zip(active, owners):
+            if choice.done:
+                continue
+            try:
+                last = self._launch([choice], [req], 1)
+            except Exception as e:
+                self._fail(req, e)
+        return last
 
     def _read_before(self, window: _Window) -> None:
         """Read and hand out what was launched before ``window`` (the previous window, first tokens), while
@@ -720,110 +715,46 @@ class Scheduler:
             self._read_before(window)
             return
         self._drain()
-        active, owners = self._active()
-        if not active:
-            self._last_decode = 0.0
-            return
-        slots = [c.slot for c in active]
-        tokens = [c.generated[-1] for c in active]
-        try:
-            logits = self.backend.decode(slots, tokens)
-        except Exception:  # find the sequence(s) at fault: retry one by one, fail only those
-            log.warning("batched decode step failed; retrying per sequence:\n%s", traceback.format_exc())
-            kept = []
-            for choice, req in zip(active, owners):
-                if choice.done:
-                    continue
-                try:
-                    kept.append((choice, req, self.backend.decode([choice.slot], [choice.generated[-1]])[0]))
-                except Exception as e:
-                    self._fail(req, e)
-            kept = [k for k in kept if not k[0].done]
-            if not kept:
-                return
-            active, owners = [k[0] for k in kept], [k[1] for k in kept]
-            logits = torch.stack([k[2] for k in kept])
-        self.steps += 1
-        now = time.monotonic()
-        if self._last_decode:  # consecutive steps: every running sequence waited this long for its token
-            self.metrics.itl.observe(now - self._last_decode)
-        self._last_decode = now
-        self.metrics.decode_batch.observe(len(active))
-        for choice in active:
-            choice.fed += 1
-        self._sample_and_emit(active, owners, logits, "decode")
+        self._last_decode = 0.0
 
     def _window(self, active: list[_Choice], owners: list[GenerationRequest]) -> int:
-        """Decode steps before the next host read: several only when every active sequence is plain
-        greedy without top logprobs (the backend's argmax is the sampler), and at most the longest remaining
+        """Decode steps before the next host read: ``decode_steps_per_read``, at most the longest remaining
         budget (at most the shortest for a chat turn whose end state goes to the prefix cache, so a
-        length stop leaves a state that matches the tokens). Requests arriving meanwhile are admitted
-        after the window (their first token waits up to ``k - 1`` steps longer). The budget left counts
-        the tokens of a window still in flight (``fed``: inputs handed to the device)."""
+        length stop leaves a state that matches the tokens). Every request samples on the device, greedy
+        or not, so every batch gets windows. Requests arriving meanwhile are admitted after the window
+        (their first token waits up to ``k - 1`` steps longer). The budget left counts the tokens of a
+        window still in flight (``fed``: inputs handed to the device)."""
         k = self.decode_steps_per_read
-        if not self._windowed:
-            return 1
         longest = 0
         for choice, req in zip(active, owners):
-            p = choice.sampler.params
-            if not p.greedy_plain or p.logprobs:  # top alternatives need the host (logprobs=0 does not)
-                return 1
             left = choice.steps_left
             longest = max(longest, left)
             if req.cache_generation_end and self.cache is not None:
                 k = min(k, left)
         return max(1, min(k, longest))
 
-    @property
-    def _windowed(self) -> bool:
-        """Whether greedy sequences decode in multi-step windows (their inputs kept on the device)."""
-        return self.decode_steps_per_read > 1 and hasattr(self.backend, "decode_greedy")
-
-    def _next_inputs(self) -> Tensor:
-        """Each slot's next decode input on the device (kept there, so a window can follow a window
-        still in flight)."""
-        if self._next_in is None:
-            self._next_in = torch.zeros(self.backend.max_slots, dtype=torch.long, device=self.backend.device)
-        return self._next_in
-
-    def _index(self, values: list[int]) -> Tensor:
-        """``values`` as a device index, copied without waiting for the device (:func:`to_device`; indexing a
-        device tensor with a list is a blocking copy)."""
-        return to_device(values, self.backend.device)
-
-    def _rows(self, t: Tensor, rows: list[int]) -> Tensor:
-        """Rows ``rows`` of ``t`` (``t`` itself when that is all of them in order)."""
-        return t if rows == list(range(t.shape[0])) else t.index_select(0, self._index(rows))
-
-    def _set_next(self, idx: Tensor, tokens: Tensor) -> None:
-        """The next decode inputs of the slots ``idx`` (device): the one place they are written."""
-        self._next_inputs().index_copy_(0, idx, tokens)
-
-    def _to_host(self, active: list[_Choice], owners: list[GenerationRequest], tokens: Tensor,
-                 logprobs: Tensor | None, phase: str = "decode") -> _Window:
-        """Start copying a block of tokens (and log-probabilities) to pinned host memory behind the work
+    def _to_host(self, active: list[_Choice], owners: list[GenerationRequest], sampled: Sampled,
+                 phase: str = "decode") -> _Window:
+        """Start copying a block of sampled tokens (and logprobs) to pinned host memory behind the work
         queued so far, without waiting; it joins the blocks to read (:meth:`_finish_window`)."""
         event = None
-        if tokens.device.type == "cuda":
-            tokens = tokens.to("cpu", non_blocking=True)
-            logprobs = logprobs.to("cpu", non_blocking=True) if logprobs is not None else None
+        if sampled.tokens.device.type == "cuda":
+            sampled = Sampled(*(None if t is None else t.to("cpu", non_blocking=True)
+                                for t in (sampled.tokens, sampled.logprobs, sampled.top_logprobs, sampled.top_ids)))
             event = torch.cuda.Event()
             event.record()
-        window = _Window(active, owners, tokens, logprobs, event, phase)
+        window = _Window(active, owners, sampled, event, phase)
         self._unread.append(window)
         return window
 
     def _launch(self, active: list[_Choice], owners: list[GenerationRequest], steps: int) -> _Window:
-        """Queue a greedy window on the device and start copying its tokens to the host (no wait)."""
-        want_lp = any(c.sampler.params.logprobs == 0 for c in active)
-        slots = [c.slot for c in active]
-        idx = self._index(slots)
-        out = self.backend.decode_greedy(slots, self._next_inputs().index_select(0, idx), steps, logprobs=want_lp)
-        tokens, lps = out if want_lp else (out, None)
-        self._set_next(idx, tokens[:, -1])
+        """Queue a window of ``steps`` decode steps on the device and start copying its tokens to the host
+        (no wait)."""
+        want_lp = any(c.params.logprobs is not None for c in active)
+        out = self.backend.decode_window([c.slot for c in active], steps, logprobs=want_lp)
         for choice in active:
             choice.fed += steps
-        window = self._to_host(active, owners, tokens, lps)
+        window = self._to_host(active, owners, out)
         self.prof.lap("decode_launch")
         return window
 
@@ -833,25 +764,29 @@ class Scheduler:
             self._finish_window(self._unread.popleft())
 
     def _finish_window(self, w: _Window) -> None:
+        sampled = w.sampled
         try:
             if w.event is not None:
                 w.event.synchronize()
-            block = w.tokens.tolist()
-            lps = w.logprobs.tolist() if w.logprobs is not None else None
+            block = sampled.tokens.tolist()
+            lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+            tops = None
+            if sampled.top_ids is not None and any(c.params.logprobs for c in w.active):
+                tops = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
         except Exception as e:  # an asynchronous device error: fail that window's requests
             log.error("reading a decode window failed:\n%s", traceback.format_exc())
             for req in {id(r): r for r in w.owners}.values():
                 self._fail(req, e)
             return
         self.prof.lap(f"{w.phase}_wait")
-        self._emit_block(w.active, w.owners, block, lps, decode=w.phase == "decode")
+        self._emit_block(w.active, w.owners, block, lps, tops, decode=w.phase == "decode")
         self.prof.lap(f"{w.phase}_emit")
 
     def _emit_block(self, active: list[_Choice], owners: list[GenerationRequest], block: list[list[int]],
-                    lps: list[list[float]] | None, decode: bool = True) -> None:
+                    lps: list[list[float]] | None, tops: tuple[list, list] | None, decode: bool = True) -> None:
         """Tokens of a multi-step window (or, not ``decode``, first tokens from prefill logits), row per
         sequence: each is emitted up to its first stop; what the device computed past it is dropped (the
-        slot is freed)."""
+        slot is freed). ``lps`` / ``tops`` (top ids, top values): per row and step, where asked for."""
         now = time.monotonic()
         if decode:
             steps = len(block[0])
@@ -863,11 +798,15 @@ class Scheduler:
                 self.metrics.decode_batch.observe(len(active))
         emitted = 0
         for j, (choice, req, row) in enumerate(zip(active, owners, block)):
-            want = choice.sampler.params.logprobs == 0
+            k = choice.params.logprobs
             for i, token in enumerate(row):
                 if choice.done:
                     break
-                self._emit(choice, req, token, lps[j][i] if want else None, [] if want else None, now)
+                lp = top = None
+                if k is not None:
+                    lp = lps[j][i]
+                    top = list(zip(tops[0][j][i][:k], tops[1][j][i][:k])) if k else []
+                self._emit(choice, req, token, lp, top, now)
                 emitted += 1
         self.metrics.generation_tokens.inc(emitted)
         self._retire(owners)
@@ -881,7 +820,6 @@ class Scheduler:
     def _emit(self, choice: _Choice, req: GenerationRequest, token: int, lp: float | None,
               top: list[tuple[int, float]] | None, now: float) -> None:
         """Hand one sampled token over and finish the choice where a stop condition holds."""
-        choice.sampler.observe(token)
         choice.generated.append(token)
         if req.first_token_time is None:
             req.first_token_time = now
@@ -893,60 +831,12 @@ class Scheduler:
         elif len(choice.generated) >= p.max_new_tokens:
             self._release(req, choice, "length")
 
-    def _sample_and_emit(self, choices: list[_Choice], owners: list[GenerationRequest], logits: Tensor,
-                         phase: str = "decode") -> None:
-        """Pick the next token of each choice from its ``logits`` row; emit, and finish where due
-        (``phase`` names the profile entries: ``{phase}_launch``, ``_wait``, ``_emit``)."""
-        n = len(choices)
-        plain = [j for j, c in enumerate(choices) if c.sampler.params.greedy_plain]
-        if len(plain) == n:
-            token_t = logits.argmax(dim=-1)
-            ok = list(range(n))
-        else:
-            picked: list[Tensor | None] = [None] * n
-            if plain:
-                for j, tok in zip(plain, self._rows(logits, plain).argmax(dim=-1)):
-                    picked[j] = tok
-            failed: set[int] = set()
-            for j, choice in enumerate(choices):
-                if picked[j] is None and id(owners[j]) not in failed:
-                    try:
-                        picked[j] = choice.sampler.sample(logits[j])
-                    except Exception as e:
-                        failed.add(id(owners[j]))
-                        self._fail(owners[j], e)
-            ok = [j for j in range(n) if id(owners[j]) not in failed and picked[j] is not None]
-            if not ok:
-                return
-            token_t = torch.stack([picked[j] for j in ok])
-        want_lp = [r for r, j in enumerate(ok) if choices[j].sampler.params.logprobs is not None]
-        lp_info: dict[int, tuple[float, list[tuple[int, float]]]] = {}
-        if want_lp:
-            rows_idx = [ok[r] for r in want_lp]
-            rows = torch.log_softmax(self._rows(logits, rows_idx).float(), dim=-1)
-            chosen_t = rows.gather(1, self._rows(token_t, want_lp)[:, None])[:, 0]
-            k = max(choices[j].sampler.params.logprobs for j in rows_idx)
-            top_t = rows.topk(k, dim=-1) if k else None
-        if self._windowed:  # a window may follow: its inputs come from the device
-            rows = [r for r, j in enumerate(ok) if choices[j].slot is not None]
-            self._set_next(self._index([choices[ok[r]].slot for r in rows]), self._rows(token_t, rows))
-        self.prof.lap(f"{phase}_launch")
-        tokens = token_t.tolist()  # the host sync of the step
-        self.prof.lap(f"{phase}_wait")
-        if want_lp:
-            chosen = chosen_t.tolist()
-            top_v, top_i = (top_t[0].tolist(), top_t[1].tolist()) if k else (None, None)
-            for r, j in enumerate(rows_idx):
-                kj = choices[j].sampler.params.logprobs
-                lp_info[j] = (chosen[r], list(zip(top_i[r][:kj], top_v[r][:kj])) if kj else [])
-        now = time.monotonic()
-        self.metrics.generation_tokens.inc(len(tokens))
-        for j, token in zip(ok, tokens):
-            choice, req = choices[j], owners[j]
-            if not choice.done:
-                self._emit(choice, req, token, *lp_info.get(j, (None, None)), now)
-        self._retire(owners)
-        self.prof.lap(f"{phase}_emit")
+
+def choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The parameters choice ``index`` of a request samples with: the request's, the seed ``seed + index``
+    (a fresh random seed per choice when the request has none), so choices differ and each reproduces."""
+    seed = secrets.randbits(63) if params.seed is None else (params.seed + index) % (1 << 64)
+    return dataclasses.replace(params, seed=seed)
 
 
 def post_events(items: list[tuple[GenerationRequest, list]]) -> None:

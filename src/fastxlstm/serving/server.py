@@ -8,12 +8,12 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .chat_template import ChatTemplate, ChatTemplateError
 from .errors import APIError
 from .metrics import Metrics
 from .runtime import ServeConfig, make_scheduler
-from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .schemas import ChatCompletionRequest
 from .slots import SlotBackend

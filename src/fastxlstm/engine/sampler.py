@@ -1,0 +1,198 @@
+"""Per-slot sampling state on the device: the parameters of every slot as tensors, the token each slot
+feeds next, stop conditions, and a ring buffer of what each slot sampled (tokens and log-probabilities)
+since the host last read it. :meth:`SlotSampler.advance` is the one sampling step of the engine (first
+tokens from prefill logits and every decode step, inside the CUDA graphs)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
+    batch_mode,
+    sample_rows,
+    token_logprobs,
+    uniform_from_seed,
+)
+from .transfer import to_device
+
+
+@dataclass
+class SlotRead:
+    """What a slot sampled since the previous read: ``new_tokens``, whether it stopped, and (where its
+    parameters ask for logprobs) each token's log-probability and its top alternatives
+    ``[(token_id, logprob), ...]`` (as many as the request's ``logprobs``)."""
+
+    slot: int
+    new_tokens: list[int]
+    finished: bool
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class SlotSampler:
+    """Sampling parameters and bookkeeping of ``n`` slots (device tensors, one row per slot)."""
+
+    def __init__(self, n: int, vocab_size: int, device: torch.device, history: int = 256,
+                 eos_token_id: int | None = None):
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        f32 = dict(device=device, dtype=torch.float32)
+        i64 = dict(device=device, dtype=torch.long)
+        self.n, self.vocab_size, self.device, self.history = n, vocab_size, device, history
+        self.eos_token_id = eos_token_id
+        self.tokens = torch.zeros(n, **i64)  # each slot's next decode input: its last sampled token
+        self.active = torch.zeros(n, device=device, dtype=torch.bool)
+        self.temperature = torch.zeros(n, **f32)
+        self.top_k = torch.zeros(n, **i64)
+        self.top_p = torch.ones(n, **f32)
+        self.min_p = torch.zeros(n, **f32)
+        self.repetition = torch.ones(n, **f32)
+        self.presence = torch.zeros(n, **f32)
+        self.frequency = torch.zeros(n, **f32)
+        self.seed = torch.zeros(n, **i64)
+        self.counter = torch.zeros(n, **i64)  # tokens sampled so far (the RNG position)
+        self.seen = torch.zeros(n, vocab_size, device=device, dtype=torch.bool)  # prompt + output
+        self.counts = torch.zeros(n, vocab_size, **f32)  # output only
+        self.bias_ids = torch.zeros(n, MAX_LOGIT_BIAS, **i64)
+        self.bias_values = torch.zeros(n, MAX_LOGIT_BIAS, **f32)
+        self.remaining = torch.zeros(n, **i64)
+        self.stop_ids = torch.full((n, MAX_STOP_TOKEN_IDS), -1, **i64)
+        # ring buffers of what each slot sampled, position ``pos % history``
+        self.hist = torch.zeros(n, history, **i64)
+        self.hist_lp = torch.zeros(n, history, **f32)
+        self.hist_top_lp = torch.zeros(n, history, MAX_LOGPROBS, **f32)
+        self.hist_top_ids = torch.zeros(n, history, MAX_LOGPROBS, **i64)
+        self.pos = torch.zeros(n, **i64)
+        self.params: list[SamplingParams | None] = [None] * n
+        self._read_pos = [0] * n
+
+    # ------------------------------------------------------------------------------ configuration
+    def configure(self, slot: int, params: SamplingParams, history: Sequence[int] | Tensor = (),
+                  counter: int = 0) -> None:
+        """Set ``slot``'s parameters and stop conditions; ``history`` (prompt and earlier output) feeds
+        the repetition penalty; ``counter`` is the RNG position (tokens drawn so far)."""
+        params.check_vocab(self.vocab_size)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.params[slot] = params
+        # one-element fills: ``t[slot] = x`` copies a CPU scalar, which waits for all queued GPU work
+        one = slice(slot, slot + 1)
+        for name, value in (("temperature", params.temperature), ("top_p", params.top_p),
+                            ("min_p", params.min_p), ("repetition", params.repetition_penalty),
+                            ("presence", params.presence_penalty), ("frequency", params.frequency_penalty)):
+            getattr(self, name)[one].fill_(float(value))
+        self.top_k[one].fill_(int(params.top_k))
+        self.seed[one].fill_(int(seed) & ((1 << 63) - 1))
+        self.counter[one].fill_(int(counter))
+        self.remaining[one].fill_(int(params.max_new_tokens))
+        stops = list(params.stop_token_ids)
+        if not params.ignore_eos and self.eos_token_id is not None:
+            stops.append(int(self.eos_token_id))
+        stops += [-1] * (MAX_STOP_TOKEN_IDS - len(stops))
+        self.stop_ids[one] = to_device(stops, self.device)[None]
+        self.bias_ids[one].zero_()
+        self.bias_values[one].zero_()
+        if params.logit_bias:
+            k = len(params.logit_bias)
+            self.bias_ids[slot, :k] = to_device(list(params.logit_bias), self.device)
+            self.bias_values[slot, :k] = to_device(list(params.logit_bias.values()), self.device, torch.float32)
+        self.seen[one] = False
+        self.counts[one].zero_()
+        if len(history):
+            if not isinstance(history, Tensor):
+                history = torch.as_tensor(list(history), dtype=torch.long)
+            self.seen[slot].index_fill_(0, to_device(history, self.device), True)
+        self.pos[one].zero_()
+        self._read_pos[slot] = 0
+
+    def release(self, slot: int) -> None:
+        self.active[slot:slot + 1].zero_()  # a 0-dim write would wait for the GPU
+        self.params[slot] = None
+
+    def mode(self, slots: Sequence[int]) -> str:
+        """The sampler variant (:func:`fastxlstm.sampling.batch_mode`) the parameters of ``slots`` need."""
+        return batch_mode([self.params[s] for s in slots])
+
+    # ------------------------------------------------------------------------------------ the step
+    def advance(self, ridx: Tensor | slice, logits: Tensor, mode: str, act: Tensor) -> Tensor:
+        """Sample the next token of rows ``ridx`` (index tensor, or a slice of the leading rows: the decode
+        step's case) from float32 ``logits`` and update their bookkeeping; inactive rows keep everything.
+        Capturable: no host sync, static shapes."""
+        kind, want_lp = mode.split("+")[0], mode.endswith("+lp")
+        if kind == "greedy":
+            nxt = logits.argmax(dim=-1)
+        else:
+            x = apply_penalties(logits, self.seen[ridx], self.counts[ridx], self.repetition[ridx],
+                                self.presence[ridx], self.frequency[ridx])
+            x = apply_logit_bias(x, self.bias_ids[ridx], self.bias_values[ridx])
+            u = uniform_from_seed(self.seed[ridx], self.counter[ridx])
+            nxt = sample_rows(x, self.temperature[ridx], self.top_k[ridx], self.top_p[ridx], self.min_p[ridx], u,
+                              use_sort=kind == "sorted")
+        nxt = torch.where(act, nxt, self.tokens[ridx])
+        rows = ridx if isinstance(ridx, Tensor) else torch.arange(ridx.start or 0, ridx.stop, device=nxt.device)
+        col = self.pos[ridx] % self.history
+        step = act.long()
+        self.seen.index_put_((rows, nxt), self.seen[rows, nxt] | act)
+        self.counts.index_put_((rows, nxt), act.to(torch.float32), accumulate=True)
+        self.hist.index_put_((rows, col), torch.where(act, nxt, self.hist[rows, col]))
+        if want_lp:
+            chosen, top_v, top_i = token_logprobs(logits, nxt)
+            self.hist_lp.index_put_((rows, col), torch.where(act, chosen, self.hist_lp[rows, col]))
+            a2 = act[:, None]
+            self.hist_top_lp.index_put_((rows, col), torch.where(a2, top_v, self.hist_top_lp[rows, col]))
+            self.hist_top_ids.index_put_((rows, col), torch.where(a2, top_i, self.hist_top_ids[rows, col]))
+        self.tokens[ridx] = nxt
+        self.counter[ridx] = self.counter[ridx] + step
+        self.pos[ridx] = self.pos[ridx] + step
+        rem = self.remaining[ridx] - step
+        self.remaining[ridx] = rem
+        stop = (rem <= 0) | (nxt[:, None] == self.stop_ids[ridx]).any(dim=-1)
+        self.active[ridx] = act & ~stop
+        return nxt
+
+    def last_logprobs(self, ridx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The log-probability and top alternatives (values, ids) of each row's latest token (device)."""
+        col = (self.pos[ridx] - 1) % self.history
+        return self.hist_lp[ridx, col], self.hist_top_lp[ridx, col], self.hist_top_ids[ridx, col]
+
+    # ---------------------------------------------------------------------------------------- reads
+    def read(self, slots: Sequence[int]) -> list[SlotRead]:
+        """What each slot sampled since its last read (one host sync for all slots)."""
+        if not slots:
+            return []
+        ridx = to_device(list(slots), self.device)
+        lp_rows = [j for j, s in enumerate(slots) if self.params[s] is not None and self.params[s].logprobs is not None]
+        packed = torch.cat([self.pos[ridx, None], self.active[ridx, None].long(), self.hist[ridx]], dim=1)
+        lp = None
+        if lp_rows:
+            sel = ridx[to_device(lp_rows, self.device)]
+            lp, top_v, top_i = self.hist_lp[sel], self.hist_top_lp[sel], self.hist_top_ids[sel]
+            lp, top_v, top_i = lp.cpu(), top_v.cpu(), top_i.cpu()
+        packed = packed.cpu()
+        out = []
+        where = {j: r for r, j in enumerate(lp_rows)}
+        for j, s in enumerate(slots):
+            pos, active = int(packed[j, 0]), bool(packed[j, 1])
+            start = self._read_pos[s]
+            if pos - start > self.history:
+                raise RuntimeError(f"slot {s}: {pos - start} tokens since the last read exceed the history "
+                                   f"buffer ({self.history}); read more often or raise history")
+            cols = [p % self.history for p in range(start, pos)]
+            read = SlotRead(s, [int(packed[j, 2 + c]) for c in cols], not active)
+            if j in where:
+                r, k = where[j], self.params[s].logprobs
+                read.logprobs = [float(lp[r, c]) for c in cols]
+                read.top_logprobs = [list(zip(top_i[r, c, :k].tolist(), top_v[r, c, :k].tolist())) for c in cols]
+            self._read_pos[s] = pos
+            out.append(read)
+        return out

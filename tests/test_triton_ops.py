@@ -32,7 +32,10 @@ GRAD_FLOOR = 5e-5
 # gate gradients, formed from q.dq - k.dk per token as in the official kernels, cancel: up to ~1e-4 of
 # the total is seen there (the float32 reference: ~1e-5). The same cancellation reaches df and dm0 when the
 # initial state's stabiliser wins every chunk ("retain" gates: ~2.5e-4 there, the float32 reference ~8e-6).
-EXTREME_GRAD_FLOOR = 3e-4
+# Triton 3.9's interpreter (the CPU suite's, 2026-12-03) measures 1.15e-4 on the extreme forward case and 4.7e-4
+# on the retain-gate dm0 (3.x before: under 9.4e-5 / 3e-4); the bounds keep 1.3x headroom over those.
+EXTREME_GRAD_FLOOR = 6e-4
+EXTREME_FWD_FLOOR = 1.5e-4
 
 
 # ----------------------------------------------------------------------------- the worker (subprocess)
@@ -315,7 +318,7 @@ def _bound(errs: dict, floor: float) -> float:
 @pytest.mark.parametrize("case", list(FWD_CASES))
 def test_forward_and_final_state_match_reference(interp, case):
     errs = interp["fwd"][case]
-    bound = _bound(errs, FWD_FLOOR)
+    bound = _bound(errs, EXTREME_FWD_FLOOR if case.startswith("extreme") else FWD_FLOOR)
     for name, (ours, r32) in errs.items():
         assert ours <= bound, f"{case} {name}: {ours:.2e} > {bound:.2e} (float32 reference: {r32:.2e})"
 

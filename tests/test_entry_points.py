@@ -13,9 +13,9 @@ from fastxlstm.cli import app
 from fastxlstm.engine import LLM
 
 from .helpers import greedy_reference
-from .test_serving_api import start, tiny  # noqa: F401  (the module fixture)
 
-openai = pytest.importorskip("openai")
+openai = pytest.importorskip("openai")  # (the GPU image has no openai: skip there, before the serving imports)
+from .test_serving_api import start, tiny  # noqa: E402, F401  (the module fixture)
 
 KNOBS = [dict(temperature=0.0),
          dict(temperature=0.9, seed=3),

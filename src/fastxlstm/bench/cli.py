@@ -115,7 +115,8 @@ def bench(
                 decode_steps=decode_steps, model=model, small=small, prefill_chunk=prefill_chunk,
                 deadline_s=deadline, deadlines=_deadlines(deadlines), state_dtype=state_dtype, energy_s=energy_s,
                 grid=grid)
-    command = "fastxlstm bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    args = sys.argv[1:]  # `fastxlstm bench ...` or `python benchmarks/inference.py ...`
+    command = "fastxlstm bench " + " ".join(shlex.quote(a) for a in (args[1:] if args[:1] == ["bench"] else args))
     results = run(plan, chosen, out_dir, tag=tag, command=command, budget_s=budget)
     png = plot(results, out_dir / f"{tag}.png")
     table = markdown_quant(results) if variants else markdown(results)

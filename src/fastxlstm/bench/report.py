@@ -60,11 +60,17 @@ def plot(results: dict, path: str | Path) -> Path | None:
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # one legend for the figure: a system missing from the first panel still gets its entry
+    handles = {}
+    for ax in axes[:len(panels)]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=9,
+               frameon=False)
     dev = results.get("device", "?")
     prec = "float32 dry run" if dev == "cpu" else "bf16"
     fig.suptitle(f"7B-class inference, random weights, {dev}, {prec}, {results.get('date', '')}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

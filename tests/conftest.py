@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_gpu_tests(request):
+    """GPU tests start from the same global RNG state whatever ran before them (and whichever subset
+    runs): their tolerances were set from measured errors of these inputs, not of any inputs."""
+    if request.node.get_closest_marker("gpu") is not None:
+        torch.manual_seed(0)  # seeds CUDA's generators too
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A real byte-level BPE tokenizer.json trained on a few sentences (no download)."""

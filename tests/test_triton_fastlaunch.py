@@ -150,7 +150,7 @@ def test_gpu_fast_launch_bit_identical_and_engaged():
     launchers = [getattr(_fwd, n) for n in ("fwd_gates", "fwd_states", "fwd_out")] + [
         getattr(_bwd, n) for n in ("bwd_prep", "bwd_dstates", "bwd_dq", "bwd_dk", "bwd_dv", "bwd_gates_a",
                                    "bwd_gates_b", "bwd_gates_c")]
-    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(2), "little"))
+    g = torch.Generator().manual_seed(1234)
     b, nh, s = 1, 8, 1000
     xs = [torch.randn(b, nh, s, d, generator=g).cuda().bfloat16() for d in (256, 256, 512)]
     xs += [(15 * torch.tanh((torch.randn(b, nh, s, generator=g) * 4 + off) / 15)).cuda() for off in (-3, 4)]

@@ -146,7 +146,8 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
     from fastxlstm.engine.backend import EngineSlotBackend
     from fastxlstm.sampling import SamplingParams
     from fastxlstm.serving.prefix_cache import PrefixCache
-    from fastxlstm.serving.scheduler import GenerationRequest, Scheduler
+    from fastxlstm.serving.requests import GenerationRequest
+    from fastxlstm.serving.scheduler import Scheduler
     from fastxlstm.state import clone_state
 
     cuda = torch.cuda.is_available()
@@ -222,9 +223,9 @@ def backend_audit(model_spec: str, slots: int, dtype: str, min_p: int, max_p: in
         sched.prof.restart()
         t0 = time.perf_counter()
         iterations = 0
-        while sched._has_work():
-            sched._iteration()
-            sched._pending.clear()  # no clients here
+        while sched.has_work():
+            sched.step()
+            sched.outbox.pending.clear()  # no clients here
             iterations += 1
         sync()
         return {"requests": n, "iterations": iterations, "wall_s": time.perf_counter() - t0,

@@ -107,7 +107,8 @@ def scheduler_only(args) -> None:
     import random
 
     from fastxlstm.sampling import SamplingParams
-    from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, Scheduler
+    from fastxlstm.serving.requests import FinishEvent, GenerationRequest
+    from fastxlstm.serving.scheduler import Scheduler
 
     backend = SimulatedEngine(args.slots, args.step_ms / 1000, args.prefill_us_per_token / 1e6)
     if args.no_batching:

@@ -10,7 +10,8 @@ from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine.backend import EngineSlotBackend
 from fastxlstm.sampling import SamplingParams
 from fastxlstm.serving.prefix_cache import PrefixCache
-from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, Scheduler, TokenEvent
+from fastxlstm.serving.requests import FinishEvent, GenerationRequest, TokenEvent
+from fastxlstm.serving.scheduler import Scheduler
 
 from .helpers import greedy_reference as generate
 from .helpers import perturbed_model
@@ -237,7 +238,7 @@ def test_overlapped_windows_equal_serial_and_generate(model):
                           early_launch=mode == "early")
 
         def unread(_sched=sched) -> int:
-            return sum(w.phase == "decode" for w in _sched._unread)
+            return sum(w.phase == "decode" for w in _sched.inflight.unread)
 
         for name in ("prefill", "prefill_batch"):  # decode windows unread while a prefill is queued
             setattr(be, name, lambda *a, _orig=getattr(be, name), _seen=at_prefill, _unread=unread: (
@@ -262,7 +263,7 @@ def test_overlapped_windows_equal_serial_and_generate(model):
             events = run_requests(sched, reqs)
             results[mode] = [[(e.token, e.logprob) for e in events[r.id] if isinstance(e, TokenEvent)]
                              + [e.reason for e in events[r.id] if isinstance(e, FinishEvent)] for r in reqs]
-            assert sched.stats()["slots_free"] == 4 and not sched._unread
+            assert sched.stats()["slots_free"] == 4 and not sched.inflight
             assert any(launches) == (mode != "serial") and not bad, bad
             assert max(at_prefill) == (2 if mode == "early" else 1 if mode == "overlap" else 0), at_prefill
             for i in range(len(reqs)):
@@ -342,11 +343,11 @@ def test_bucket_plan_bounds():
     sched.prefilling = reqs
     for budget in (1000, 300, 2000):
         for head in reqs[:10]:
-            group = sched._bucket(head, budget, set())
+            group = sched.plan.bucket(head, sched.prefilling, budget, set())
             lens = [len(r.prompt) for r in group]
             assert head in group and len({r.state is None for r in group}) == 1
             assert max(lens) * len(lens) <= budget or len(group) == 1
             assert max(lens) * len(lens) <= 1.3 * sum(lens) + 1e-9
     Stub.prefill_padded = False
     for head in reqs[:10]:
-        assert len({len(r.prompt) for r in sched._bucket(head, 1000, set())}) == 1
+        assert len({len(r.prompt) for r in sched.plan.bucket(head, sched.prefilling, 1000, set())}) == 1

@@ -15,7 +15,8 @@ from fastxlstm.engine.backend import EngineSlotBackend
 from fastxlstm.engine.prefill_graph import PrefillGraphs
 from fastxlstm.sampling import SamplingParams
 from fastxlstm.serving.prefix_cache import PrefixCache
-from fastxlstm.serving.scheduler import GenerationRequest, Scheduler
+from fastxlstm.serving.requests import GenerationRequest
+from fastxlstm.serving.scheduler import Scheduler
 from fastxlstm.serving.slots import warm_prefill
 
 from .helpers import greedy_reference as generate
@@ -126,7 +127,7 @@ def test_first_tokens_are_not_waited_for():
     sched = Scheduler(be, eos_token_id=None, decode_steps_per_read=4)
     behind = []
     orig = sched._finish_window
-    sched._finish_window = lambda w: (behind.append(any(x.phase == "decode" for x in sched._unread))
+    sched._finish_window = lambda w: (behind.append(any(x.phase == "decode" for x in sched.inflight.unread))
                                       if w.phase == "prefill" else None, orig(w))[1]
     ps = prompts([7, 7, 12], seed=12)
     sched.start()
@@ -136,7 +137,7 @@ def test_first_tokens_are_not_waited_for():
         events = run_requests(sched, reqs)
         for p, r in zip(ps, reqs):
             assert tokens_and_finish(events[r.id])[0] == generate(model, p, r.params.max_new_tokens)[0].tolist()
-        assert behind and all(behind) and sched.steps == 8 and not sched._unread
+        assert behind and all(behind) and sched.steps == 8 and not sched.inflight
         behind.clear()
         sp = SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.9, seed=1, ignore_eos=True)
         sampled = GenerationRequest(ps[0], sp)
@@ -174,7 +175,7 @@ def test_bucket_plan_with_graph_costs():
         sizes = set()
         for budget in (2048, 700, 100):
             for head in reqs[:16]:
-                group = sched._bucket(head, budget, set())
+                group = sched.plan.bucket(head, sched.prefilling, budget, set())
                 lens = [len(r.prompt) for r in group]
                 cost = stub.prefill_cost(len(group), max(lens))
                 assert head in group and len(group) <= 8
@@ -188,12 +189,13 @@ def test_bucket_plan_with_graph_costs():
         sched = Scheduler(stub, eos_token_id=None, prefill_chunk=2048, prefill_pad_ratio=ratio)
         sched.prefilling = [GenerationRequest([1] * n, SamplingParams(max_new_tokens=1)) for n in lengths]
         head = sched.prefilling[1]
-        assert sorted(len(r.prompt) for r in sched._bucket(head, 2048, set())) == want, (ratio, lengths)
+        group = sched.plan.bucket(head, sched.prefilling, 2048, set())
+        assert sorted(len(r.prompt) for r in group) == want, (ratio, lengths)
     # pieces of a long prompt: the longest whose cost fits what is left of the budget (None: none fits)
     sched = Scheduler(stub, eos_token_id=None, prefill_chunk=2048)
     long = GenerationRequest([1] * 3000, SamplingParams(max_new_tokens=1))
     for left in (2048, 700, 200, 100, 40, 10):
-        end = sched._piece_end(long, left)
+        end = sched.plan.piece_end(long, left)
         if end is None:
             assert stub.prefill_cost(1, 1) > left
             continue

@@ -10,7 +10,8 @@ import pytest
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine.backend import EngineSlotBackend
 from fastxlstm.sampling import SamplingParams
-from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
+from fastxlstm.serving.requests import FinishEvent, GenerationRequest, PrefillDone, TokenEvent
+from fastxlstm.serving.scheduler import Scheduler
 from fastxlstm.serving.sse import SSEChunks, sse_event
 
 from .helpers import greedy_reference as generate

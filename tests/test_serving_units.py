@@ -14,7 +14,8 @@ from fastxlstm.engine.backend import EngineSlotBackend
 from fastxlstm.sampling import SamplingParams
 from fastxlstm.serving.chat_template import ChatTemplate, ChatTemplateError
 from fastxlstm.serving.prefix_cache import PrefixCache, entry_nbytes
-from fastxlstm.serving.scheduler import FinishEvent, GenerationRequest, PrefillDone, Scheduler, TokenEvent
+from fastxlstm.serving.requests import FinishEvent, GenerationRequest, PrefillDone, TokenEvent
+from fastxlstm.serving.scheduler import Scheduler
 from fastxlstm.text import StopText
 from fastxlstm.tokenizer import Tokenizer
 

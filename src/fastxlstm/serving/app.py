@@ -23,8 +23,8 @@ from .chat_template import ChatTemplate
 from .completions import completions as completions_endpoint
 from .errors import APIError, error_response, http_phrase
 from .middleware import GuardMiddleware
+from .requests import ShuttingDown
 from .runtime import ServeConfig, make_backend, warm_up
-from .scheduler import ShuttingDown
 from .schemas import ModelCard, ModelList
 from .server import ServerState
 from .slots import SlotBackend

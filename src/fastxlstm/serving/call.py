@@ -11,7 +11,7 @@ from fastapi import Request
 
 from ..text import StopText
 from .errors import APIError
-from .scheduler import ErrorEvent, FinishEvent, GenerationRequest, PrefillDone, QueueFull, ShuttingDown, TokenEvent
+from .requests import ErrorEvent, FinishEvent, GenerationRequest, PrefillDone, QueueFull, ShuttingDown, TokenEvent
 from .schemas import Usage
 from .server import ServerState
 

@@ -10,7 +10,7 @@ from fastapi import Request
 
 from .call import Call, collect
 from .middleware import parse_body
-from .scheduler import GenerationRequest
+from .requests import GenerationRequest
 from .schemas import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs
 from .server import ServerState, now
 from .sse import SSEChunks, event_stream

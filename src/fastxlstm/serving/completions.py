@@ -11,7 +11,7 @@ from fastapi import Request
 from .call import Call, collect
 from .errors import APIError
 from .middleware import parse_body
-from .scheduler import GenerationRequest
+from .requests import GenerationRequest
 from .schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .server import ServerState, now
 from .sse import SSEChunks, event_stream, sse_event

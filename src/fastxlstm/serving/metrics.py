@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -64,3 +66,43 @@ class _Families:
         for metric in self.registry.collect():
             if (self.include is None or metric.name in self.include) and metric.name not in self.exclude:
                 yield metric
+
+
+class LoopProfile:
+    """Wall time of the scheduler loop by phase: each :meth:`lap` charges the time since the previous
+    lap to ``phase`` (``*_wait``: blocked on the device's results; ``idle``: nothing to do)."""
+
+    __slots__ = ("seconds", "_mark", "_cpu0", "_pushed", "_pushed_cpu", "_last_push")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+        self._cpu0 = time.thread_time()
+        self._pushed: dict[str, float] = {}
+        self._pushed_cpu = 0.0
+        self._last_push = 0.0
+
+    def restart(self) -> None:
+        """Start timing in the calling thread (thread CPU time is per thread)."""
+        self._mark, self._cpu0 = time.perf_counter(), time.thread_time()
+
+    def lap(self, phase: str) -> None:
+        t = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + (t - self._mark)
+        self._mark = t
+
+    def push(self, metrics: Metrics, force: bool = False) -> None:
+        """Add what accrued since the last push to the Prometheus counters (at most every 0.25 s)."""
+        if not force and self._mark - self._last_push < 0.25:
+            return
+        self._last_push = self._mark
+        for phase, total in self.seconds.items():
+            delta = total - self._pushed.get(phase, 0.0)
+            if delta > 0:
+                metrics.loop_seconds.labels(phase=phase).inc(delta)
+                self._pushed[phase] = total
+        cpu = time.thread_time() - self._cpu0
+        if cpu > self._pushed_cpu:
+            metrics.loop_cpu.inc(cpu - self._pushed_cpu)
+            self._pushed_cpu = cpu
+

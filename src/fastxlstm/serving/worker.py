@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .delivery import post_events
 from .metrics import Metrics
-from .scheduler import ErrorEvent, FinishEvent, GenerationRequest, QueueFull, ShuttingDown, TokenEvent, post_events
+from .requests import ErrorEvent, FinishEvent, GenerationRequest, QueueFull, ShuttingDown, TokenEvent
 
 log = logging.getLogger("fastxlstm.serving")
 

@@ -54,6 +54,10 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
     device: str | None = None,
     dtype: str | None = None,
+    speculative_config: Annotated[str | None, typer.Option(
+        "--speculative-config", help='Speculative decoding as JSON (vLLM\'s names), e.g. \'{"method": "ngram", '
+        '"num_speculative_tokens": 4}\' or \'{"method": "draft", "num_speculative_tokens": 3, "model": DIR}\'; '
+        'the output is that of plain decoding')] = None,
 ) -> None:
     """Generate a continuation of PROMPT on the engine (greedy when --temperature 0)."""
     from .engine import LLM
@@ -66,7 +70,7 @@ def generate(
         fail(str(e))
     t0 = time.perf_counter()
     try:
-        llm = LLM(model, device=device, dtype=_dtype(dtype), max_slots=1)
+        llm = LLM(model, device=device, dtype=_dtype(dtype), max_slots=1, speculative_config=speculative_config)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         fail(str(e))
     except (RuntimeError, AssertionError) as e:  # e.g. --device cuda on a machine without one
@@ -97,6 +101,9 @@ def generate(
     n = len(result.token_ids)
     console.print(f"[dim]{n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s), load {load_s:.2f}s, "
                   f"device {llm.model.device}, dtype {llm.model.dtype}[/]")
+    if llm.speculative_config is not None:
+        console.print(f"[dim]speculative: {result.num_spec_steps} steps, {result.num_accepted_tokens} of "
+                      f"{result.num_draft_tokens} drafted tokens accepted[/]")
 
 
 @app.command()

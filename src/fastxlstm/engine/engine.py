@@ -61,7 +61,7 @@ class Engine:
         self, model: XLSTMForCausalLM, max_slots: int = 8, *, use_cuda_graph: bool | None = None,
         prefill_chunk_size: int = 4096, backend: str = "auto", batch_buckets: Sequence[int] | None = None,
         eos_token_id: int | None = None, history: int = 256, state_dtype: str | torch.dtype | None = None,
-        prefill_graphs: bool | None = None,
+        prefill_graphs: bool | None = None, speculative=None, draft_model: XLSTMForCausalLM | None = None,
     ):
         if max_slots <= 0:
             raise ValueError(f"max_slots must be positive, got {max_slots}")
@@ -101,8 +101,17 @@ class Engine:
         self._running: set[int] = set()
         # (bucket, mode) -> (graph, its logits, the captured function). The function is kept alive
         # because the graph reads tensors it owns (e.g. the row indices) on every replay.
-        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, Tensor, object]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, object]] = {}
         self._pool = None
+        self._init_speculative(speculative, draft_model, backend, prefill_chunk_size)
+
+    def _init_speculative(self, config, draft_model, backend: str, chunk_size: int) -> None:
+        from .speculative import Speculation, SpeculativeConfig
+
+        config = SpeculativeConfig.parse(config)
+        if config is None and draft_model is not None:
+            raise ValueError("draft_model given without a speculative config")
+        self.spec = None if config is None else Speculation(self, config, draft_model, backend, chunk_size)
 
     # ------------------------------------------------------------------------ slots
     @property
@@ -237,6 +246,8 @@ class Engine:
         output) feeds the repetition penalty; ``counter`` is the RNG position (tokens drawn so far)."""
         self._check_allocated(slot)
         self.sampler.configure(slot, params, history, counter)
+        if self.spec is not None:
+            self.spec.reset(slot)
 
     @torch.no_grad()
     def sample(self, slots: Sequence[int], logits: Tensor) -> Tensor:
@@ -284,10 +295,10 @@ class Engine:
 
         return fn
 
-    def _graph(self, bsz: int, mode: str) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        key = (bsz, mode)
+    def _graph(self, bsz: int, mode: str, spec: bool = False) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        key = (bsz, mode, spec)
         if key not in self._graphs:
-            fn = self._step_fn(bsz, mode)
+            fn = self.spec.step_fn(bsz, mode) if spec else self._step_fn(bsz, mode)
             saved = self.active.clone()
             self.active.zero_()  # warm-up and capture must not advance any sequence
             graph, out = capture_graph(fn, warmup=2, pool=self._pool)
@@ -347,6 +358,37 @@ class Engine:
         if mode.endswith("+lp"):
             out.logprobs, out.top_logprobs, out.top_ids = self.sampler.last_logprobs(ridx)
         return out
+
+    # ------------------------------------------------------------------ speculative
+    @torch.no_grad()
+    def spec_step(self, drafts: dict[int, Sequence[int]] | None = None) -> None:
+        """One speculative step of every running slot (each emits 1 to k+1 tokens: read them with
+        :meth:`read_tokens`; see :class:`~fastxlstm.engine.speculative.Speculation`). ``drafts``: slot -> up
+        to k proposed tokens (the n-gram drafter; missing or short entries verify fewer); with a draft
+        model None (it drafts on the device). One CUDA-graph replay per batch bucket; no host sync."""
+        if self.spec is None:
+            raise RuntimeError("speculative decoding is not configured (Engine(speculative=...))")
+        running = sorted(self._running)
+        if not running:
+            return
+        bsz = self._bucket(running)
+        self.spec.load_drafts(bsz, drafts)
+        mode = self.sampler.mode(running)
+        if self.use_cuda_graph:
+            self._graph(bsz, mode, spec=True)[0].replay()
+        else:
+            self.spec.step_fn(bsz, mode)()
+
+    def prefill_draft(self, slot: int, prefix: Sequence[int]) -> None:
+        """With a draft model: its state of ``slot`` after ``prefix`` (the sequence's tokens before the pending
+        one, what the target's slot state holds). A no-op without one."""
+        self._check_allocated(slot)
+        if self.spec is not None and self.spec.draft is not None:
+            self.spec.draft.prefill(slot, prefix)
+
+    def spec_counts(self, slot: int) -> tuple[int, int, int]:
+        """``(steps, drafted, accepted)`` of the slot's speculative steps since it was configured (host read)."""
+        return (0, 0, 0) if self.spec is None else self.spec.counts(slot)
 
     # ------------------------------------------------------------------------ reads
     def read_tokens(self, slots: Sequence[int]) -> list[SlotRead]:

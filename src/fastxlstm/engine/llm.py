@@ -13,6 +13,7 @@ from ..model import XLSTMForCausalLM
 from ..sampling import SamplingParams
 from ..text import StopText
 from .engine import Engine
+from .speculative import NgramIndex, SpeculativeConfig
 from .state import SequenceState
 
 Prompt = str | Sequence[int] | SequenceState
@@ -33,6 +34,9 @@ class GenerationResult:
     state: SequenceState | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    ngram: NgramIndex | None = None
 
     @property
     def done(self) -> bool:
@@ -68,6 +73,7 @@ class LLM:
         dtype: torch.dtype | None = None, max_slots: int = 8, use_cuda_graph: bool | None = None,
         prefill_chunk_size: int = 4096, backend: str = "auto", sync_every: int = 16,
         state_dtype: str | torch.dtype | None = None, quantization: str | None = None,
+        speculative_config: SpeculativeConfig | dict | str | None = None,
     ):
         if isinstance(model, XLSTMForCausalLM):
             net = model
@@ -85,13 +91,33 @@ class LLM:
             tokenizer = tokenizer if tokenizer is not None else tok
         self.model = net
         self.tokenizer = tokenizer
+        self.speculative_config = spec = SpeculativeConfig.parse(speculative_config)
+        draft = self._draft_model(spec, tokenizer, net) if spec is not None and spec.method == "draft" else None
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.engine = Engine(net, max_slots=max_slots, use_cuda_graph=use_cuda_graph,
                              prefill_chunk_size=prefill_chunk_size, backend=backend, state_dtype=state_dtype,
-                             eos_token_id=eos if eos is not None else net.config.eos_token_id)
+                             eos_token_id=eos if eos is not None else net.config.eos_token_id,
+                             speculative=spec, draft_model=draft)
         if sync_every <= 0:
             raise ValueError(f"sync_every must be positive, got {sync_every}")
         self.sync_every = min(sync_every, self.engine.history)
+
+    @staticmethod
+    def _draft_model(spec: SpeculativeConfig, tokenizer, target: XLSTMForCausalLM) -> XLSTMForCausalLM:
+        """The draft model of ``spec`` on the target's device and in its dtype; a directory's tokenizer must
+        equal the target's (same vocabulary)."""
+        if isinstance(spec.model, XLSTMForCausalLM):
+            return spec.model
+        if not isinstance(spec.model, (str, os.PathLike)):
+            raise ValueError(f"speculative_config model must be a path, hub id or random:<preset>, got {spec.model!r}")
+        from ..checkpoint import load_model_and_tokenizer
+
+        draft, tok = load_model_and_tokenizer(spec.model, device=target.device, dtype=target.dtype,
+                                              weight_mode="fused")
+        if tokenizer is not None and not str(spec.model).startswith("random:") \
+                and tok.tok.get_vocab() != tokenizer.tok.get_vocab():
+            raise ValueError(f"the draft model {spec.model} has a different tokenizer than the target")
+        return draft
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:
@@ -205,6 +231,15 @@ class LLM:
             eng.set_slot_state(r.slot, r.start.layers)
             eng.configure_slot(r.slot, r.params, r.start.token_ids, counter=r.start.rng_counter)
             self._first_tokens([r], r.start.logits.to(eng.device).float()[None])
+        spec = self.speculative_config
+        if spec is not None:
+            for r in reqs:  # the drafter's view of the sequence: everything before the pending token
+                base = (list(r.start.token_ids) if r.start is not None else []) + r.prompt_ids
+                pending_only = r.start is not None and not r.prompt_ids and r.start.pending_token is not None
+                eng.prefill_draft(r.slot, base[:-1] if pending_only else base)
+                if spec.method == "ngram":
+                    r.ngram = NgramIndex(spec.prompt_lookup_min, spec.prompt_lookup_max)
+                    r.ngram.extend(base)
 
     def _first_tokens(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         go = [j for j, r in enumerate(reqs) if r.params.max_new_tokens > 0]
@@ -242,17 +277,22 @@ class LLM:
             if r.out:
                 state = SequenceState(layers, base + r.out, pending_token=r.out[-1],
                                       rng_counter=(r.start.rng_counter if r.start else 0) + len(r.out))
+        counts = (0, 0, 0)
         if r.slot >= 0:
+            counts = eng.spec_counts(r.slot)
             eng.free_slot(r.slot)
             r.slot = -1
         lp = r.params.logprobs is not None
         return GenerationResult(list(r.out), r.text.text, r.finish_reason or "length", r.prompt_ids, state,
-                                list(r.logprobs) if lp else None, list(r.top_logprobs) if lp else None)
+                                list(r.logprobs) if lp else None, list(r.top_logprobs) if lp else None, *counts)
 
-    def _run(self, reqs: list[_Request], sync_every: int) -> Iterator[_Request]:
+    def _run(self, reqs: list[_Request], sync_every: int, speculate: bool = True) -> Iterator[_Request]:
         """Continuous batching over the engine's slots; yields each request whenever it got new
-        tokens (for streaming) and when it finishes."""
+        tokens (for streaming) and when it finishes. With a speculative config (and ``speculate``) every
+        step is a speculative step: the n-gram drafter proposes from the tokens read after each step, the
+        draft model drafts on the device (several steps between reads)."""
         eng = self.engine
+        spec = self.speculative_config if speculate else None
         waiting = deque(reqs)
         running: dict[int, _Request] = {}
         try:
@@ -266,13 +306,25 @@ class LLM:
                     self._admit(admit)
                     for r in admit:
                         running[r.slot] = r
+                elif spec is not None and spec.method == "ngram":
+                    k = spec.num_speculative_tokens
+                    eng.spec_step({s: r.ngram.propose(k) for s, r in running.items() if not r.done})
                 else:
                     budget = max(r.params.max_new_tokens - len(r.out) for r in running.values())
-                    for _ in range(max(1, min(sync_every, budget))):
-                        eng.decode_step(return_outputs=False)
+                    steps = max(1, min(sync_every, budget))
+                    if spec is not None:  # at most k+1 tokens a step must fit the sampler's history buffer
+                        steps = max(1, min(steps, eng.history // (spec.num_speculative_tokens + 1)))
+                    for _ in range(steps):
+                        if spec is not None:
+                            eng.spec_step()
+                        else:
+                            eng.decode_step(return_outputs=False)
                 reads = eng.read_tokens([s for s, r in running.items() if not r.done])
                 for rd in reads:
-                    self._consume(running[rd.slot], rd)
+                    r = running[rd.slot]
+                    if r.ngram is not None:
+                        r.ngram.extend(rd.new_tokens)
+                    self._consume(r, rd)
                 for slot in list(running):
                     r = running[slot]
                     yield r
@@ -312,7 +364,9 @@ class LLM:
         stops = any(r.params.stop for r in reqs)
         sync = 1 if (return_state and stops) else self.sync_every
         results: dict[int, GenerationResult] = {}
-        for r in self._run(reqs, sync):
+        # a stop string is found on the host, after the step that completed it: a speculative step may have
+        # run past it, so a state asked for together with stop strings comes from plain decode steps
+        for r in self._run(reqs, sync, speculate=not (return_state and stops)):
             if r.done and r.index not in results:
                 results[r.index] = self._finish(r)
         return [results[i] for i in range(len(reqs))]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..model import XLSTMForCausalLM
 from ..model.quant import QuantLinear
-from ..ops import mlstm_chunkwise, resolve_backend
+from ..ops import mlstm_chunkwise, mlstm_commit_, resolve_backend
 from ..ops.quant import QuantWeight, linear
 from ..ops.reference import mlstm_step_reference
 from ..state import State, zero_state
@@ -250,15 +250,19 @@ class Runner:
         return K.softcap_logits(linear(hidden, self.lm_head), self.config.output_logit_soft_cap)
 
     def _mlstm_seq(self, lw: LayerWeights, y: Tensor, b: int, s: int, state: State | None,
-                   real: Tensor | None = None) -> tuple[Tensor, State]:
+                   real: Tensor | None = None, terms: list | None = None) -> tuple[Tensor, State]:
         """The mLSTM layer over ``s`` tokens of ``b`` rows; ``real [b*s]`` (bool) marks the real tokens:
-        the others (right padding) get neutral gates ``i = -inf, f = +inf`` and leave the state as it is."""
+        the others (right padding) get neutral gates ``i = -inf, f = +inf`` and leave the state as it is.
+        ``terms``: a list to append this layer's per-token state terms ``(k, v, i, f)`` to (``[b, NH, s, *]``,
+        k and v views into the projection) for :meth:`commit`."""
         cfg = self.config
         proj = linear(y, lw.w_in)  # [b*s, P]
         q, k, v, o, g = proj.split(self.splits, dim=-1)
         i, f = K.gates(g, self.nh, cfg.gate_soft_cap, real, bias=lw.gate_bias, seq=s)  # [b, NH, s]
         # [b, NH, s, D] views into proj, no copies (the Triton forward reads any batch/head/token strides)
         q, k, v = (t.view(b, s, self.nh, -1).transpose(1, 2) for t in (q, k, v))
+        if terms is not None:
+            terms.append((k, v, i, f))
         h, state = mlstm_chunkwise(q, k, v, i, f, state, chunk_size=cfg.chunk_size, backend=self.backend,
                                    eps=cfg.eps)
         h = h.transpose(1, 2).reshape(b * s, self.nh, self.dv)
@@ -338,24 +342,29 @@ class Runner:
         hidden = K.add_rmsnorm(last, None, self.out_norm, cfg.norm_eps)
         return hidden, state
 
-    def blocks(self, chunk: Tensor, state: list[State | None], real: Tensor | None) -> tuple[Tensor, Tensor]:
+    def blocks(self, chunk: Tensor, state: list[State | None], real: Tensor | None,
+               terms: list | None = None) -> tuple[Tensor, Tensor]:
         """Every block over ``chunk [b, s]``; ``state`` (per block, None: zeros) is replaced in place by
         the new states. Returns the residual stream ``x`` and the last FFN output ``delta`` ``[b*s, D]``
-        (the output is ``x + delta``); ``real [b*s]`` marks real tokens (None: all)."""
+        (the output is ``x + delta``); ``real [b*s]`` marks real tokens (None: all). With ``terms`` (``s > 1``)
+        each block's per-token state terms are collected instead (:meth:`_mlstm_seq`) and ``state`` is kept."""
         cfg = self.config
         b, s = chunk.shape
         x = F.embedding(chunk, self.embedding).reshape(b * s, -1)
         delta = None
         for idx, lw in enumerate(self.layers):
             y = K.add_rmsnorm(x, delta, lw.norm_mlstm, cfg.norm_eps)
-            if s == 1:
+            if s == 1 and terms is None:
                 if state[idx] is None:
                     state[idx] = zero_state(b, self.nh, self.dqk, self.dv, self.device)
                 c, n, m = (t.clone() for t in state[idx])
                 h = self._mlstm_step(lw, y, c, n, m, real)
                 state[idx] = (c, n, m)
             else:
-                h, state[idx] = self._mlstm_seq(lw, y, b, s, state[idx], real)
+                h, new = self._mlstm_seq(lw, y, b, s, state[idx], real, terms)
+                if terms is None:  # (verification keeps the terms, not the states)
+                    state[idx] = new
+                del new
             y = K.add_rmsnorm(x, linear(h, lw.w_out), lw.norm_ffn, cfg.norm_eps)
             del h
             delta = self._ffn(lw, y)
@@ -394,6 +403,26 @@ class Runner:
         return gemv(x, self.lm_head, prologue="none" if self.out_norm is None else "rmsnorm",
                     norm_weight=self.out_norm, eps=eps, epilogue="softcap", cap=cfg.output_logit_soft_cap)
 
+
+    # ------------------------------------------------------------------ speculative
+    @torch.no_grad()
+    def verify(self, ids: Tensor, states: list[State]) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]]:
+        """Score ``ids [b, s]`` from ``states`` (per block ``(C, n, m)``, leading dim b; not modified) in one
+        chunkwise forward: float32 soft-capped logits at every position ``[b, s, V]`` and every block's
+        per-token state terms ``(k, v, i, f)`` (what :meth:`commit` applies). Capturable."""
+        cfg = self.config
+        b, s = ids.shape
+        terms: list = []
+        x, delta = self.blocks(ids, [tuple(t.float() for t in st) for st in states], None, terms)  # C as float32
+        hidden = K.add_rmsnorm(x, delta, self.out_norm, cfg.norm_eps)
+        return self.logits(hidden).view(b, s, -1), terms
+
+    @torch.no_grad()
+    def commit(self, states: list[State], terms: list[tuple[Tensor, Tensor, Tensor, Tensor]], lengths: Tensor) -> None:
+        """Advance ``states`` in place over the first ``lengths[b]`` tokens whose ``terms`` :meth:`verify`
+        returned (``lengths [b]`` on the device, 0 leaves a row as it is); no weight is read. Capturable."""
+        for st, (k, v, i, f) in zip(states, terms):
+            mlstm_commit_(st, k, v, i, f, lengths, backend=self.backend)
 
     # --------------------------------------------------------------------- scoring
     @torch.no_grad()

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..state import State, zero_state
 from .reference import (
     mlstm_chunkwise_reference,
+    mlstm_commit_reference_,
     mlstm_parallel_reference,
     mlstm_recurrent_reference,
     mlstm_step_reference,
@@ -33,6 +34,7 @@ __all__ = [
     "Backend",
     "mlstm_chunkwise",
     "mlstm_step",
+    "mlstm_commit_",
     "mlstm_parallel",
     "mlstm_recurrent",
     "zero_state",
@@ -118,6 +120,28 @@ def mlstm_step(
     else:
         h, new_state = mlstm_step_reference(q, k, v, i, f, state, eps=eps)
     return (h[:, :, None] if squeeze else h), new_state
+
+
+def mlstm_commit_(
+    state: State, k: Tensor, v: Tensor, i: Tensor, f: Tensor, lengths: Tensor, backend: Backend = "auto",
+) -> None:
+    """Advance ``state = (C, n, m)`` in place over the first ``lengths[b]`` of the ``T`` tokens of each row,
+    from their per-token terms only (k ``[B,NH,T,DQK]``, v ``[B,NH,T,DV]``, i,f ``[B,NH,T]``; no q): the state
+    after an accepted speculative prefix, equal to ``lengths[b]`` :func:`mlstm_step` calls. Capturable."""
+    if k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3] or i.shape != k.shape[:3] or f.shape != i.shape:
+        raise ValueError(f"commit terms must be k [B,NH,T,DQK], v [B,NH,T,DV], i/f [B,NH,T]; got k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, f {tuple(f.shape)}")
+    b, nh, _, dqk = k.shape
+    want = ((b, nh, dqk, v.shape[-1]), (b, nh, dqk), (b, nh))
+    for name, t, w in zip(("C", "n", "m"), state, want):
+        if tuple(t.shape) != w:
+            raise ValueError(f"state {name} must have shape {w}, got {tuple(t.shape)}")
+    if tuple(lengths.shape) != (b,):
+        raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
+    if resolve_backend(backend, k.device) == "triton" and hasattr(_triton(), "mlstm_commit_"):
+        _triton().mlstm_commit_(state, k, v, i, f, lengths)
+        return
+    mlstm_commit_reference_(state, k, v, i, f, lengths)
 
 
 def mlstm_parallel(

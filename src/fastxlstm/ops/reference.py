@@ -191,3 +191,35 @@ def mlstm_chunkwise_reference(
         outs.append(h)
     h = torch.cat(outs, dim=2) if outs else vf.new_zeros(vf.shape)
     return h.to(q.dtype), state
+
+
+def mlstm_commit_reference_(
+    state: State, k: Tensor, v: Tensor, i: Tensor, f: Tensor, lengths: Tensor
+) -> None:
+    """Advance ``state`` in place over the first ``lengths[b]`` tokens of each row (speculative decoding's
+    commit of an accepted prefix). k ``[B,NH,T,DQK]``, v ``[B,NH,T,DV]``, i,f ``[B,NH,T]`` (soft-capped gate
+    preactivations), ``lengths [B]`` integers in ``[0, T]`` (0 leaves the row as it is); ``state`` is
+    ``(C, n, m)`` as everywhere (``C`` may be stored in a narrower dtype: math in float32, or float64 for
+    float64 inputs).
+
+    The same function as ``lengths[b]`` calls of :func:`mlstm_step_reference` (outputs not needed), in
+    closed form: with ``g = sum_t log f_t`` and ``a_t = sum_{s>t} log f_s + i_t`` over the accepted tokens,
+    ``m' = max(g + m, max_t a_t)`` (the unrolled max recurrence of the step), ``C' = e^{g+m-m'} C +
+    sum_t e^{a_t-m'} k_t v_t^T`` and ``n'`` alike: one read and one write of ``C`` for all the tokens."""
+    c, n, m = state
+    dt = _compute_dtype(k)
+    steps = k.shape[2]
+    keep = torch.arange(steps, device=k.device)[None, None, :] < lengths.to(k.device)[:, None, None]  # [B,1,T]
+    log_f = torch.where(keep, F.logsigmoid(f.to(dt)), 0.0)
+    i_m = torch.where(keep, i.to(dt), -math.inf)
+    g = log_f.sum(-1)  # [B,NH]
+    a = g[..., None] - torch.cumsum(log_f, -1) + i_m  # [B,NH,T]: log weight of token t at the end
+    m0 = m.to(dt)
+    m_new = torch.maximum(g + m0, a.amax(-1))
+    decay = torch.exp(g + m0 - m_new)
+    k_w = k.to(dt) * torch.exp(a - m_new[..., None])[..., None]  # [B,NH,T,DQK]
+    c_new = decay[..., None, None] * c.to(dt) + k_w.transpose(-1, -2) @ v.to(dt)
+    n_new = decay[..., None] * n.to(dt) + k_w.sum(-2)
+    c.copy_(c_new)
+    n.copy_(n_new)
+    m.copy_(m_new)

@@ -79,3 +79,58 @@ def perplexity_cmd(
                f"bits per byte {result.bits_per_byte:.4f}")
     if json_out is not None:
         write_json(json_out, out)
+
+
+@eval_app.command("niah")
+def niah_cmd(
+    model: ModelOpt,
+    lengths: Annotated[str, typer.Option(help="Context lengths in tokens, comma-separated; 'k' = 1024 "
+                                              "(e.g. 4k,8k,16k,32k,64k,128k)")] = "1k,2k,4k",
+    depths: Annotated[str, typer.Option(help="Needle depths, fractions of the haystack (0 = start, 1 = end)")]
+        = "0,0.25,0.5,0.75,1",
+    tasks: Annotated[str, typer.Option(help="single, multikey, multivalue (RULER's niah tasks), comma-separated")]
+        = "single",
+    samples: Annotated[int, typer.Option(min=1, help="Prompts per (task, length, depth) cell")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the keys, values and needle positions")] = 0,
+    haystack: Annotated[Path | None, typer.Option(help="UTF-8 text file whose sentences form the haystack "
+                                                       "(default: RULER's repeated noise sentences)")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for niah.json (config, grid, every prompt's answer) "
+                                           "and niah.png (heatmaps)")] = Path("niah-results"),
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Generated tokens per answer (default 32, "
+                                                                   "64 for multivalue)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together (engine slots)")] = 4,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Prefill chunk in tokens (bounds memory at any length)")]
+        = 4096,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Needle-in-a-haystack retrieval over a grid of context lengths x needle depths (RULER's synthetic tasks,
+    generated offline and seeded), greedy answers on the engine, scored by string match; prints the table and
+    writes niah.json and niah.png. A recurrent model prefills any length in constant memory."""
+    from ..cli import fail
+    from ..engine import LLM
+    from . import niah
+
+    try:
+        length_list, depth_list = niah.parse_lengths(lengths), niah.parse_depths(depths)
+        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+        bad = [t for t in task_list if t not in niah.TASKS]
+        if bad or not task_list:
+            raise ValueError(f"unknown NIAH task(s) {', '.join(bad) or tasks!r}: use {', '.join(niah.TASKS)}")
+    except ValueError as e:
+        fail(str(e))
+    net, tok = _load(model, device, dtype)
+    llm = LLM(net, tok, max_slots=batch_size, prefill_chunk_size=chunk_size)
+    try:
+        prompts = niah.NiahBuilder(tok, haystack, seed).samples(task_list, length_list, depth_list, samples)
+    except (OSError, ValueError) as e:
+        fail(str(e))
+    results = niah.run(niah.engine_generate(llm), prompts, max_new_tokens, batch_size, progress=True,
+                       device=net.device)
+    results = {"model": model, "device": str(net.device), "dtype": str(net.dtype).removeprefix("torch."),
+               "config": niah.config_dict(task_list, length_list, depth_list, samples, seed, haystack,
+                                          max_new_tokens)} | results
+    typer.echo(niah.format_table(results))
+    write_json(out / "niah.json", results)
+    niah.plot(results, out / "niah.png", title=f"{model}: needle in a haystack")
+    typer.echo(f"mean accuracy {results['mean']:.1f}%; wrote {out / 'niah.json'} and {out / 'niah.png'}")

@@ -36,9 +36,12 @@ def test_logprobs_equal_model_forward(ref, chunk, head_rows):
     ids = torch.randint(3, CFG.vocab_size, (3, 45), generator=g)
     targets = torch.randint(0, CFG.vocab_size, (3, 45), generator=g)
     runner = Runner(perturbed_model(CFG), chunk_size=chunk)
-    out = runner.token_logprobs(ids, targets, top_k=4, head_rows=head_rows)
+    out = runner.token_logprobs(ids, targets, top_k=4, head_rows=head_rows, last_logits=True)
     lp, want_state = _want(ref, ids)
     want = lp.gather(-1, targets[..., None])[..., 0]
+    assert torch.equal(out.ranks, 1 + (lp > want[..., None]).sum(-1))  # (no ties in random float64 logits)
+    with torch.no_grad():
+        assert torch.allclose(out.last_logits, ref(ids)[0][:, -1], atol=2e-5, rtol=1e-5)
     assert torch.allclose(out.logprobs.double(), want, atol=2e-5, rtol=1e-5), (out.logprobs - want).abs().max()
     assert torch.equal(out.greedy, lp.argmax(-1) == targets)
     vals, idx = lp.topk(4, dim=-1)
@@ -55,9 +58,11 @@ def test_padding_rows_score_alone_and_state_continues(ref):
     ids = torch.randint(3, CFG.vocab_size, (4, 40), generator=g)
     targets = torch.randint(0, CFG.vocab_size, (4, 40), generator=g)
     runner = Runner(perturbed_model(CFG), chunk_size=8)
-    out = runner.token_logprobs(ids, targets, lengths=lengths, head_rows=6)
+    out = runner.token_logprobs(ids, targets, lengths=lengths, head_rows=6, last_logits=True)
     for j, n in enumerate(lengths):
         lp, want_state = _want(ref, ids[j:j + 1, :n])
+        with torch.no_grad():
+            assert torch.allclose(out.last_logits[j], ref(ids[j:j + 1, :n])[0][0, -1], atol=2e-5, rtol=1e-5)
         want = lp.gather(-1, targets[j:j + 1, :n, None])[0, :, 0]
         assert torch.allclose(out.logprobs[j, :n].double(), want, atol=2e-5, rtol=1e-5)
         assert torch.equal(out.greedy[j, :n], lp[0].argmax(-1) == targets[j, :n])

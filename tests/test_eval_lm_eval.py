@@ -149,3 +149,27 @@ def test_bad_model_args_are_named(setup):
         FastXLSTMLM(pretrained=str(root / "m"), colour="red")
     with pytest.raises(ValueError, match="dtype must be"):
         FastXLSTMLM(pretrained=str(root / "m"), dtype="int8")
+
+
+def test_local_completions_through_the_server_equal_hf_backend(setup):
+    """lm-eval's ``local-completions`` (``echo`` + ``logprobs``, the remote tokenizer through ``/tokenizer_info``
+    and ``/tokenize``) against the real server over the same directory gives the ``hf`` backend's log-likelihoods
+    and greedy flags (prompts scored on the device as they are prefilled, in pieces: ``prefill_chunk=8``)."""
+    from fastxlstm.checkpoint import load
+    from fastxlstm.serving.app import build_app
+    from fastxlstm.serving.runtime import ServeConfig
+    from fastxlstm.serving.testing import ServerThread
+    from fastxlstm.tokenizer import Tokenizer
+
+    root, hf, _ = setup
+    reqs = [(q, c) for q, choices, _ in QUESTIONS for c in choices] + [("The lazy dog ", "sleeps")]
+    want = hf.loglikelihood(_instances("loglikelihood", reqs), disable_tqdm=True)
+    app = build_app(load(root / "m"), Tokenizer.from_dir(root / "m"),
+                    ServeConfig(model_name="tiny", max_slots=4, prefill_chunk=8))
+    with ServerThread(app) as srv:
+        lm = get_model("local-completions")(model="tiny", base_url=srv.base_url + "/v1/completions",
+                                            tokenizer_backend="auto", batch_size=1, max_retries=1)
+        assert lm.tokenizer_backend == "remote"  # it found /tokenizer_info and /tokenize
+        got = lm.loglikelihood(_instances("loglikelihood", reqs), disable_tqdm=True)
+    assert [g for _, g in got] == [w for _, w in want]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=1e-4, abs=1e-4)

@@ -185,3 +185,49 @@ def test_slot_sampler_equals_reference_over_steps():
     one = torch.tensor([1])
     alone = [int(s2.advance(one, x[2:3], s2.mode([1]), act[:1])[0]) for x in steps]
     assert alone == gen[2]
+
+
+def test_grammar_bitmask_in_the_slot_sampler():
+    """Rows under a grammar's bitmask (structured output) sample what the reference samples from the logits
+    with the disallowed tokens at -inf, only allowed tokens, with the model's own logprobs; the unpacking
+    equals xgrammar's; rows without a mask in the same batch are unaffected; configure clears a mask."""
+    xgr = pytest.importorskip("xgrammar")
+    from fastxlstm.sampling import apply_token_mask
+
+    g = torch.Generator().manual_seed(9)
+    allowed = torch.rand(4, V, generator=g) < 0.3
+    allowed[:, 7] = True
+    words = torch.zeros(4, (V + 31) // 32, dtype=torch.int64)
+    for t in range(V):
+        words[:, t // 32] |= allowed[:, t].long() << (t % 32)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement int32 words
+    logits = torch.randn(4, V, generator=g)
+    ref = logits.clone()
+    xgr.apply_token_bitmask_inplace(ref, words)
+    vocab = torch.arange(V)
+    assert torch.equal(apply_token_mask(logits, words, vocab // 32, (vocab % 32).to(torch.int32)), ref)
+
+    rows = [SamplingParams(temperature=0.9, top_k=12, seed=21), SamplingParams(temperature=0.0, seed=22),
+            SamplingParams(temperature=1.1, top_p=0.9, repetition_penalty=1.3, logprobs=2, seed=23),
+            SamplingParams(temperature=1.0, seed=24)]
+    s = SlotSampler(4, V, torch.device("cpu"), history=16)
+    for j, p in enumerate(rows):
+        s.configure(j, p)
+    s.set_masks([0, 1, 2], words[:3])  # row 3 follows no grammar
+    mode = s.mode(range(4))
+    assert mode == "sorted+gm+lp" and s.mode([3]) == "sample"
+    act = torch.ones(4, dtype=torch.bool)
+    steps = [torch.randn(4, V, generator=g) * 3 for _ in range(5)]
+    gen = [[] for _ in rows]
+    for t, x in enumerate(steps):
+        got = s.advance(slice(0, 4), x, mode, act).tolist()
+        for j, p in enumerate(rows):
+            xm = x[j].masked_fill(~allowed[j], float("-inf")) if j < 3 else x[j]
+            assert got[j] == reference_step(xm, p, [], gen[j], p.seed, t), (t, j)
+            assert j == 3 or allowed[j, got[j]]
+            gen[j].append(got[j])
+    (read,) = s.read([2])
+    assert read.logprobs == pytest.approx([float(torch.log_softmax(x[2], -1)[gen[2][t]]) for t, x in
+                                           enumerate(steps)], abs=1e-6)
+    s.configure(0, rows[0])
+    assert s.mode([0]) == "sorted" and bool((s.allow[0] == -1).all())

@@ -112,9 +112,18 @@ CASES = [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]), None, 400),
     ("chat: message extra field", "POST", CHAT, body(OK_CHAT, messages=[{"role": "user", "content": "a", "x": 1}]),
      None, 400),
-    ("chat: tools", "POST", CHAT, body(OK_CHAT, tools=[{"type": "function", "function": {"name": "f"}}]), None, 400),
+    ("chat: tool with a bad name", "POST", CHAT, body(OK_CHAT, tools=[{"type": "function", "function": {
+        "name": "bad name!"}}]), None, 400),
+    ("chat: too many tools", "POST", CHAT, body(OK_CHAT, tools=[{"type": "function", "function": {
+        "name": f"f{i}"}} for i in range(129)]), None, 400),
+    ("chat: tool_choice names no tool", "POST", CHAT, body(OK_CHAT, tools=[{"type": "function", "function": {
+        "name": "f"}}], tool_choice={"type": "function", "function": {"name": "g"}}), None, 400),
     ("chat: tool_choice auto", "POST", CHAT, body(OK_CHAT, tool_choice="auto"), None, 400),
-    ("chat: json response_format", "POST", CHAT, body(OK_CHAT, response_format={"type": "json_object"}), None, 400),
+    ("chat: json_schema without a schema", "POST", CHAT, body(OK_CHAT, response_format={"type": "json_schema"}),
+     None, 400),
+    ("chat: unknown response_format", "POST", CHAT, body(OK_CHAT, response_format={"type": "yaml"}), None, 400),
+    ("metadata too large", "POST", C, body(OK, metadata={str(i): "v" for i in range(17)}), None, 400),
+    ("prompt_logprobs too many", "POST", C, body(OK, prompt_logprobs=21), None, 400),
     ("chat: top_logprobs without logprobs", "POST", CHAT, body(OK_CHAT, top_logprobs=2), None, 400),
     ("chat: max_tokens and max_completion_tokens", "POST", CHAT, body(OK_CHAT, max_completion_tokens=3), None, 400),
     ("chat: logprobs string", "POST", CHAT, body(OK_CHAT, logprobs="yes"), None, 400),
@@ -127,7 +136,10 @@ CASES = [
      None, 400),
     ("GET on completions", "GET", C, None, None, 405),
     ("PUT on models", "PUT", "/v1/models", b"{}", None, 405),
-    ("unknown route", "POST", "/v1/embeddings", body(OK), None, 404),
+    ("unsupported OpenAI API", "POST", "/v1/embeddings", body(OK), None, 400),
+    ("unsupported OpenAI API, sub-path", "POST", "/v1/audio/speech", body(OK), None, 400),
+    ("unknown route", "POST", "/v1/nothing", body(OK), None, 404),
+    ("unknown nested route", "GET", "/v1/nothing/here", None, None, 404),
 ]
 
 

@@ -3,6 +3,7 @@ engine runs on the device for every entry point (``LLM``, ``fastxlstm generate``
 
 Order of operations for a row of float32 logits (after the model's soft-cap):
 
+0. a grammar's token bitmask (structured output): disallowed tokens get ``-inf``;
 1. repetition penalty over every token of the prompt and the output so far (divide positive,
    multiply negative logits: the CTRL / transformers rule);
 2. presence and frequency penalties over the tokens generated so far (OpenAI's rule:
@@ -114,7 +115,8 @@ def _check(ok: bool, name: str, what: str, value) -> None:
 
 def batch_mode(params: list[SamplingParams | None]) -> str:
     """The sampler variant a batch needs: ``greedy`` (raw argmax), ``sample`` (penalties / bias /
-    temperature), ``sorted`` (top-k / top-p too), with ``+lp`` when some row reports logprobs."""
+    temperature), ``sorted`` (top-k / top-p too), with ``+lp`` when some row reports logprobs. (The sampler
+    adds ``+gm`` before ``+lp`` when some row follows a grammar: :meth:`SlotSampler.mode`.)"""
     kind, lp = "greedy", False
     for p in params:
         if p is None:
@@ -156,6 +158,13 @@ def uniform_from_seed(seed: Tensor, counter: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- the steps
+def apply_token_mask(logits: Tensor, words: Tensor, word_of: Tensor, bit_of: Tensor) -> Tensor:
+    """Step 0: ``-inf`` where the int32 bitmask ``words [B, ceil(V/32)]`` has bit ``bit_of[t]`` of word
+    ``word_of[t]`` clear (``word_of = arange(V) // 32``, ``bit_of = arange(V) % 32``; all bits set: no-op)."""
+    allowed = ((words[:, word_of] >> bit_of) & 1).bool()
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 def apply_penalties(logits: Tensor, seen: Tensor, counts: Tensor, repetition: Tensor, presence: Tensor,
                     frequency: Tensor) -> Tensor:
     """Steps 1-2: ``seen [B,V]`` (bool: prompt and output tokens), ``counts [B,V]`` (float: output

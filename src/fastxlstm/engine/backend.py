@@ -45,6 +45,22 @@ class Sampled:
         return [t for t in (self.tokens, self.logprobs, self.top_logprobs, self.top_ids) if t is not None]
 
 
+@dataclass
+class PromptScores:
+    """Scores of prompt tokens (host lists): ``logprobs[t]`` and ``ranks[t]`` of the token after position ``t``,
+    ``top`` (where asked for): ``[(token_id, logprob), ...]`` per position, most likely first."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    top: list[list[tuple[int, float]]] | None = None
+
+    def extend(self, other: PromptScores) -> None:
+        self.logprobs += other.logprobs
+        self.ranks += other.ranks
+        if other.top is not None:
+            self.top = (self.top or []) + other.top
+
+
 class EngineSlotBackend:
     """Every slot of an :class:`Engine`, addressed directly by the caller's slot numbers."""
 
@@ -144,6 +160,30 @@ class EngineSlotBackend:
 
     def read(self, slot: int) -> list[State]:
         return self.engine.get_slot_state(slot)
+
+    @torch.no_grad()
+    def prefill_scored(self, tokens: Sequence[int], state: list[State] | None, next_token: int | None,
+                       top_k: int = 0) -> tuple[Tensor | None, list[State], PromptScores]:
+        """:meth:`prefill` that also scores the prompt on the device (the model's log-softmax, as
+        :meth:`Runner.token_logprobs` computes it): position ``t`` scores ``tokens[t + 1]``, the last one
+        ``next_token`` (the next piece's first token; None: the end of the prompt, nothing to score there).
+        Returns the last logits (None when ``next_token`` is given), the new state and the scores (host lists,
+        ``top_k`` alternatives each)."""
+        eng = self.engine
+        ids = eng._ids(list(tokens))[None]
+        targets = eng._ids([*tokens[1:], 0 if next_token is None else next_token])[None]
+        out = eng.runner.token_logprobs(ids, targets, None if state is None else eng._as_state(state),
+                                        top_k=top_k, last_logits=next_token is None)
+        n = len(tokens) - (next_token is None)
+        tops = None
+        if top_k:
+            tops = [list(zip(i, v)) for i, v in zip(out.top_ids[0, :n].tolist(), out.top_logprobs[0, :n].tolist())]
+        scores = PromptScores(out.logprobs[0, :n].tolist(), out.ranks[0, :n].tolist(), tops)
+        return (None if out.last_logits is None else out.last_logits[0]), out.state, scores
+
+    def set_masks(self, slots: Sequence[int], words: Tensor) -> None:
+        """Grammar bitmasks of ``slots`` for their next sampled token (:meth:`SlotSampler.set_masks`)."""
+        self.engine.sampler.set_masks(slots, words)
 
     def release(self, slot: int) -> None:
         self.engine.active[slot:slot + 1].zero_()  # a 0-dim write would wait for the GPU

@@ -427,14 +427,16 @@ class Runner:
     # --------------------------------------------------------------------- scoring
     @torch.no_grad()
     def token_logprobs(self, ids: Tensor, targets: Tensor, state: list[State] | None = None,
-                       lengths: Sequence[int] | None = None, top_k: int = 0, head_rows: int = 1024) -> TokenScores:
+                       lengths: Sequence[int] | None = None, top_k: int = 0, head_rows: int = 1024,
+                       last_logits: bool = False) -> TokenScores:
         """Score ``targets [b, S]`` (usually ``ids`` shifted left by one) after ``ids [b, S]`` from ``state``
         (None: zeros), with the chunked, state-carrying forward of :meth:`forward_tokens` (``lengths``:
         right padding, as there). Per sequence chunk the normed hidden states go through the LM head, the
         logit soft-cap and a float32 log-softmax ``head_rows`` positions at a time (padding skipped), so
         neither ``[S, V]`` nor ``[chunk, V]`` logits are ever held: memory is constant in ``S``. Positions
         depend on the past only through the state, so a long sequence may be scored in pieces, each
-        continuing the state the previous one returned. Returns a :class:`TokenScores`."""
+        continuing the state the previous one returned. ``last_logits``: also the logits after each row's last
+        real token (what sampling a continuation needs). Returns a :class:`TokenScores`."""
         cfg = self.config
         b, total = ids.shape
         if total < 1:
@@ -458,6 +460,9 @@ class Runner:
         greedy = torch.zeros(b * total, device=dev, dtype=torch.bool)
         top_ids = torch.zeros(b * total, top_k, device=dev, dtype=torch.long)
         top_lp = torch.zeros(b * total, top_k, device=dev)
+        ranks = torch.zeros(b * total, device=dev, dtype=torch.long)
+        last_pos = torch.arange(b, device=dev) * total + lens - 1  # flat position of each row's last token
+        last = torch.zeros(b, cfg.vocab_size, device=dev) if last_logits else None
         state = list(state) if state is not None else [None] * cfg.num_blocks
         for start in range(0, total, self.chunk_size):
             chunk = ids[:, start:start + self.chunk_size]
@@ -473,8 +478,14 @@ class Runner:
                 logits = self.logits(hidden.index_select(0, sel))  # float32 [n, V]
                 lp = torch.log_softmax(logits, dim=-1)
                 tgt = flat_targets.index_select(0, pos)
-                logprobs.index_copy_(0, pos, lp.gather(1, tgt[:, None]).view(-1))
+                chosen = lp.gather(1, tgt[:, None])
+                logprobs.index_copy_(0, pos, chosen.view(-1))
                 greedy.index_copy_(0, pos, logits.argmax(dim=-1) == tgt)
+                ranks.index_copy_(0, pos, 1 + (lp > chosen).sum(dim=-1))
+                if last is not None:
+                    hit = (pos[:, None] == last_pos[None, :]).nonzero()  # (block row, sequence) pairs
+                    if hit.numel():
+                        last.index_copy_(0, hit[:, 1], logits.index_select(0, hit[:, 0]))
                 if top_k:
                     vals, idx = lp.topk(top_k, dim=-1)
                     top_lp.index_copy_(0, pos, vals)
@@ -483,7 +494,7 @@ class Runner:
             del hidden
         return TokenScores(logprobs.view(b, total), greedy.view(b, total), state,
                            top_ids.view(b, total, top_k) if top_k else None,
-                           top_lp.view(b, total, top_k) if top_k else None)
+                           top_lp.view(b, total, top_k) if top_k else None, ranks.view(b, total), last)
 
 
 @dataclass
@@ -491,10 +502,14 @@ class TokenScores:
     """What :meth:`Runner.token_logprobs` returns. ``logprobs [b, S]`` float32: ``log p(targets[j, t] |
     ids[j, :t+1], state)`` (0 at padding); ``greedy [b, S]`` bool: the target is the argmax (False at
     padding); ``top_ids`` / ``top_logprobs [b, S, k]`` (``top_k > 0`` only): the k most likely tokens per
-    position (0 at padding); ``state``: per block ``(C, n, m)`` after each row's last real token."""
+    position (0 at padding); ``state``: per block ``(C, n, m)`` after each row's last real token; ``ranks
+    [b, S]``: 1 + the number of tokens more likely than the target (0 at padding); ``last_logits [b, V]``
+    (``last_logits=True`` only): float32 logits after each row's last real token."""
 
     logprobs: Tensor
     greedy: Tensor
     state: list[State]
     top_ids: Tensor | None = None
     top_logprobs: Tensor | None = None
+    ranks: Tensor | None = None
+    last_logits: Tensor | None = None

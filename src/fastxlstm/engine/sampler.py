@@ -19,6 +19,7 @@ from ..sampling import (
     SamplingParams,
     apply_logit_bias,
     apply_penalties,
+    apply_token_mask,
     batch_mode,
     sample_rows,
     token_logprobs,
@@ -74,6 +75,12 @@ class SlotSampler:
         self.hist_top_lp = torch.zeros(n, history, MAX_LOGPROBS, **f32)
         self.hist_top_ids = torch.zeros(n, history, MAX_LOGPROBS, **i64)
         self.pos = torch.zeros(n, **i64)
+        # grammar bitmasks (structured output): int32 words, bit t % 32 of word t // 32 = token t allowed
+        words = (vocab_size + 31) // 32
+        self.allow = torch.full((n, words), -1, device=device, dtype=torch.int32)
+        vocab = torch.arange(vocab_size, device=device)
+        self._word_of, self._bit_of = vocab // 32, (vocab % 32).to(torch.int32)
+        self.masked = [False] * n  # rows whose sampling reads their bitmask
         self.params: list[SamplingParams | None] = [None] * n
         self._read_pos = [0] * n
 
@@ -114,14 +121,34 @@ class SlotSampler:
             self.seen[slot].index_fill_(0, to_device(history, self.device), True)
         self.pos[one].zero_()
         self._read_pos[slot] = 0
+        self.allow[one].fill_(-1)  # rows of a grammar batch that follow none read all-ones
+        self.masked[slot] = False
 
     def release(self, slot: int) -> None:
         self.active[slot:slot + 1].zero_()  # a 0-dim write would wait for the GPU
         self.params[slot] = None
+        self.masked[slot] = False
+
+    def set_masks(self, slots: Sequence[int], words: Tensor) -> None:
+        """The allowed next tokens of ``slots``: int32 bitmask rows ``words [len(slots), ceil(V/32)]`` (a CPU
+        tensor, pinned for an asynchronous copy, or on the device); the slots sample under their masks from
+        now on (until :meth:`configure` or :meth:`release`), each step reading the row last set."""
+        if words.shape != (len(slots), self.allow.shape[1]) or words.dtype != torch.int32:
+            raise ValueError(f"masks must be int32 {(len(slots), self.allow.shape[1])}, got {words.dtype} "
+                             f"{tuple(words.shape)}")
+        ridx = to_device(list(slots), self.device)
+        self.allow.index_copy_(0, ridx, words.to(self.device, non_blocking=True))
+        for s in slots:
+            self.masked[s] = True
 
     def mode(self, slots: Sequence[int]) -> str:
-        """The sampler variant (:func:`fastxlstm.sampling.batch_mode`) the parameters of ``slots`` need."""
-        return batch_mode([self.params[s] for s in slots])
+        """The sampler variant (:func:`fastxlstm.sampling.batch_mode`) the parameters of ``slots`` need, with
+        ``+gm`` (before ``+lp``) when some of them sample under a grammar's bitmask."""
+        mode = batch_mode([self.params[s] for s in slots])
+        if any(self.masked[s] for s in slots):
+            kind, lp = mode.split("+")[0], mode.endswith("+lp")
+            mode = kind + "+gm" + ("+lp" if lp else "")
+        return mode
 
     # ------------------------------------------------------------------------------------ the step
     def advance(self, ridx: Tensor | slice, logits: Tensor, mode: str, act: Tensor) -> Tensor:
@@ -129,10 +156,13 @@ class SlotSampler:
         step's case) from float32 ``logits`` and update their bookkeeping; inactive rows keep everything.
         Capturable: no host sync, static shapes."""
         kind, want_lp = mode.split("+")[0], mode.endswith("+lp")
+        x = logits
+        if "+gm" in mode:  # rows without a grammar hold all-ones masks
+            x = apply_token_mask(x, self.allow[ridx], self._word_of, self._bit_of)
         if kind == "greedy":
-            nxt = logits.argmax(dim=-1)
+            nxt = x.argmax(dim=-1)
         else:
-            x = apply_penalties(logits, self.seen[ridx], self.counts[ridx], self.repetition[ridx],
+            x = apply_penalties(x, self.seen[ridx], self.counts[ridx], self.repetition[ridx],
                                 self.presence[ridx], self.frequency[ridx])
             x = apply_logit_bias(x, self.bias_ids[ridx], self.bias_values[ridx])
             u = uniform_from_seed(self.seed[ridx], self.counter[ridx])

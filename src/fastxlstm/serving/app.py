@@ -1,8 +1,9 @@
 """The FastAPI application: OpenAI-compatible routes over the continuous-batching scheduler.
 
 :func:`create_app` wires the pieces: the lifespan (warm-up, scheduler start and drain), the guard middleware
-(:mod:`.middleware`), the OpenAI error bodies, the API key, and the routes: ``/health``, ``/metrics`` and
-``/v1/models`` here, ``/v1/completions`` in :mod:`.completions`, ``/v1/chat/completions`` in :mod:`.chat`.
+(:mod:`.middleware`), the OpenAI error bodies, the API key, and the routes: ``/health``, ``/metrics``,
+``/v1/models`` and ``/v1/models/{id}`` here, ``/v1/completions`` in :mod:`.completions`, ``/v1/chat/completions``
+in :mod:`.chat`, vLLM's ``/tokenize``, ``/detokenize``, ``/tokenizer_info`` and ``/version`` in :mod:`.tokenize`.
 Per-server state and request checks live in :mod:`.server`, the model-side factories and limits in :mod:`.runtime`.
 """
 
@@ -28,9 +29,16 @@ from .runtime import ServeConfig, make_backend, warm_up
 from .schemas import ModelCard, ModelList
 from .server import ServerState
 from .slots import SlotBackend
+from .tokenize import detokenize as detokenize_endpoint
+from .tokenize import tokenize as tokenize_endpoint
+from .tokenize import tokenizer_info as tokenizer_info_endpoint
+from .tokenize import version as version_endpoint
 from .worker import SchedulerProxy, WorkerSpec
 
 log = logging.getLogger("fastxlstm.serving")
+
+UNSUPPORTED_APIS = ("embeddings", "responses", "audio", "images", "moderations", "files", "batches", "fine_tuning",
+                    "assistants", "threads", "vector_stores", "uploads", "realtime", "edits", "rerank", "score")
 
 
 def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: ServeConfig | None = None,
@@ -51,6 +59,8 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
         finally:
             await asyncio.to_thread(server.scheduler.shutdown, drain_timeout)
             server.pool.shutdown(wait=False)
+            if server._grammars is not None:
+                server._grammars.shutdown()
 
     app = FastAPI(title="fastxlstm", version="0.1.0", lifespan=lifespan)
     app.state.server = server
@@ -113,10 +123,33 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
                 pass
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card() -> ModelCard:
+        return ModelCard(id=config.model_name, created=server.created, max_model_len=config.max_model_len)
+
     @app.get("/v1/models")
     async def models():
-        cards = [ModelCard(id=config.model_name, created=server.created, max_model_len=config.max_model_len)]
-        return ModelList(data=cards)
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        server.check_model(model_id)
+        return card() if model_id == config.model_name else card().model_copy(update={"id": model_id})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await tokenize_endpoint(server, request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await detokenize_endpoint(server, request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenizer_info_endpoint(server)
+
+    @app.get("/version")
+    async def version():
+        return version_endpoint()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -125,6 +158,17 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await chat_endpoint(server, request)
+
+    # OpenAI APIs this server does not have: a 400 that says so (an unknown path stays a 404)
+    @app.api_route("/v1/{api}/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+    @app.api_route("/v1/{api}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+    async def unsupported(api: str, rest: str = ""):
+        if api in ("completions", "chat", "models"):  # our routes, another method
+            raise APIError(405, "Method Not Allowed")
+        if api not in UNSUPPORTED_APIS:
+            raise APIError(404, "Not Found")
+        raise APIError(400, f"the OpenAI {api} API (/v1/{api}) is not supported by this server; it serves "
+                            "/v1/completions and /v1/chat/completions", code="unsupported_api")
 
     return app
 

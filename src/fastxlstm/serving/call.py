@@ -11,7 +11,16 @@ from fastapi import Request
 
 from ..text import StopText
 from .errors import APIError
-from .requests import ErrorEvent, FinishEvent, GenerationRequest, PrefillDone, QueueFull, ShuttingDown, TokenEvent
+from .requests import (
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    PrefillDone,
+    PromptLogprobs,
+    QueueFull,
+    ShuttingDown,
+    TokenEvent,
+)
 from .schemas import Usage
 from .server import ServerState
 
@@ -43,6 +52,8 @@ class Call:
         self.choices = [_ChoiceState(StopText(tok, stops, include_stop)) for _ in range(len(reqs) * n)]
         self.prompt_tokens = sum(len(r.prompt) for r in reqs)
         self.cached_tokens = 0
+        self.prompt_scores: list = [None] * len(reqs)  # each request's PromptScores, where it asked for them
+        self._req_index = {req.id: i for i, req in enumerate(reqs)}
         self.queue: asyncio.Queue = asyncio.Queue()
 
     @property
@@ -110,6 +121,8 @@ class Call:
                 self.remaining -= 1
             elif isinstance(ev, PrefillDone):
                 self.cached_tokens += ev.cached_tokens
+            elif isinstance(ev, PromptLogprobs):
+                self.prompt_scores[self._req_index[req.id]] = ev.scores
             elif isinstance(ev, ErrorEvent):
                 self.cancel()
                 raise APIError(ev.status, ev.message, code=ev.code,

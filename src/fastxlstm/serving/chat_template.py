@@ -1,9 +1,16 @@
 """Chat templates: the model directory's (``tokenizer_config.json`` ``chat_template`` or
-``chat_template.jinja``, rendered like transformers does with sandboxed Jinja2), or a default.
+``chat_template.jinja``), one given with ``fastxlstm serve --chat-template FILE``, rendered like transformers does
+with sandboxed Jinja2 (``messages``, ``tools``, ``add_generation_prompt``, the special tokens and the request's
+``chat_template_kwargs``), or a default.
 
 The default template (for base models such as xLSTM 7B, which ship none) is plain text::
 
     System: {system}\\n\\nUser: {user}\\n\\nAssistant: {assistant}\\n\\nUser: {user}\\n\\nAssistant:
+
+With tools, a first ``System:`` turn lists them (their JSON) and asks for ``<tool_call>{"name": ..., "arguments":
+...}</tool_call>``; an assistant turn that called tools shows those calls in that form, and tool results are
+``Tool:`` turns. A base model continues a dialogue with the next ``User:`` turn, so the default template's
+generations stop at ``\\nUser:`` (:attr:`ChatTemplate.stop`; not part of the answer).
 
 Message contents are stripped; the generation prompt ``Assistant:`` has no trailing space, so a
 byte-level BPE tokenizes each rendered turn as a token prefix of the next one (which is what
@@ -22,15 +29,24 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 DEFAULT_CHAT_TEMPLATE = (
+    "{%- if tools -%}System: You can call these tools (JSON schemas of their arguments): "
+    "{{ tools | tojson }}. To call one, answer with "
+    "<tool_call>{\"name\": the tool's name, \"arguments\": its arguments}</tool_call>.{{ '\\n\\n' }}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] in ('system', 'developer') -%}System: "
     "{%- elif message['role'] == 'user' -%}User: "
+    "{%- elif message['role'] == 'tool' -%}Tool: "
     "{%- else -%}Assistant: {%- endif -%}"
     "{{ ' ' + message['content'] | trim }}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "<tool_call>{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "</tool_call>{%- endfor -%}"
     "{%- if not (loop.last and continue_final_message) -%}{{ '\\n\\n' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
+DEFAULT_STOP = ("\nUser:",)  # the default template's next user turn
 
 
 class ChatTemplateError(ValueError):
@@ -55,6 +71,7 @@ class ChatTemplate:
         self.source = source or DEFAULT_CHAT_TEMPLATE
         self.origin = origin if source else "default"
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.stop: tuple[str, ...] = () if source else DEFAULT_STOP  # stop strings every chat answer gets
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
@@ -91,11 +108,13 @@ class ChatTemplate:
             source, origin = jinja_path.read_text(), str(jinja_path)
         return cls(source, specials, origin)
 
-    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+               continue_final_message: bool = False, tools: list[dict] | None = None, **kwargs) -> str:
+        """The prompt text; ``kwargs`` (a request's ``chat_template_kwargs``) are extra template variables."""
         try:
-            text = self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        continue_final_message=continue_final_message, **self.special_tokens)
+            text = self.template.render(**{**self.special_tokens, **kwargs}, messages=list(messages), tools=tools,
+                                        add_generation_prompt=add_generation_prompt,
+                                        continue_final_message=continue_final_message)
         except ChatTemplateError:
             raise
         except Exception as e:  # noqa: BLE001 - template bugs are reported to the client, not crash the server

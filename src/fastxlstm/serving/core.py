@@ -17,11 +17,21 @@ import torch
 from torch import Tensor
 
 from .delivery import Outbox
+from .grammar import Matcher, upload_masks
 from .inflight import InFlight, Window, runnable, window_steps
 from .metrics import LoopProfile, Metrics
 from .prefill_plan import PrefillPlanner
 from .prefix_cache import PrefixCache
-from .requests import Choice, ErrorEvent, FinishEvent, GenerationRequest, PrefillDone, TokenEvent, choice_params
+from .requests import (
+    Choice,
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    PrefillDone,
+    PromptLogprobs,
+    TokenEvent,
+    choice_params,
+)
 from .slots import SlotBackend
 
 log = logging.getLogger("fastxlstm.serving")
@@ -173,8 +183,11 @@ class SchedulerCore:
             req = self.waiting.popleft()
             req.choices = [Choice(i, choice_params(req.params, i), slot=heapq.heappop(self.free_slots))
                            for i in range(req.n)]
+            if req.grammar is not None:
+                for choice in req.choices:
+                    choice.matcher = Matcher(req.grammar)
             self.metrics.prompt_tokens.inc(len(req.prompt))
-            if self.cache is not None:
+            if self.cache is not None and req.prompt_logprobs is None:  # a scored prompt is prefilled whole
                 try:
                     hit = self.cache.lookup(req.prompt)
                 except Exception:
@@ -208,8 +221,9 @@ class SchedulerCore:
                 continue
             done.add(id(req))
             whole, cost = plan.whole(req), plan.cost(1, len(req.prompt) - req.pos)
-            if whole and cost <= budget:
-                group = plan.bucket(req, self.prefilling, budget, done) if batched else [req]
+            if whole and cost <= budget:  # (a scored prompt is prefilled alone)
+                group = plan.bucket(req, self.prefilling, budget, done) if batched and req.prompt_logprobs is None \
+                    else [req]
                 if len(group) > 1:
                     done.update(id(r) for r in group)
                     budget -= self._prefill_batch(group, started)
@@ -222,7 +236,16 @@ class SchedulerCore:
                     end = plan.piece_end(req, budget)
                     if end is None:
                         break
-                    req.logits, req.state = self.backend.prefill(req.prompt[req.pos:end], req.state)
+                    if req.prompt_logprobs is None:
+                        req.logits, req.state = self.backend.prefill(req.prompt[req.pos:end], req.state)
+                    else:  # scored on the device as it is prefilled
+                        req.logits, req.state, scores = self.backend.prefill_scored(
+                            req.prompt[req.pos:end], req.state, req.prompt[end] if end < n_prompt else None,
+                            req.prompt_logprobs)
+                        if req.scores is None:
+                            req.scores = scores
+                        else:
+                            req.scores.extend(scores)
                     self.metrics.prefill_tokens.inc(end - req.pos)
                     budget -= plan.cost(1, end - req.pos)
                     req.pos = end
@@ -277,6 +300,16 @@ class SchedulerCore:
         owners: list[GenerationRequest] = []
         rows: list[Tensor] = []
         for req in reqs:
+            if req.scores is not None:
+                self._post(req, PromptLogprobs(req.scores))
+                req.scores = None
+            if req.params.max_new_tokens == 0:  # the prompt's scores were all it asked for
+                self.prefilling.remove(req)
+                self._post(req, PrefillDone(req.cached_tokens))
+                req.state = req.logits = None
+                for choice in req.choices:
+                    self._release(req, choice, "length", cache_state=False)
+                continue
             try:
                 state, logits = req.state, req.logits
                 assert state is not None and logits is not None
@@ -296,6 +329,7 @@ class SchedulerCore:
             return
         want_lp = any(c.params.logprobs is not None for c in choices)
         try:
+            upload_masks(self.backend, choices)  # the grammars' first masks (one upload)
             first = self.backend.first_tokens([c.slot for c in choices], torch.stack(rows), logprobs=want_lp)
         except Exception as e:
             for req in {id(r): r for r in owners}.values():
@@ -311,9 +345,18 @@ class SchedulerCore:
         active, owners = runnable(self.running)
         if not active:
             return None
+        steps = window_steps(self.decode_steps_per_read, active, owners, self.cache is not None)
+        if any(c.matcher is not None for c in active):
+            # a grammar's next mask needs the token just sampled: read what is in flight (the matchers advance),
+            # then one step under the new masks
+            self._drain()
+            active, owners = runnable(self.running)
+            if not active:
+                return None
+            upload_masks(self.backend, active)
+            steps = 1
         try:
-            return self._launch(active, owners, window_steps(self.decode_steps_per_read, active, owners,
-                                                           self.cache is not None))
+            return self._launch(active, owners, steps)
         except Exception:
             log.warning("batched decode failed; retrying per sequence:\n%s", traceback.format_exc())
         self._drain()
@@ -409,6 +452,8 @@ class SchedulerCore:
               top: list[tuple[int, float]] | None, now: float) -> None:
         """Hand one sampled token over and finish the choice where a stop condition holds."""
         choice.generated.append(token)
+        if choice.matcher is not None and not choice.matcher.accept(token) and token != self.eos_token_id:
+            log.warning("request %s: token %d is outside its grammar", req.id, token)
         if req.first_token_time is None:
             req.first_token_time = now
             self.metrics.ttft.observe(now - req.arrival)

@@ -54,7 +54,7 @@ class PrefillPlanner:
         ratio = self.pad_ratio if padded else 1.0
         kind = req.state is None
         pool = sorted((r for r in pool if r is req or (
-            id(r) not in done and (r.state is None) == kind and self.whole(r))),
+            id(r) not in done and (r.state is None) == kind and self.whole(r) and r.prompt_logprobs is None)),
             key=lambda r: len(r.prompt) - r.pos)
         lens = [len(r.prompt) - r.pos for r in pool]
         alone = [0]  # prefix sums of the one-by-one costs

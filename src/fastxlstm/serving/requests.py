@@ -11,9 +11,11 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
+from ..engine.backend import PromptScores
 from ..sampling import SamplingParams
 from ..state import ModelState
 
@@ -22,6 +24,14 @@ from ..state import ModelState
 @dataclass
 class PrefillDone:
     cached_tokens: int
+
+
+@dataclass
+class PromptLogprobs:
+    """The prompt's scores (``prompt_logprobs``): :class:`~fastxlstm.engine.backend.PromptScores` of positions
+    0 .. len(prompt) - 2 (position ``t`` scores prompt token ``t + 1``)."""
+
+    scores: PromptScores
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Choice:
     fed: int = 0  # generated tokens already folded into the slot state
     done: bool = False
     cancelled: bool = False
+    matcher: Any = None  # the choice's grammar position (structured output; .grammar.Matcher)
 
     @property
     def steps_left(self) -> int:
@@ -77,10 +88,13 @@ _ids = itertools.count()
 
 
 class GenerationRequest:
-    """One prompt with ``n`` choices, as handed to the scheduler."""
+    """One prompt with ``n`` choices, as handed to the scheduler. ``prompt_logprobs``: score the prompt on the
+    device as it is prefilled (that many alternatives per position; the prefix cache is not used);
+    ``grammar``: a compiled grammar every choice samples under (structured output, :mod:`.grammar`)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, n: int = 1, cache_points: tuple[int, ...] = (),
-                 cache_generation_end: bool = False, timeout: float | None = None):
+                 cache_generation_end: bool = False, timeout: float | None = None,
+                 prompt_logprobs: int | None = None, grammar: Any = None):
         if not prompt:
             raise ValueError("empty prompt")
         self.id = next(_ids)
@@ -89,6 +103,8 @@ class GenerationRequest:
         self.n = n
         self.cache_points = tuple(sorted(set(p for p in cache_points if 0 < p < len(prompt))))
         self.cache_generation_end = cache_generation_end and n == 1
+        self.prompt_logprobs, self.grammar = prompt_logprobs, grammar
+        self.scores: PromptScores | None = None  # scheduler-private: the prompt's scores so far
         self.arrival = time.monotonic()
         self.deadline = self.arrival + timeout if timeout else None
         self.queue: asyncio.Queue | None = None  # receives (request, [events]) tuples

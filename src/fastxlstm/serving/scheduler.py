@@ -24,6 +24,12 @@ Requests with ``n > 1`` prefill once and fork the state. An exception inside one
 only: a failing batched step is retried per sequence, and slot states are only committed after a step
 succeeded.
 
+A request with ``prompt_logprobs`` is prefilled alone and scored on the device as it goes (the backend's
+``prefill_scored``; no prefix-cache lookup), its scores handed over before its first token (with
+``max_new_tokens == 0`` it ends there). Choices under a grammar (structured output) each hold an xgrammar
+matcher that advances with every token read; a window holding one is launched only after everything in flight
+is read, one step long, with the matchers' next bitmasks uploaded to the sampler first (:mod:`.grammar`).
+
 The code, one job a module: :mod:`.requests` (requests, choices, events), :mod:`.prefill_plan` (pure prefill
 planning), :mod:`.inflight` (the tokens in flight and the window length), :mod:`.core` (the synchronous
 :meth:`~.core.SchedulerCore.step`), :mod:`.delivery` (the hand-over to asyncio) and this module (the thread:

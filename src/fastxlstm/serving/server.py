@@ -5,6 +5,7 @@ context length, sampling parameters, ``n``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,16 +13,37 @@ from ..sampling import SamplingParams
 from ..tokenizer import Tokenizer
 from .chat_template import ChatTemplate, ChatTemplateError
 from .errors import APIError
+from .grammar import Grammars
 from .metrics import Metrics
 from .runtime import ServeConfig, make_scheduler
 from .scheduler import Scheduler
-from .schemas import ChatCompletionRequest
+from .schemas import ChatCompletionRequest, ChatMessage, TokenizeRequest
 from .slots import SlotBackend
+from .structured import GrammarSpec, StructuredError, request_spec
 from .worker import RemoteBackend, SchedulerProxy, WorkerSpec
 
 
 def now() -> int:
     return int(time.time())
+
+
+def message_dict(m: ChatMessage) -> dict:
+    """A message as chat templates read it (transformers' convention: tool-call arguments as objects)."""
+    out: dict = {"role": m.role, "content": m.text()}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.function.arguments)
+            except json.JSONDecodeError:
+                args = c.function.arguments
+            calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+        out["tool_calls"] = calls
+    return out
 
 
 class ServerState:
@@ -46,10 +68,40 @@ class ServerState:
         self._pieces: dict[int, str] = {}
         self.max_prompt_bytes = config.max_prompt_bytes or config.max_model_len * tokenizer.max_text_bytes_per_token()
         self.pool = ThreadPoolExecutor(config.tokenizer_threads, thread_name_prefix="fastxlstm-text")
+        self._grammars = None  # the grammar engine (.grammar.Grammars), built on the first structured request
+        self._grammars_lock = asyncio.Lock()
 
     async def off_loop(self, fn, *args):
         """``fn(*args)`` in the text threads (chat templates, tokenising), so the event loop keeps serving."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def grammar(self, body, spec: GrammarSpec | None = None):
+        """The compiled grammar of a request's structured-output fields (``spec``: one already built, e.g.
+        from its tools), or None; compiled off the event loop with a deadline; every problem is a 400."""
+        try:
+            own = request_spec(body)
+        except StructuredError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        if spec is not None and own is not None:
+            raise APIError(400, "tool_choice required or named cannot be combined with another structured-output "
+                                "constraint", param="tool_choice")
+        spec = spec or own
+        if spec is None:
+            return None
+        if self.remote:
+            raise APIError(400, "structured output is not available with --scheduler-process", param="response_format")
+        if body.ignore_eos:
+            raise APIError(400, "ignore_eos cannot be combined with structured output (the grammar ends with EOS)",
+                           param="ignore_eos")
+        try:
+            async with self._grammars_lock:
+                if self._grammars is None:
+                    self._grammars = await self.off_loop(Grammars, self.tokenizer, self.backend.vocab_size)
+            return await self._grammars.compile_async(spec)
+        except StructuredError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except RuntimeError as e:  # xgrammar is not installed
+            raise APIError(400, str(e), param="response_format") from None
 
     def piece(self, token_id: int) -> str:
         """The text of one token on its own (special tokens included), memoised per token id."""
@@ -72,11 +124,11 @@ class ServerState:
                                 f"{param} has more than {limit} bytes of text, more than that many tokens hold",
                            param=param, code="context_length_exceeded")
 
-    def encode(self, text: str, param: str = "prompt") -> list[int]:
+    def encode(self, text: str, param: str = "prompt", add_bos: bool | None = None) -> list[int]:
         """Token ids of a prompt text (length-checked first; call it through :meth:`off_loop`)."""
         self.check_text(text, param)
         try:
-            ids = self.tokenizer.encode(text, release_gil=True)
+            ids = self.tokenizer.encode(text, add_bos=add_bos, release_gil=True)
         except Exception as e:  # e.g. lone surrogates that are no valid Unicode text
             raise APIError(400, f"the prompt cannot be tokenized: {type(e).__name__}", param="prompt") from None
         if not ids:
@@ -129,16 +181,19 @@ class ServerState:
             raise APIError(400, f"{n * prompts} choices in one request exceed the queue size "
                                 f"{self.config.max_waiting}", param="n")
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], tuple[int, ...]]:
+    def chat_prompt(self, body: ChatCompletionRequest | TokenizeRequest) -> tuple[list[int], tuple[int, ...]]:
         """Prompt token ids and the chat-turn boundaries worth caching (system prompt end, previous turn end).
         Bounded before any rendering (message count, text length); call it through :meth:`off_loop`."""
         if len(body.messages) > self.config.max_messages:
             raise APIError(400, f"at most {self.config.max_messages} messages per request", param="messages")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        self.check_text("".join(m["content"] for m in messages), "messages")
+        messages = [message_dict(m) for m in body.messages]
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if getattr(body, "tools_on", body.tools) else None
+        extra = body.chat_template_kwargs or {}
+        self.check_text("".join(m["content"] for m in messages) + (json.dumps(tools) if tools else "")
+                        + json.dumps(extra, default=str), "messages")
         try:
-            text = self.chat_template.render(messages, body.add_generation_prompt, body.continue_final_message)
+            text = self.chat_template.render(messages, body.add_generation_prompt, body.continue_final_message,
+                                             tools=tools, **extra)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages") from None
         ids = self.encode(text, "messages")
@@ -150,7 +205,7 @@ class ServerState:
                 if not 0 < k < len(messages):
                     continue
                 try:
-                    prefix = self.chat_template.render(messages[:k], add_generation_prompt=False)
+                    prefix = self.chat_template.render(messages[:k], add_generation_prompt=False, tools=tools, **extra)
                 except ChatTemplateError:
                     continue
                 if not prefix or not text.startswith(prefix):

@@ -40,6 +40,14 @@ class SlotBackend(Protocol):
     def read(self, slot: int) -> ModelState:
         """A copy of the state of ``slot`` (batch 1)."""
 
+    def prefill_scored(self, tokens: Sequence[int], state: ModelState | None, next_token: int | None,
+                       top_k: int = 0):
+        """:meth:`prefill` that also scores the prompt tokens (``prompt_logprobs``): ``(last logits or None,
+        state, PromptScores)``; ``next_token``: the next piece's first token (None: the prompt ends here)."""
+
+    def set_masks(self, slots: Sequence[int], words: Tensor) -> None:
+        """Grammar bitmasks (int32 ``[len(slots), ceil(V/32)]``) for the slots' next sampled tokens."""
+
     def release(self, slot: int) -> None:
         """``slot`` no longer holds a sequence."""
 

@@ -114,8 +114,9 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
         kind = msg[0]
         if kind == "submit":
             reqs = []
-            for rid, prompt, params, n, points, gen_end, arrival, deadline in msg[1]:
-                req = GenerationRequest(prompt, params, n, cache_points=points, cache_generation_end=gen_end)
+            for rid, prompt, params, n, points, gen_end, arrival, deadline, scored in msg[1]:
+                req = GenerationRequest(prompt, params, n, cache_points=points, cache_generation_end=gen_end,
+                                        prompt_logprobs=scored)
                 req.id, req.arrival, req.deadline = rid, arrival, deadline
                 reqs.append(req)
             try:
@@ -244,6 +245,9 @@ class SchedulerProxy:
         for req in requests:
             if req.n > self.backend.max_slots:
                 raise ValueError(f"n={req.n} exceeds the server's {self.backend.max_slots} sequence slots")
+            if req.grammar is not None:
+                raise ValueError("structured output (response_format, guided_*, tool_choice required or named) is "
+                                 "not available with --scheduler-process")
         with self._lock:
             if not self._accepting or not self._alive:
                 raise ShuttingDown("the server is shutting down" if self._alive else
@@ -257,7 +261,7 @@ class SchedulerProxy:
             self._queued += len(requests)
         try:
             self._send(("submit", [(r.id, r.prompt, r.params, r.n, r.cache_points, r.cache_generation_end,
-                                    r.arrival, r.deadline) for r in requests]))
+                                    r.arrival, r.deadline, r.prompt_logprobs) for r in requests]))
         except OSError:  # the worker is gone: the reader fails these with the others
             pass
 

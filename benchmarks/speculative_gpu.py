@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fastxlstm.bench.common import device_name, random_xlstm, seeded_tokens, sync, write_json
+from fastxlstm.bench.common import device_name, free_memory, random_xlstm, seeded_tokens, sync, write_json
 from fastxlstm.config import XLSTMConfig, preset
 from fastxlstm.engine import Engine
 from fastxlstm.engine.speculative import NgramIndex
@@ -190,6 +190,7 @@ def main() -> None:
         n = args.tokens or (16 if args.tiny else (64 if b >= 128 else 128))
         bench_batch(model, b, args.k, n, levels, 8 if args.tiny else 32, out["rows"])
         write_json(path, out)
+        free_memory()  # the engine of this batch size (its states and graph pool)
     gen = torch.Generator(device=dev).manual_seed(1)
     with torch.no_grad():  # back to paper-init random weights for the n-gram workload
         model.lm_head.weight.normal_(0.0, (2 / (5 * cfg.embedding_dim)) ** 0.5, generator=gen)
@@ -197,6 +198,7 @@ def main() -> None:
         n = args.tokens or (16 if args.tiny else (64 if b >= 128 else 128))
         bench_ngram(model, b, args.k, n, out["rows"])
         write_json(path, out)
+        free_memory()
     out["wall_s"] = round(time.time() - t0, 1)
     write_json(path, out)
     print(f"wrote {path} in {out['wall_s']} s")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,8 @@ from fastxlstm.sampling import SamplingParams
 
 from .helpers import perturbed_model
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "xlstm-shakespeare-10m"
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "xlstm-shakespeare-10m"
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}
 
 
@@ -242,3 +246,74 @@ def test_cli_generate_with_speculative_config():
     bad = runner.invoke(app, [*base, "--speculative-config", '{"method": "ngram"}'])
     assert bad.exit_code == 1 and "num_speculative_tokens" in bad.stderr and "Traceback" not in bad.output
 
+
+# ------------------------------------------------------------------------------- Triton (CPU interpreter)
+def test_triton_commit_and_speculative_engine_in_interpreter():
+    """The Triton commit (float32 and bf16 ``C``, strided k/v views of a projection, idle rows, full rows) equals
+    the reference commit; an engine on the Triton backend (chunkwise verification, Triton commit) gives plain
+    greedy's tokens with the n-gram drafter."""
+    code = r"""
+import torch
+from fastxlstm.config import XLSTMConfig
+from fastxlstm.engine import LLM
+from fastxlstm.ops import mlstm_commit_
+from fastxlstm.ops.reference import mlstm_commit_reference_
+from fastxlstm.ops.triton import mlstm_commit_ as triton_commit
+from tests.helpers import perturbed_model
+g = torch.Generator().manual_seed(0)
+for b, nh, t, dqk, dv, cdt in ((3, 2, 5, 16, 48, torch.float32), (2, 3, 3, 8, 32, torch.bfloat16)):
+    proj = torch.randn(b, t, nh * (dqk + dv) + 7, generator=g)
+    k = proj[..., :nh * dqk].view(b, t, nh, dqk).transpose(1, 2)
+    v = proj[..., nh * dqk:nh * (dqk + dv)].view(b, t, nh, dv).transpose(1, 2)
+    i, f = torch.randn(b, nh, t, generator=g) * 3, torch.randn(b, nh, t, generator=g) * 3 + 2
+    st = (torch.randn(b, nh, dqk, dv, generator=g).to(cdt), torch.randn(b, nh, dqk, generator=g),
+          torch.randn(b, nh, generator=g))
+    lengths = torch.tensor([0, t, 2][:b])
+    ref, got = [tuple(x.clone() for x in st) for _ in range(2)]
+    mlstm_commit_reference_(ref, k, v, i, f, lengths)
+    triton_commit(got, k, v, i, f, lengths)
+    for x, y in zip(got, ref):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-2 if cdt == torch.bfloat16 else 1e-5, atol=1e-4)
+    assert torch.equal(got[0][0], st[0][0]) and torch.equal(got[1][0], st[1][0])  # an idle row is untouched
+cfg = XLSTMConfig(vocab_size=64, embedding_dim=32, num_blocks=1, num_heads=2, weight_mode="fused", chunk_size=16)
+prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11]]
+want = [r.token_ids for r in LLM(perturbed_model(cfg), None, max_slots=2).generate(prompts, max_new_tokens=7)]
+llm = LLM(perturbed_model(cfg), None, max_slots=2, backend="triton",
+          speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+assert llm.engine.runner.step_name == "triton"
+out = llm.generate(prompts, max_new_tokens=7)
+assert [r.token_ids for r in out] == want, ([r.token_ids for r in out], want)
+print("ok", sum(r.num_accepted_tokens for r in out))
+"""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_gpu_speculative_greedy_equals_plain_in_cuda_graphs(method):
+    """On the GPU (float32 weights: the verification and the decode step then agree to rounding): CUDA-graph
+    speculative steps (Triton chunkwise verification, Triton commit) give plain greedy's tokens and state."""
+    cfg = XLSTMConfig(vocab_size=512, embedding_dim=128, num_blocks=2, num_heads=2, weight_mode="fused")
+    model = perturbed_model(cfg).cuda()
+    spec = dict(NGRAM) if method == "ngram" else {"method": "draft", "num_speculative_tokens": 3, "model": model}
+    prompts = [[5, 6, 7, 8] * 6, list(range(20, 45)), [9, 10, 11]]
+    kw = dict(max_new_tokens=40, return_state=True, ignore_eos=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 matmuls in both paths
+    try:
+        plain = LLM(model, None, max_slots=4).generate(prompts, **kw)
+        llm = LLM(model, None, max_slots=4, speculative_config=spec)
+        assert llm.engine.use_cuda_graph
+        out = llm.generate(prompts, **kw)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert [r.token_ids for r in out] == [r.token_ids for r in plain]
+    assert sum(r.num_accepted_tokens for r in out) > 0
+    for a, b in zip(plain, out):
+        for la, lb in zip(a.state.layers, b.state.layers):
+            for x, y in zip(la, lb):
+                torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4)

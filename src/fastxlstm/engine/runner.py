@@ -264,7 +264,7 @@ class Runner:
         if terms is not None:
             terms.append((k, v, i, f))
         h, state = mlstm_chunkwise(q, k, v, i, f, state, chunk_size=cfg.chunk_size, backend=self.backend,
-                                   eps=cfg.eps)
+                                   eps=cfg.eps, final_state=terms is None)
         h = h.transpose(1, 2).reshape(b * s, self.nh, self.dv)
         return K.mhnorm_ogate(h, o, lw.mh_norm, cfg.norm_eps), state
 

@@ -93,15 +93,19 @@ def _triton():
 
 def mlstm_chunkwise(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, initial_state: State | None = None,
-    chunk_size: int = 64, backend: Backend = "auto", eps: float = 1e-6,
-) -> tuple[Tensor, State]:
-    """mLSTM over a sequence in chunkwise form; returns ``(h, final_state)``."""
+    chunk_size: int = 64, backend: Backend = "auto", eps: float = 1e-6, final_state: bool = True,
+) -> tuple[Tensor, State | None]:
+    """mLSTM over a sequence in chunkwise form; returns ``(h, final_state)`` (``final_state=False``: ``(h, None)``,
+    and the Triton kernels skip computing it)."""
     _check(q, k, v, i, f, initial_state, seq_axis=True)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if resolve_backend(backend, q.device) == "triton":
-        return _triton().mlstm_chunkwise(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps)
-    return mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps)
+        h, state = _triton().mlstm_chunkwise(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps,
+                                             final_state=final_state)
+    else:
+        h, state = mlstm_chunkwise_reference(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps)
+    return h, (state if final_state else None)
 
 
 def mlstm_step(

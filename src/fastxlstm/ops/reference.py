@@ -193,6 +193,22 @@ def mlstm_chunkwise_reference(
     return h.to(q.dtype), state
 
 
+def commit_weights(i: Tensor, f: Tensor, m: Tensor, lengths: Tensor, dtype: torch.dtype = torch.float32
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The scalars of the commit of the first ``lengths [B]`` tokens of gates ``i, f [B,NH,T]`` from the
+    stabiliser ``m [B,NH]``: ``(m' [B,NH], decay [B,NH], w [B,NH,T])`` in ``dtype``, with
+    ``C' = decay * C + sum_t w_t k_t v_t^T`` (see :func:`mlstm_commit_reference_`). Tokens past a row's length
+    get ``w = 0`` (neutral gates: ``log f = 0``, ``i = -inf``), a row of length 0 ``decay = 1``."""
+    steps = i.shape[-1]
+    keep = torch.arange(steps, device=i.device)[None, None, :] < lengths.to(i.device)[:, None, None]  # [B,1,T]
+    log_f = torch.where(keep, F.logsigmoid(f.to(dtype)), 0.0)
+    g = log_f.sum(-1)  # [B,NH]
+    a = g[..., None] - torch.cumsum(log_f, -1) + torch.where(keep, i.to(dtype), -math.inf)  # log weight at the end
+    m0 = m.to(dtype)
+    m_new = torch.maximum(g + m0, a.amax(-1))
+    return m_new, torch.exp(g + m0 - m_new), torch.exp(a - m_new[..., None])
+
+
 def mlstm_commit_reference_(
     state: State, k: Tensor, v: Tensor, i: Tensor, f: Tensor, lengths: Tensor
 ) -> None:
@@ -208,18 +224,8 @@ def mlstm_commit_reference_(
     sum_t e^{a_t-m'} k_t v_t^T`` and ``n'`` alike: one read and one write of ``C`` for all the tokens."""
     c, n, m = state
     dt = _compute_dtype(k)
-    steps = k.shape[2]
-    keep = torch.arange(steps, device=k.device)[None, None, :] < lengths.to(k.device)[:, None, None]  # [B,1,T]
-    log_f = torch.where(keep, F.logsigmoid(f.to(dt)), 0.0)
-    i_m = torch.where(keep, i.to(dt), -math.inf)
-    g = log_f.sum(-1)  # [B,NH]
-    a = g[..., None] - torch.cumsum(log_f, -1) + i_m  # [B,NH,T]: log weight of token t at the end
-    m0 = m.to(dt)
-    m_new = torch.maximum(g + m0, a.amax(-1))
-    decay = torch.exp(g + m0 - m_new)
-    k_w = k.to(dt) * torch.exp(a - m_new[..., None])[..., None]  # [B,NH,T,DQK]
-    c_new = decay[..., None, None] * c.to(dt) + k_w.transpose(-1, -2) @ v.to(dt)
-    n_new = decay[..., None] * n.to(dt) + k_w.sum(-2)
-    c.copy_(c_new)
-    n.copy_(n_new)
+    m_new, decay, w = commit_weights(i, f, m, lengths, dt)
+    k_w = k.to(dt) * w[..., None]  # [B,NH,T,DQK]
+    c.copy_(decay[..., None, None] * c.to(dt) + k_w.transpose(-1, -2) @ v.to(dt))
+    n.copy_(decay[..., None] * n.to(dt) + k_w.sum(-2))
     m.copy_(m_new)

@@ -5,7 +5,8 @@
 * :func:`mlstm_step` / :func:`mlstm_step_` -- the fused decode step (functional / in place, the
   latter capturable in a CUDA graph);
 * :func:`mlstm_decode_cell_` -- the inference engine's whole decode cell in one launch (gates from
-  the fused projection, in-place step, per-head LayerNorm, output gate; float32 or bf16 ``C``).
+  the fused projection, in-place step, per-head LayerNorm, output gate; float32 or bf16 ``C``);
+* :func:`mlstm_commit_` -- speculative decoding's in-place commit of accepted tokens (one pass over ``C``).
 
 Semantics are those of :mod:`fastxlstm.ops.reference` (stabilised state, ``m0 = 0`` for a missing
 state, the final state's ``m``). Inputs may be bf16, fp16 or fp32; gates and states are fp32. The
@@ -27,10 +28,12 @@ from torch import Tensor
 from ...state import State
 from ..reference import mlstm_chunkwise_reference, mlstm_step_reference
 from ._chunkwise import DEFAULT_KERNEL_CHUNK, MLSTMChunkwiseFn, forward, kernel_chunk_for
+from ._commit import mlstm_commit_
 from ._common import INTERPRET
 from ._step import launch_fused_step, launch_step
 
-__all__ = ["mlstm_chunkwise", "mlstm_step", "mlstm_step_", "mlstm_decode_cell_", "DEFAULT_KERNEL_CHUNK", "INTERPRET"]
+__all__ = ["mlstm_chunkwise", "mlstm_step", "mlstm_step_", "mlstm_decode_cell_", "mlstm_commit_",
+           "DEFAULT_KERNEL_CHUNK", "INTERPRET"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -62,8 +65,8 @@ def _strided(t: Tensor, chunk: int) -> Tensor:
 
 def mlstm_chunkwise(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, initial_state: State | None = None,
-    chunk_size: int = 64, eps: float = 1e-6, *, kernel_chunk: int | None = None,
-) -> tuple[Tensor, State]:
+    chunk_size: int = 64, eps: float = 1e-6, *, kernel_chunk: int | None = None, final_state: bool = True,
+) -> tuple[Tensor, State | None]:
     """Chunkwise mLSTM; q,k ``[B,NH,S,DQK]``, v ``[B,NH,S,DV]``, i,f ``[B,NH,S]``.
 
     Returns ``(h [B,NH,S,DV] in q's dtype, (C, n, m) float32)``, differentiable w.r.t. q, k, v, i, f
@@ -94,7 +97,10 @@ def mlstm_chunkwise(
         q3, k3, v3 = (t.reshape(bh, seq, t.shape[-1]).contiguous() for t in (q, k, v))
         h, cn, nn, mn = MLSTMChunkwiseFn.apply(q3, k3, v3, i2, f2, c0, n0, m0, eps, chunk)
     else:  # the forward kernels read q, k, v in place (e.g. head views into a fused projection)
-        out = forward(*(_strided(t, chunk) for t in (q, k, v)), i2, f2, c0, n0, m0, eps, chunk)
+        out = forward(*(_strided(t, chunk) for t in (q, k, v)), i2, f2, c0, n0, m0, eps, chunk,
+                      final=final_state)
+        if not final_state:
+            return out["h"].view(bsz, nh, seq, dv), None
         h, cn, nn, mn = out["h"], out["cn"], out["nn"], out["mn"]
     return h.view(bsz, nh, seq, dv), (cn.view(bsz, nh, dqk, dv), nn.view(bsz, nh, dqk), mn.view(bsz, nh))
 

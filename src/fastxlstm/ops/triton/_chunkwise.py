@@ -73,11 +73,12 @@ def layout(t: Tensor) -> tuple[int, int, int, int]:
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor | None, n0: Tensor | None,
-    m0: Tensor | None, eps: float, chunk: int, plan: Plan | None = None,
+    m0: Tensor | None, eps: float, chunk: int, plan: Plan | None = None, final: bool = True,
 ) -> dict[str, Tensor]:
     """Run the forward kernels on ``[BH,S,D]`` or ``[B,NH,S,D]`` inputs (any strides but a contiguous last
     dim, see :func:`layout`; gates ``[BH,S]`` contiguous float32); returns every buffer by name (``h``
-    ``[BH,S,DV]`` contiguous). ``plan``: launch configs of the state and output kernels (default: autotuned)."""
+    ``[BH,S,DV]`` contiguous; the final state ``cn, nn, mn`` unless ``final=False``). ``plan``: launch configs
+    of the state and output kernels (default: autotuned)."""
     if not q.ndim == k.ndim == v.ndim:
         raise ValueError("q, k, v must all be [BH,S,D] or all [B,NH,S,D]")
     bh, seq = i.shape
@@ -89,7 +90,7 @@ def forward(
     out["ac"] = torch.empty(bh, nc, device=dev, dtype=f32)
     fwd_gates[(nc, bh)](i, f, out["b"], out["a"], out["cm"], out["gc"], out["ac"], seq, nc, L=chunk,
                                num_warps=4)
-    out["cs"], out["ns"], out["mc"] = _states(k, v, out, c0, n0, m0, chunk, out, plan)
+    out["cs"], out["ns"], out["mc"] = _states(k, v, out, c0, n0, m0, chunk, out if final else None, plan)
     outputs(q, k, v, i, out, eps, chunk, plan)
     return out
 

@@ -52,3 +52,18 @@ def tiny_tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
     tok.save(str(out / "tokenizer.json"))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A small perturbed-random model (vocab 320, width 64, 2 blocks) saved with the test tokenizer."""
+    import shutil
+
+    from fastxlstm.config import XLSTMConfig
+
+    from .helpers import perturbed_model
+
+    path = tmp_path_factory.mktemp("tiny-model") / "m"
+    perturbed_model(XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)).save_pretrained(path)
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
+    return path

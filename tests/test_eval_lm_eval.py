@@ -147,8 +147,10 @@ def test_bad_model_args_are_named(setup):
     root, _, _ = setup
     with pytest.raises(ValueError, match="unknown model_args for fastxlstm: colour"):
         FastXLSTMLM(pretrained=str(root / "m"), colour="red")
-    with pytest.raises(ValueError, match="dtype must be"):
+    with pytest.raises(ValueError, match="unknown dtype .int8."):
         FastXLSTMLM(pretrained=str(root / "m"), dtype="int8")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        FastXLSTMLM(pretrained=str(root / "m"), quantization="int4")
 
 
 def test_local_completions_through_the_server_equal_hf_backend(setup):

@@ -2,11 +2,12 @@
 
 from .checkpoint import load, save_pretrained
 from .config import PRESETS, XLSTMConfig, preset
-from .engine import LLM as LLM
+from .engine import LLM, GenerationResult, SamplingParams, SequenceState
 from .model import XLSTMForCausalLM, build_model
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package's version (pyproject.toml reads it from here)
 
 __all__ = [
-    "XLSTMConfig", "XLSTMForCausalLM", "PRESETS", "preset", "build_model", "load", "save_pretrained", "__version__",
+    "LLM", "GenerationResult", "SamplingParams", "SequenceState", "XLSTMConfig", "XLSTMForCausalLM", "PRESETS",
+    "preset", "build_model", "load", "save_pretrained", "__version__",
 ]

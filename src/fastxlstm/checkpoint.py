@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import XLSTMConfig
+from .devices import default_dtype, parse_dtype, resolve_device
 from .model import XLSTMForCausalLM, build_model
 from .model.quant import CONFIG_KEY as QUANT_KEY
 from .model.quant import keeps_dtype, quantize_model, quantizing_transform, saved_quantization
-from .ops.quant import check_supported
+from .ops.quant import check_supported, parse_quantization
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,7 +57,8 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; expected a model directory containing {CONFIG_NAME}")
     text = str(path_or_repo_id)
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1
+    # a hub id is "org/name"; anything else, or an "org/name" whose "org" is a local directory, is a local path
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.parent.is_dir()
     if looks_local:
         raise FileNotFoundError(f"model directory {text!r} does not exist")
     from huggingface_hub import snapshot_download
@@ -67,9 +69,10 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
     except HFValidationError as e:
         raise FileNotFoundError(f"{text!r} is neither a local directory nor a valid hub repo id") from e
     except Exception as e:  # network errors, offline mode without cache, gated repos
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FileNotFoundError(
-            f"could not fetch {text!r} from the hub ({type(e).__name__}: {e}); "
-            "pass a local directory or populate the HF cache"
+            f"{text!r} is not a local directory, and fetching it from the hub failed ({type(e).__name__}: {first}); "
+            "pass an existing local directory or populate the HF cache"
         ) from e
 
 
@@ -466,23 +469,17 @@ def save_pretrained(
     return directory
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def load_model_and_tokenizer(
-    path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    weight_mode: str | None = None, quantization: str | None = None,
+    path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None, weight_mode: str | None = None, quantization: str | None = None,
 ):
-    """Model plus its tokenizer (a byte-level one for ``random:<preset>`` specs)."""
+    """Model plus its tokenizer (a byte-level one for ``random:<preset>`` specs). ``device`` None: CUDA when
+    available; ``dtype`` None / ``"auto"``: bfloat16 on CUDA, float32 on the CPU (:mod:`fastxlstm.devices`)."""
     from .tokenizer import Tokenizer
 
-    device = device or default_device()
-    dtype = dtype or default_dtype(device)
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    quantization = parse_quantization(quantization)
     model = load(path_or_repo_id, device=device, dtype=dtype, weight_mode=weight_mode, quantization=quantization)
     if str(path_or_repo_id).startswith("random:"):
         tokenizer = Tokenizer.byte_level()

@@ -1,18 +1,21 @@
-"""Command line: ``fastxlstm generate|info|serve|bench|data|train|eval``."""
+"""Command line: ``fastxlstm generate|chat|info|serve|bench|data|train|eval`` and ``fastxlstm --version``."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from . import __version__
 from .bench.cli import bench as bench_cmd
 from .eval.cli import eval_app
+from .options import DeviceOpt, DtypeOpt, ModelArg, ModelOpt, ModelOrArgOpt, QuantizationOpt, pick_model
 from .serving.cli import serve as serve_cmd
 from .training.cli import data_app, train_cmd
 
@@ -20,22 +23,41 @@ app = typer.Typer(help="fastxlstm: fast xLSTM inference, serving and training.",
                   pretty_exceptions_show_locals=False)
 console = Console(stderr=True, soft_wrap=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory, hub repo id, or random:<preset>")]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def fail(message: str) -> None:
+def fail(message: str | BaseException) -> None:
     """Print a one-line error and exit with status 1 (no traceback for user errors)."""
-    console.print(f"[red]error:[/] {message}")
+    if isinstance(message, KeyError) and len(message.args) == 1:  # str(KeyError) quotes its message
+        message = message.args[0]
+    console.print(f"[red]error:[/] {escape(str(message))}", highlight=False)
     raise typer.Exit(1)
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def load_llm(model: str, device: str | None, dtype, quantization: str | None, **kwargs):
+    """``LLM(model, ...)`` for a command: user errors (a missing directory, a bad preset, ``--device cuda``
+    without a GPU, an unsupported quantization) as one line and exit status 1."""
+    from .engine import LLM
+
+    try:
+        llm = LLM(model, device=device, dtype=dtype, quantization=quantization, **kwargs)
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+        fail(e)
+    except (RuntimeError, AssertionError) as e:  # a device that fails on first use
+        fail(f"could not load {model} on device {device or 'auto'}: {e}")
+    if model.startswith("random:"):
+        console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its text is noise.")
+    return llm
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fastxlstm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """fastxlstm: fast xLSTM inference, serving and training."""
 
 
 @app.command()
@@ -52,15 +74,15 @@ def generate(
                                                   "server with this seed)")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the EOS token")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream")] = True,
-    device: str | None = None,
-    dtype: str | None = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
     speculative_config: Annotated[str | None, typer.Option(
         "--speculative-config", help='Speculative decoding as JSON (vLLM\'s names), e.g. \'{"method": "ngram", '
         '"num_speculative_tokens": 4}\' or \'{"method": "draft", "num_speculative_tokens": 3, "model": DIR}\'; '
         'the output is that of plain decoding')] = None,
 ) -> None:
     """Generate a continuation of PROMPT on the engine (greedy when --temperature 0)."""
-    from .engine import LLM
     from .sampling import SamplingParams
 
     try:
@@ -69,14 +91,7 @@ def generate(
     except ValueError as e:
         fail(str(e))
     t0 = time.perf_counter()
-    try:
-        llm = LLM(model, device=device, dtype=_dtype(dtype), max_slots=1, speculative_config=speculative_config)
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
-        fail(str(e))
-    except (RuntimeError, AssertionError) as e:  # e.g. --device cuda on a machine without one
-        fail(f"could not load {model} on device {device or 'auto'}: {e}")
-    if model.startswith("random:"):
-        console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its text is noise.")
+    llm = load_llm(model, device, dtype, quantization, max_slots=1, speculative_config=speculative_config)
     if not llm.tokenizer.encode(prompt):
         raise typer.BadParameter("the prompt encodes to no tokens", param_hint="--prompt")
     load_s = time.perf_counter() - t0
@@ -100,10 +115,62 @@ def generate(
     dt = time.perf_counter() - t1
     n = len(result.token_ids)
     console.print(f"[dim]{n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s), load {load_s:.2f}s, "
-                  f"device {llm.model.device}, dtype {llm.model.dtype}[/]")
+                  f"device {llm.model.device}, dtype {llm.model.dtype}, quantization {_quantization(llm.model)}[/]")
     if llm.speculative_config is not None:
         console.print(f"[dim]speculative: {result.num_spec_steps} steps, {result.num_accepted_tokens} of "
                       f"{result.num_draft_tokens} drafted tokens accepted[/]")
+
+
+def _quantization(model) -> str:
+    from .model.quant import model_quantization
+
+    return (model_quantization(model) or ("none",))[0]
+
+
+@app.command()
+def chat(
+    model_arg: ModelArg = None,
+    model: ModelOrArgOpt = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (first message of every conversation)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per reply at most")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable)")] = None,
+    chat_template: Annotated[Path | None, typer.Option(help="Jinja chat template file (overrides the model's)")]
+    = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
+) -> None:
+    """Chat with MODEL in the terminal: replies stream as they are generated, each turn continues the
+    recurrent state of the previous one (no re-prefill of the history); /reset starts over, /exit quits.
+    The chat template is the one fastxlstm serve uses."""
+    from .chat import ChatSession, repl
+    from .extras import MissingDependency, require
+    from .sampling import SamplingParams
+
+    model = pick_model(model_arg, model, "chat")
+    try:
+        require("serve", ("jinja2",), feature="fastxlstm chat (the chat template)")
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=stop or [])
+    except (MissingDependency, ValueError) as e:
+        fail(e)
+    from .serving.chat_template import ChatTemplate
+
+    llm = load_llm(model, device, dtype, quantization, max_slots=1)
+    try:
+        template = ChatTemplate.from_model_dir(getattr(llm.model, "source_dir", None))
+        if chat_template is not None:
+            template = ChatTemplate(chat_template.read_text(), template.special_tokens, str(chat_template))
+        session = ChatSession(llm, template, params, system)
+    except (OSError, ValueError) as e:
+        fail(e)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print(f"[dim]chat with {model} (template: {template.origin}); /reset starts over, /exit quits[/]")
+    repl(session, sys.stdin, sys.stdout, prompt="> " if interactive else "")
 
 
 @app.command()

@@ -83,21 +83,26 @@ def bench(
     tiny: Annotated[bool, typer.Option(help="dry run: tiny configs and the tiny grid; runs on a CPU")] = False,
     state_dtype: Annotated[str, typer.Option(help="fastxlstm decode state store: float32 or bfloat16")] = "float32",
     quantization: Annotated[str, typer.Option(help="side by side: fastxlstm with these weights, e.g. bf16,fp8,int8 "
-                                              "(replaces --systems; the peers are not run)")] = "",
+                                              "(the --quantization of generate/serve/eval, bf16 or none: "
+                                              "unquantized; replaces --systems; the peers are not run)")] = "",
 ) -> None:
     """Decode tokens/s vs batch, TTFT and peak memory vs prompt length, prefill throughput, time and
     memory to generate N tokens, and joules per token, for fastxlstm and its peers."""
+    from ..ops.quant import parse_quantization
     from .common import Plan
-    from .driver import ORDER, run
+    from .driver import ORDER, failed_everywhere, run
     from .report import markdown, markdown_quant, plot, update_benchmarks_md
 
     chosen = [s.strip() for s in systems.split(",") if s.strip()]
     variants = [q.strip() for q in quantization.split(",") if q.strip()]
     if variants:
-        bad = [q for q in variants if q not in ("bf16", "fp8", "int8")]
-        if bad:
-            raise typer.BadParameter(f"unknown --quantization {bad}; choose from bf16, fp8, int8")
-        chosen = ["fastxlstm" if q == "bf16" else f"fastxlstm-{q}" for q in variants]
+        chosen = []
+        for q in variants:
+            try:
+                scheme = None if q.lower() == "bf16" else parse_quantization(q)
+            except ValueError as e:
+                raise typer.BadParameter(f"{e} (bf16: unquantized)", param_hint="--quantization") from None
+            chosen.append("fastxlstm" if scheme is None else f"fastxlstm-{scheme}")
     bad = [s for s in chosen if s not in ORDER]
     if bad:
         raise typer.BadParameter(f"unknown systems {bad}; choose from {', '.join(ORDER)}")
@@ -124,6 +129,10 @@ def bench(
     for name, data in results["systems"].items():
         for err in data.get("errors", []):
             typer.echo(f"[{name}] {err['what']}: {err['error'][:300]}", err=True)
+    if failed_everywhere(results):
+        typer.echo(f"error: no system measured anything ({', '.join(results['systems'])}); see the errors above",
+                   err=True)
+        raise typer.Exit(1)
     if update_md is not None:
         body = (f"Device: {results.get('device', '?')}, bf16, date {results['date']}, command `{command}`; "
                 f"raw results `{out_dir / (tag + '.json')}`" + (f", plot `{png}`" if png else "") + ".\n\n" + table)

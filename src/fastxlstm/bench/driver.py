@@ -33,6 +33,15 @@ def _env_for(system: str) -> dict[str, str]:
     return env
 
 
+#: the result lists of a system's JSON (a system that filled none of them measured nothing)
+MEASUREMENTS = ("decode", "ttft", "prefill", "generate")
+
+
+def failed_everywhere(results: dict) -> bool:
+    """True when no system of a run measured anything (``fastxlstm bench`` then exits with status 1)."""
+    return not any(data.get(kind) for data in results["systems"].values() for kind in MEASUREMENTS)
+
+
 KILL_GRACE_S = 30.0  # a worker past its deadline gets this long to finish its row before it is killed
 
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import parse_dtype, resolve_device
 from ..model import XLSTMForCausalLM
+from ..ops.quant import parse_quantization
 from ..sampling import SamplingParams
 from ..text import StopText
 from .engine import Engine
@@ -63,22 +65,25 @@ class _Request:
 class LLM:
     """Fast xLSTM generation on one device.
 
-    ``LLM(path_or_repo_id_or_model, device=None, dtype=None, max_slots=8)``; ``random:<preset>``
+    ``LLM(path_or_repo_id_or_model, device=None, dtype=None, max_slots=8)``; ``dtype`` a ``torch.dtype`` or
+    ``"auto"`` (None: bfloat16 on CUDA, float32 on the CPU), ``"half"``, ``"bfloat16"``, ``"float16"``,
+    ``"float32"`` (:func:`fastxlstm.devices.parse_dtype`, the CLI's ``--dtype``); ``random:<preset>``
     builds a randomly initialised model (benchmarks). ``quantization="fp8"|"int8"`` quantizes the blocks'
     weights (:func:`fastxlstm.load`; a given model is quantized in place). See :meth:`generate`, :meth:`stream`,
     :meth:`prefill`; :attr:`engine` is the slot-level engine underneath."""
 
     def __init__(
         self, model: str | os.PathLike | XLSTMForCausalLM, tokenizer=None, *, device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None, max_slots: int = 8, use_cuda_graph: bool | None = None,
+        dtype: str | torch.dtype | None = None, max_slots: int = 8, use_cuda_graph: bool | None = None,
         prefill_chunk_size: int = 4096, backend: str = "auto", sync_every: int = 16,
         state_dtype: str | torch.dtype | None = None, quantization: str | None = None,
         speculative_config: SpeculativeConfig | dict | str | None = None,
     ):
+        dtype, quantization = parse_dtype(dtype), parse_quantization(quantization)
         if isinstance(model, XLSTMForCausalLM):
             net = model
             if device is not None or dtype is not None:
-                net = net.to(device=device, dtype=dtype)
+                net = net.to(device=None if device is None else resolve_device(device), dtype=dtype)
             if quantization is not None:
                 from ..model.quant import quantize_model
 
@@ -373,9 +378,11 @@ class LLM:
 
     @torch.no_grad()
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
-               state: SequenceState | None = None, **kwargs) -> Generator[str, None, GenerationResult]:
+               state: SequenceState | None = None, return_state: bool = False,
+               **kwargs) -> Generator[str, None, GenerationResult]:
         """Yield the generated text piece by piece (stop strings never appear); the generator's return
-        value (``StopIteration.value``) is the :class:`GenerationResult`. ``kwargs`` are the fields of
+        value (``StopIteration.value``) is the :class:`GenerationResult` (with the state to continue from when
+        ``return_state``, as :meth:`generate`). ``kwargs`` are the fields of
         :class:`~fastxlstm.sampling.SamplingParams` (or pass ``sampling_params``)."""
         if not self._is_single(prompt):
             raise ValueError("stream takes one prompt")
@@ -384,7 +391,7 @@ class LLM:
         if sampling_params is not None and kwargs:
             raise ValueError("pass sampling_params or sampling keyword arguments, not both")
         params = [sampling_params if sampling_params is not None else SamplingParams(**kwargs)]
-        (req,) = self._requests(prompt, state, params, False)
+        (req,) = self._requests(prompt, state, params, return_state)
         gen = self._run([req], 1)
         try:
             for r in gen:

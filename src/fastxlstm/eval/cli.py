@@ -8,13 +8,12 @@ from typing import Annotated
 
 import typer
 
+from ..options import DeviceOpt, DtypeOpt, ModelOpt, QuantizationOpt
+
 eval_app = typer.Typer(help="Evaluate a model on the engine: perplexity, long-context retrieval (NIAH). "
                             "For lm-evaluation-harness tasks: python -m fastxlstm.eval.lm_eval_backend --model "
                             "fastxlstm --model_args pretrained=DIR ...", no_args_is_help=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model directory, hub repo id, or random:<preset>")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cuda, cpu, ... (default: cuda when available)")]
-DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -25,14 +24,15 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def _load(model: str, device: str | None, dtype: str | None):
+def _load(model: str, device: str | None, dtype, quantization: str | None = None):
     from ..checkpoint import load_model_and_tokenizer
-    from ..cli import _dtype, console, fail
+    from ..cli import console, fail
 
     try:
-        net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused")
+        net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused",
+                                            quantization=quantization)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
-        fail(str(e))
+        fail(e)
     if model.startswith("random:"):
         console.print(f"[yellow]note:[/] {model} is a randomly initialised model: its scores are noise.")
     return net, tok
@@ -55,6 +55,7 @@ def perplexity_cmd(
     chunk_size: Annotated[int, typer.Option(min=1, help="Tokens per forward chunk (bounds memory)")] = 4096,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
 ) -> None:
     """Perplexity, mean NLL and bits per byte of a model on held-out text, on the engine's fused forward.
 
@@ -62,17 +63,19 @@ def perplexity_cmd(
     context-only token (the BOS when the tokenizer inserts one, else the end-of-sequence token)."""
     from ..cli import fail
     from ..engine.runner import Runner
+    from ..model.quant import model_quantization
     from .perplexity import load_documents, perplexity, prefix_token
 
-    net, tok = _load(model, device, dtype)
+    net, tok = _load(model, device, dtype, quantization)
     try:
         docs = load_documents(data, tok, text_key=text_key, split=split, max_documents=max_documents)
         result = perplexity(Runner(net, chunk_size=chunk_size), docs, prefix_token(tok), window=window,
                             batch_size=batch_size, progress=True)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        fail(str(e))
+        fail(e)
     out = result.to_dict() | {"model": model, "data": [str(d) for d in data], "device": str(net.device),
-                              "dtype": str(net.dtype).removeprefix("torch.")}
+                              "dtype": str(net.dtype).removeprefix("torch."),
+                              "quantization": (model_quantization(net) or (None,))[0]}
     mode = f"windows of {window}" if window else "documents, state carried"
     typer.echo(f"{model} on {', '.join(map(str, data))} ({mode}): {result.tokens:,} tokens in "
                f"{result.documents} documents, mean NLL {result.nll:.4f}, perplexity {result.perplexity:.3f}, "

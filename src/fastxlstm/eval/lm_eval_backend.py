@@ -8,11 +8,12 @@ lm-eval has no plugin entry point for models, so the type is registered when thi
 * Python: ``import fastxlstm.eval.lm_eval_backend`` then ``lm_eval.simple_evaluate(model="fastxlstm",
   model_args=...)``, or pass ``FastXLSTMLM(pretrained=...)`` (or an existing ``fastxlstm.LLM``) as ``model``.
 
-``model_args``: ``pretrained`` (directory, hub id or ``random:<preset>``), ``dtype`` (float32, bfloat16,
-float16; default bf16 on GPU, fp32 on CPU), ``device``, ``batch_size`` (rows per forward; lm-eval's
-``--batch_size``), ``max_slots`` (concurrent generations), ``chunk_size`` (prefill chunk), ``add_bos_token``
-(default: the model's ``force_bos_token_insert``), ``prefix_token_id`` (context of an empty context,
-default BOS else EOS, as lm-eval's ``hf``), ``max_gen_toks`` (256), ``max_length``.
+``model_args``: ``pretrained`` (directory, hub id or ``random:<preset>``), ``dtype`` (auto, half, bfloat16,
+float16, float32, as the CLI's ``--dtype``; auto: bf16 on GPU, fp32 on CPU), ``quantization`` (int8, fp8 or
+none, as ``--quantization``), ``device``, ``batch_size`` (rows per forward; lm-eval's ``--batch_size``),
+``max_slots`` (concurrent generations), ``chunk_size`` (prefill chunk), ``add_bos_token`` (default: the
+model's ``force_bos_token_insert``), ``prefix_token_id`` (context of an empty context, default BOS else EOS,
+as lm-eval's ``hf``), ``max_gen_toks`` (256), ``max_length``.
 
 ``loglikelihood``: requests whose contexts share all but their last token share one recurrent state (the
 context is prefilled once per batch, its state forked into one row per continuation), continuations are
@@ -26,26 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lm_eval.models  # noqa: F401 - lm-eval's own types first: it skips them once its registry is non-empty
-import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from tqdm.auto import tqdm
+from ..extras import require
 
-from ..engine import LLM
-from ..ops import State
-from .perplexity import score_sequences
+require("eval", ("lm_eval",), feature="the lm-eval backend fastxlstm")
+
+import lm_eval.models  # noqa: E402, F401 - lm-eval's own types first: it skips them once its registry is non-empty
+import torch  # noqa: E402
+from lm_eval.api.model import TemplateLM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ..engine import LLM  # noqa: E402
+from ..ops import State  # noqa: E402
+from .perplexity import score_sequences  # noqa: E402
 
 DEFAULT_BATCH = 16
-
-
-def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype) or name == "auto":
-        return None if name == "auto" else name
-    value = getattr(torch, str(name), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
-    return value
 
 
 def _batch_size(value: int | str | None) -> int:
@@ -71,15 +67,15 @@ class FastXLSTMLM(TemplateLM):
                  batch_size: int | str | None = DEFAULT_BATCH, max_batch_size: int | None = None,
                  max_slots: int = 8, chunk_size: int = 4096, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, max_gen_toks: int = 256, max_length: int = 2**20,
-                 backend: str = "auto", **kwargs):
+                 backend: str = "auto", quantization: str | None = None, **kwargs):
         super().__init__()
         if kwargs:
             raise ValueError(f"unknown model_args for fastxlstm: {', '.join(sorted(kwargs))}")
         if isinstance(pretrained, LLM):
             self.llm = pretrained
         else:
-            self.llm = LLM(pretrained, device=device, dtype=_dtype(dtype), max_slots=int(max_slots),
-                           prefill_chunk_size=int(chunk_size), backend=backend)
+            self.llm = LLM(pretrained, device=device, dtype=dtype, max_slots=int(max_slots),
+                           prefill_chunk_size=int(chunk_size), backend=backend, quantization=quantization)
         if self.llm.tokenizer is None:
             raise ValueError("the fastxlstm lm-eval backend needs a model with a tokenizer")
         self.tok = self.llm.tokenizer

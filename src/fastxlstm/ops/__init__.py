@@ -60,7 +60,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' requested but the Triton kernels are not available (pip install triton)")
+        from ..extras import install_hint
+
+        raise RuntimeError("backend='triton' requested but the Triton kernels are not available "
+                           f"({install_hint('triton')})")
     return backend
 
 

@@ -65,6 +65,14 @@ def check_scheme(scheme: str) -> str:
     return scheme
 
 
+def parse_quantization(value: str | None) -> str | None:
+    """A quantization argument (``LLM(quantization=)``, ``--quantization``, lm-eval's ``model_args``): one of
+    :data:`SCHEMES`, or None for ``None`` / ``""`` / ``"none"`` (the weights as saved)."""
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    return check_scheme(str(value).strip().lower())
+
+
 def scheme_of(dtype: torch.dtype) -> str:
     for name, dt in STORAGE.items():
         if dt == dtype:

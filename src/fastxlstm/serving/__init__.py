@@ -19,5 +19,8 @@ def __getattr__(name: str) -> Any:  # lazy: `import fastxlstm.serving` does not 
     if name in _WHERE:
         import importlib
 
+        from ..extras import require
+
+        require("serve", feature="fastxlstm.serving")
         return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,9 +7,12 @@ from typing import Annotated
 
 import typer
 
+from ..options import DeviceOpt, DtypeOpt, ModelArg, ModelOrArgOpt, QuantizationOpt, pick_model
+
 
 def serve(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model directory, hub repo id, or random:<preset>")],
+    model_arg: ModelArg = None,
+    model: ModelOrArgOpt = None,
     host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: the --model value)")]
@@ -72,23 +75,31 @@ def serve(
         min=1024, help="Bytes of one request's headers (default: h11's 16 KiB)")] = None,
     disable_uvicorn_access_log: Annotated[bool, typer.Option(
         "--disable-uvicorn-access-log", help="No access-log line per request")] = False,
-    device: str | None = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
-    quantization: Annotated[str | None, typer.Option(help="Quantize the blocks' weights at load: fp8 or int8")]
-    = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
     log_level: str = "info",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
     import os
     import sys
 
+    from ..cli import console, fail
+    from ..devices import resolve_device
+    from ..extras import MissingDependency, require
+
+    model = pick_model(model_arg, model, "serve")
+    try:
+        require("serve", feature="fastxlstm serve")
+        device = str(resolve_device(device))
+    except (MissingDependency, ValueError) as e:
+        fail(e)
     sys.setswitchinterval(gil_switch_ms / 1000)  # the scheduler and HTTP threads share one GIL
 
     # read when the kernels are first imported (below, with the model)
     os.environ["FASTXLSTM_TRITON_AUTOTUNE"] = "1" if triton_autotune else "0"
 
     from ..checkpoint import load_model_and_tokenizer, resolve_model_dir
-    from ..cli import _dtype, console, fail
     from ..tokenizer import Tokenizer
     from .app import build_app
     from .chat_template import ChatTemplate
@@ -99,16 +110,16 @@ def serve(
     try:
         if scheduler_process:  # the worker process loads the model; here only the tokenizer and template
             net = WorkerSpec(load_model_and_tokenizer, (model,),
-                             {"device": device, "dtype": _dtype(dtype), "weight_mode": "fused",
+                             {"device": device, "dtype": dtype, "weight_mode": "fused",
                               "quantization": quantization})
             source_dir = None if model.startswith("random:") else resolve_model_dir(model)
             tok = Tokenizer.byte_level() if source_dir is None else Tokenizer.from_dir(source_dir)
         else:
-            net, tok = load_model_and_tokenizer(model, device=device, dtype=_dtype(dtype), weight_mode="fused",
+            net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused",
                                                 quantization=quantization)
             source_dir = getattr(net, "source_dir", None)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
-        fail(str(e))
+        fail(e)
     try:
         template = ChatTemplate.from_model_dir(source_dir)
         if chat_template is not None:

@@ -11,26 +11,24 @@
 Semantics are those of :mod:`fastxlstm.ops.reference` (stabilised state, ``m0 = 0`` for a missing
 state, the final state's ``m``). Inputs may be bf16, fp16 or fp32; gates and states are fp32. The
 kernels run on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests). Importing this
-package raises ImportError without Triton.
+package raises ImportError (:class:`~fastxlstm.extras.MissingDependency`, the install hint) without Triton.
 """
 
 from __future__ import annotations
 
-try:
-    import triton  # noqa: F401
-    import triton.language  # noqa: F401
-except Exception as exc:  # pragma: no cover - depends on the installation
-    raise ImportError(f"fastxlstm.ops.triton needs a working triton installation: {exc}") from exc
-
 import torch
 from torch import Tensor
 
+from ...extras import require
 from ...state import State
 from ..reference import mlstm_chunkwise_reference, mlstm_step_reference
-from ._chunkwise import DEFAULT_KERNEL_CHUNK, MLSTMChunkwiseFn, forward, kernel_chunk_for
-from ._commit import mlstm_commit_
-from ._common import INTERPRET
-from ._step import launch_fused_step, launch_step
+
+require("triton", ("triton", "triton.language"), feature="fastxlstm.ops.triton (the Triton kernels)")
+
+from ._chunkwise import DEFAULT_KERNEL_CHUNK, MLSTMChunkwiseFn, forward, kernel_chunk_for  # noqa: E402
+from ._commit import mlstm_commit_  # noqa: E402
+from ._common import INTERPRET  # noqa: E402
+from ._step import launch_fused_step, launch_step  # noqa: E402
 
 __all__ = ["mlstm_chunkwise", "mlstm_step", "mlstm_step_", "mlstm_decode_cell_", "mlstm_commit_",
            "DEFAULT_KERNEL_CHUNK", "INTERPRET"]

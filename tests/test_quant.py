@@ -283,7 +283,8 @@ def test_clear_errors(tmp_path, monkeypatch):
 
 
 def test_cli_quantization_options(monkeypatch):
-    """``fastxlstm serve --quantization`` reaches the loader (a bad name is a one-line error, no traceback);
+    """``fastxlstm serve --quantization`` reaches the loader (a bad name is a usage error naming it, exit 2, no
+    traceback);
     ``fastxlstm bench --quantization`` accepts bf16 / fp8 / int8 only."""
     import uvicorn
     from typer.testing import CliRunner
@@ -296,7 +297,7 @@ def test_cli_quantization_options(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", no_server)
     cli = CliRunner()
     res = cli.invoke(app, ["serve", "--model", str(MODEL), "--quantization", "int4", "--device", "cpu"])
-    assert res.exit_code == 1 and "unknown quantization 'int4'" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "unknown quantization 'int4'" in res.output and "Traceback" not in res.output
     res = cli.invoke(app, ["bench", "--quantization", "bf16,fp4"])
     assert res.exit_code != 0 and "fp4" in res.output
 

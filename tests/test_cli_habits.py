@@ -100,6 +100,7 @@ def test_missing_local_path_is_not_a_hub_failure(tmp_path, monkeypatch):
     for spec in ("models/typo", "./typo", str(tmp_path / "typo"), "a/b/c"):
         result = runner.invoke(app, ["generate", "--model", spec, "--prompt", "x"])
         one_line_error(result, f"model directory '{spec}' does not exist")
+    one_line_error(runner.invoke(app, ["info", "--model", "models/typo"]), "'models/typo' does not exist")
 
 
 def test_hub_id_failure_says_both(tmp_path, monkeypatch):
@@ -113,7 +114,7 @@ def test_hub_id_failure_says_both(tmp_path, monkeypatch):
 def test_bad_preset_one_line():
     for cmd in (["generate", "--model", "random:nope", "--prompt", "x"],
                 ["eval", "perplexity", "--model", "random:nope", "--data", "README.md"],
-                ["serve", "random:nope"], ["chat", "random:nope"]):
+                ["serve", "random:nope"], ["chat", "random:nope"], ["info", "--model", "random:nope"]):
         one_line_error(runner.invoke(app, cmd, input=""), "unknown preset 'nope'", "xlstm-tiny")
 
 

@@ -179,12 +179,14 @@ def info(model: ModelOpt) -> None:
     from .checkpoint import CONFIG_NAME, resolve_model_dir
     from .config import XLSTMConfig, preset
 
-    if model.startswith("random:"):
-        cfg = preset(model.split(":", 1)[1])
-        n_params = cfg.num_parameters()
-    else:
-        cfg = XLSTMConfig.from_json(resolve_model_dir(model) / CONFIG_NAME)
-        n_params = cfg.num_parameters()
+    try:
+        if model.startswith("random:"):
+            cfg = preset(model.split(":", 1)[1])
+        else:
+            cfg = XLSTMConfig.from_json(resolve_model_dir(model) / CONFIG_NAME)
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
+        fail(e)
+    n_params = cfg.num_parameters()
     table = Table(title=f"xLSTM model {model}")
     table.add_column("field")
     table.add_column("value")

@@ -34,7 +34,7 @@ QuantizationOpt = Annotated[str | None, typer.Option(
     help=f"Quantize the blocks' weights at load: {', '.join(SCHEMES)} or none (a directory saved quantized "
          "loads as saved)", callback=_parsed(parse_quantization))]
 
-ModelArg = Annotated[str | None, typer.Argument(help=f"{MODEL_HELP} (or --model)", show_default=False)]
+ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help=f"{MODEL_HELP} (or --model)", show_default=False)]
 ModelOrArgOpt = Annotated[str | None, typer.Option("--model", "-m", help=f"{MODEL_HELP} (or as the first argument)")]
 
 

@@ -106,6 +106,7 @@ def niah_cmd(
         = 4096,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
 ) -> None:
     """Needle-in-a-haystack retrieval over a grid of context lengths x needle depths (RULER's synthetic tasks,
     generated offline and seeded), greedy answers on the engine, scored by string match; prints the table and
@@ -122,7 +123,7 @@ def niah_cmd(
             raise ValueError(f"unknown NIAH task(s) {', '.join(bad) or tasks!r}: use {', '.join(niah.TASKS)}")
     except ValueError as e:
         fail(str(e))
-    net, tok = _load(model, device, dtype)
+    net, tok = _load(model, device, dtype, quantization)
     llm = LLM(net, tok, max_slots=batch_size, prefill_chunk_size=chunk_size)
     try:
         prompts = niah.NiahBuilder(tok, haystack, seed).samples(task_list, length_list, depth_list, samples)

@@ -12,10 +12,12 @@ from types import ModuleType
 
 #: extra -> the modules it installs (import names)
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "serve": ("fastapi", "uvicorn", "pydantic", "prometheus_client", "jinja2"),
+    "serve": ("fastapi", "uvicorn", "pydantic", "prometheus_client", "jinja2", "xgrammar"),
     "triton": ("triton",),
     "eval": ("lm_eval", "accelerate", "matplotlib"),
 }
+#: modules of an extra that only one feature imports, when it is used (not checked by ``require(extra)``)
+ON_USE = ("xgrammar",)  # structured output (serving/grammar.py)
 
 
 class MissingDependency(ImportError):
@@ -27,12 +29,12 @@ def install_hint(extra: str) -> str:
 
 
 def require(extra: str, modules: tuple[str, ...] | None = None, feature: str | None = None) -> None:
-    """Import ``modules`` (default: every module of ``extra``); :class:`MissingDependency` naming the missing
-    ones and the extra that installs them. ``feature`` names what needs them (default: ``fastxlstm[extra]``)."""
+    """Import ``modules`` (default: the modules of ``extra`` but :data:`ON_USE`); :class:`MissingDependency`
+    naming the missing ones and the extra that installs them. ``feature`` names what needs them."""
     if extra not in EXTRAS:
         raise ValueError(f"unknown extra {extra!r}; known: {', '.join(EXTRAS)}")
     missing = []
-    for name in modules or EXTRAS[extra]:
+    for name in modules or [m for m in EXTRAS[extra] if m not in ON_USE]:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError:

@@ -25,11 +25,12 @@ _batch = None  # that pool (xgrammar.BatchGrammarMatcher), made on first use
 
 
 def _xgr():
+    from ..extras import MissingDependency, optional_import
+
     try:
-        import xgrammar
-    except ImportError as e:  # an optional dependency of the serve extra
-        raise RuntimeError("structured output needs xgrammar: pip install 'fastxlstm[serve]'") from e
-    return xgrammar
+        return optional_import("xgrammar", "serve", feature="structured output")
+    except MissingDependency as e:  # an optional dependency of the serve extra
+        raise RuntimeError(str(e)) from e
 
 
 def bitmask_words(vocab_size: int) -> int:

@@ -226,14 +226,18 @@ def load_state_dict(
     model_dir: Path, model_shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device | str,
     progress: bool | None = None, shards: _Shards | None = None, keep_dtype: dict[str, torch.dtype] | None = None,
     transform: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    deltas: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read and convert the checkpoint tensors the model needs, validating names and shapes first and
     finiteness after conversion (NaN or inf is an error naming the tensor and its file).
 
     Tensors named in ``keep_dtype`` (quantized weights, their scales) are not converted: the checkpoint
     must hold them in the dtype given there. ``transform(name, tensor)`` (load-time quantization) maps
-    each converted tensor to the entries it becomes, one tensor at a time."""
+    each converted tensor to the entries it becomes, one tensor at a time. ``deltas`` (checkpoint name ->
+    float32 tensor, e.g. a LoRA adapter's ``scaling * B @ A``) are added to those checkpoint tensors in
+    float32 before the conversion (and before ``transform``)."""
     keep_dtype = keep_dtype or {}
+    deltas = deltas or {}
     checked: dict[str, torch.Tensor] = {}
     shards = shards or _Shards.open(model_dir)
     handles, where, ckpt_shapes = shards.handles, shards.where, shards.shapes
@@ -251,6 +255,11 @@ def load_state_dict(
         if any(ckpt_shapes[k][1:] != ckpt_shapes[source.keys[0]][1:] for k in source.keys) or got != expected:
             shapes = " + ".join(str(ckpt_shapes[k]) for k in source.keys)
             wrong.append(f"{'+'.join(source.keys)}: checkpoint {shapes} vs model {expected}")
+    for key, d in deltas.items():
+        if key not in where:
+            missing.append(f"{key} (named by the adapter)")
+        elif list(d.shape) != ckpt_shapes[key]:
+            wrong.append(f"{key}: checkpoint {ckpt_shapes[key]} vs adapter {list(d.shape)}")
     if missing or unexpected or wrong:
         lines = [f"checkpoint in {model_dir} does not match its config:"]
         for title, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
@@ -262,16 +271,25 @@ def load_state_dict(
 
     total = sum(torch.Size(s).numel() for s in ckpt_shapes.values())
     show = progress if progress is not None else total > 200_000_000
+    def read(key: str) -> torch.Tensor:
+        t = handles[where[key]].get_tensor(key)
+        return t.float() + deltas[key] if key in deltas else t
+
     out: dict[str, torch.Tensor] = {}
     for name, source in tqdm(plan.items(), desc="loading weights", unit="tensor", disable=not show):
         if source.rows is not None:  # read only this part's rows of the fused tensor
             key = source.keys[0]
             t = handles[where[key]].get_slice(key)[source.rows[0]:source.rows[1]]
+            if key in deltas:
+                t = t.float() + deltas[key][source.rows[0]:source.rows[1]]
         elif len(source.keys) > 1:
-            t = torch.cat([handles[where[k]].get_tensor(k) for k in source.keys], dim=0)
+            t = torch.cat([read(k) for k in source.keys], dim=0)
         else:
-            t = handles[where[source.keys[0]]].get_tensor(source.keys[0])
+            t = read(source.keys[0])
         if name in keep_dtype:
+            if any(k in deltas for k in source.keys):
+                raise CheckpointError(f"{'+'.join(source.keys)} in {shards.file_of(source.keys[0])} is saved "
+                                      "quantized: an adapter can only be merged into an unquantized base")
             if t.dtype != keep_dtype[name]:
                 raise CheckpointError(f"{'+'.join(source.keys)} in {shards.file_of(source.keys[0])} is {t.dtype}; "
                                       f"its config.json's quantization_config needs {keep_dtype[name]}")
@@ -310,11 +328,15 @@ def _check_finite(tensors: dict[str, torch.Tensor], plan: dict[str, _Source], sh
 def load(
     path_or_repo_id: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
     weight_mode: str | None = None, progress: bool | None = None, quantization: str | None = None,
-    quantize_lm_head: bool = False,
+    quantize_lm_head: bool = False, adapter: str | os.PathLike | None = None,
 ) -> XLSTMForCausalLM:
     """Load a model from a directory in the HF layout or a hub repo id.
 
-    ``weight_mode`` overrides the config's (``"fused"`` is what inference wants).
+    ``weight_mode`` overrides the config's (``"fused"`` is what inference wants). ``adapter`` is a
+    PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``): its update is
+    merged into the weights as they are read (``W + scaling * B @ A`` in float32, then ``dtype``; with
+    ``quantization`` the merged weight is quantized), so the model runs at the base model's speed and
+    equals base + adapter up to the rounding to ``dtype``.
     A spec ``random:<preset>`` builds a randomly initialised preset (for benchmarks).
     ``quantization`` (``"int8"`` / ``"fp8"``, :mod:`fastxlstm.model.quant`) quantizes the blocks'
     projections (and the LM head with ``quantize_lm_head``) while loading, one tensor at a time, so the
@@ -328,6 +350,8 @@ def load(
     if spec.startswith("random:"):
         from .config import preset
 
+        if adapter is not None:
+            raise ValueError("an adapter needs the base model it was trained on, not a random:<preset> model")
         cfg = preset(spec.split(":", 1)[1])
         if weight_mode:
             cfg = cfg.replace(weight_mode=weight_mode)
@@ -360,11 +384,18 @@ def load(
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     keep = {k: v.dtype for k, v in model.state_dict().items() if saved is not None and keeps_dtype(k, v)}
-    state = load_state_dict(model_dir, shapes, dtype, device, progress, shards, keep_dtype=keep, transform=transform)
+    deltas = None
+    if adapter is not None:
+        from .model.lora import adapter_deltas
+
+        deltas = adapter_deltas(adapter)
+    state = load_state_dict(model_dir, shapes, dtype, device, progress, shards, keep_dtype=keep, transform=transform,
+                            deltas=deltas)
     model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     model.source_dir = model_dir  # type: ignore[attr-defined]
+    model.adapter_dir = Path(adapter) if adapter is not None else None  # type: ignore[attr-defined]
     return model.eval()
 
 
@@ -472,15 +503,18 @@ def save_pretrained(
 def load_model_and_tokenizer(
     path_or_repo_id: str | os.PathLike, device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None, weight_mode: str | None = None, quantization: str | None = None,
+    adapter: str | os.PathLike | None = None,
 ):
-    """Model plus its tokenizer (a byte-level one for ``random:<preset>`` specs). ``device`` None: CUDA when
-    available; ``dtype`` None / ``"auto"``: bfloat16 on CUDA, float32 on the CPU (:mod:`fastxlstm.devices`)."""
+    """Model (with ``adapter`` merged, see :func:`load`) plus its tokenizer (a byte-level one for
+    ``random:<preset>`` specs). ``device`` None: CUDA when available; ``dtype`` None / ``"auto"``: bfloat16 on
+    CUDA, float32 on the CPU (:mod:`fastxlstm.devices`)."""
     from .tokenizer import Tokenizer
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
     quantization = parse_quantization(quantization)
-    model = load(path_or_repo_id, device=device, dtype=dtype, weight_mode=weight_mode, quantization=quantization)
+    model = load(path_or_repo_id, device=device, dtype=dtype, weight_mode=weight_mode, quantization=quantization,
+                 adapter=adapter)
     if str(path_or_repo_id).startswith("random:"):
         tokenizer = Tokenizer.byte_level()
     else:

@@ -69,7 +69,8 @@ class LLM:
     ``"auto"`` (None: bfloat16 on CUDA, float32 on the CPU), ``"half"``, ``"bfloat16"``, ``"float16"``,
     ``"float32"`` (:func:`fastxlstm.devices.parse_dtype`, the CLI's ``--dtype``); ``random:<preset>``
     builds a randomly initialised model (benchmarks). ``quantization="fp8"|"int8"`` quantizes the blocks'
-    weights (:func:`fastxlstm.load`; a given model is quantized in place). See :meth:`generate`, :meth:`stream`,
+    weights (:func:`fastxlstm.load`; a given model is quantized in place). ``adapter=DIR`` merges a PEFT LoRA
+    adapter into the weights as they load (:func:`fastxlstm.load`; base speed). See :meth:`generate`, :meth:`stream`,
     :meth:`prefill`; :attr:`engine` is the slot-level engine underneath."""
 
     def __init__(
@@ -78,9 +79,13 @@ class LLM:
         prefill_chunk_size: int = 4096, backend: str = "auto", sync_every: int = 16,
         state_dtype: str | torch.dtype | None = None, quantization: str | None = None,
         speculative_config: SpeculativeConfig | dict | str | None = None,
+        adapter: str | os.PathLike | None = None,
     ):
         dtype, quantization = parse_dtype(dtype), parse_quantization(quantization)
         if isinstance(model, XLSTMForCausalLM):
+            if adapter is not None:
+                raise ValueError("adapter= needs the base model's path (it is merged while loading); for a model "
+                                 "object, load it with fastxlstm.load(path, adapter=DIR)")
             net = model
             if device is not None or dtype is not None:
                 net = net.to(device=None if device is None else resolve_device(device), dtype=dtype)
@@ -92,7 +97,7 @@ class LLM:
             from ..checkpoint import load_model_and_tokenizer
 
             net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused",
-                                                quantization=quantization)
+                                                quantization=quantization, adapter=adapter)
             tokenizer = tokenizer if tokenizer is not None else tok
         self.model = net
         self.tokenizer = tokenizer

@@ -78,6 +78,9 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantization: QuantizationOpt = None,
+    adapter: Annotated[Path | None, typer.Option(
+        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) trained on MODEL: "
+             "merged into the weights at load (served at the base model's speed)")] = None,
     log_level: str = "info",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
@@ -111,12 +114,12 @@ def serve(
         if scheduler_process:  # the worker process loads the model; here only the tokenizer and template
             net = WorkerSpec(load_model_and_tokenizer, (model,),
                              {"device": device, "dtype": dtype, "weight_mode": "fused",
-                              "quantization": quantization})
+                              "quantization": quantization, "adapter": adapter})
             source_dir = None if model.startswith("random:") else resolve_model_dir(model)
             tok = Tokenizer.byte_level() if source_dir is None else Tokenizer.from_dir(source_dir)
         else:
             net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused",
-                                                quantization=quantization)
+                                                quantization=quantization, adapter=adapter)
             source_dir = getattr(net, "source_dir", None)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         fail(e)

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .distributed import DistEnv, barrier, broadcast_object
 
@@ -126,6 +126,12 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 
 
 # ------------------------------------------------------------------------- listing, checks
+# Frozen parameters (a LoRA run's base weights) are not saved: they come from the config (model.init_from or the
+# seeded preset) on resume. Loading is not strict because of them; every other missing key is an error.
+STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:07d}"
 
@@ -227,7 +233,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         if tmp.exists():
             shutil.rmtree(tmp)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
     with warnings.catch_warnings():  # single process: no process group is expected
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -252,7 +258,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer state in place (collective); returns the trainer state."""
     read_metadata(path)  # refuses a hostile .metadata with its own error (inside dcp.load it is wrapped)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
     try:
         with warnings.catch_warnings():
@@ -263,7 +269,12 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
         if ours:
             raise ours[0] from None
         raise
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    result = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                            options=LOAD_OPTIONS)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    wrong = sorted(set(getattr(result, "missing_keys", [])) - frozen) + sorted(getattr(result, "unexpected_keys", []))
+    if wrong:
+        raise CheckpointIntegrityError(f"checkpoint {path} does not match the model: {', '.join(wrong[:8])}")
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 

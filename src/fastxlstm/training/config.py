@@ -10,6 +10,17 @@ from typing import Any
 
 import yaml
 
+from ..model.lora import DEFAULT_TARGETS
+
+
+@dataclass
+class LoRASection:
+    r: int = 0  # 0: train every parameter; > 0: LoRA of this rank on the frozen base (fastxlstm.model.lora)
+    alpha: float = 16.0  # scaling = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # projection names
+    use_rslora: bool = False
+
 
 @dataclass
 class ModelSection:
@@ -18,6 +29,7 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)  # XLSTMConfig fields, e.g. vocab_size
     init_from: str | None = None  # HF-layout directory to fine-tune from (e.g. the 7B)
     backend: str = "auto"  # mLSTM ops: auto (Triton on GPU), reference, triton
+    lora: LoRASection = field(default_factory=LoRASection)
 
 
 @dataclass
@@ -82,7 +94,8 @@ class CheckpointSection:
 class ExportSection:
     enabled: bool = True
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    dir: str | None = None  # default: <out_dir>/final
+    dir: str | None = None  # default: <out_dir>/final (LoRA runs: the adapter, default <out_dir>/adapter)
+    merged: bool = False  # LoRA runs: also write base + adapter merged, as an HF directory, to <out_dir>/final
 
 
 @dataclass

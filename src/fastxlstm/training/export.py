@@ -17,22 +17,30 @@ from .distributed import DistEnv, barrier
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict on rank 0 (empty on other ranks of a sharded model). Collective."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return get_model_state_dict(model, options=opts)
 
 
 def export(model: nn.Module, env: DistEnv, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None,
-           dtype: str = "float32") -> Path:
-    """Collective: every rank calls it, rank 0 writes ``out_dir``."""
+           dtype: str = "float32", merged_dir: str | os.PathLike | None = None, base_model: str | None = None) -> Path:
+    """Collective: every rank calls it, rank 0 writes ``out_dir``. A LoRA model writes its adapter
+    (PEFT format, float32) there and, with ``merged_dir``, base + adapter as an HF directory."""
     if dtype not in DTYPES:
         raise ValueError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    state = full_state_dict(model)
+    lora = getattr(model, "lora_config", None)
+    state = full_state_dict(model, trainable_only=lora is not None and merged_dir is None)
     out = Path(out_dir)
     if env.is_main:
         cfg = model.config
-        if isinstance(cfg, XLSTMConfig):
+        if lora is not None:
+            from ..model.lora import merge_lora_state, save_adapter
+
+            save_adapter(state, lora, out, base_model, tokenizer_dir)
+            if merged_dir is not None:
+                save_xlstm(cfg, merge_lora_state(state, lora), Path(merged_dir), tokenizer_dir, DTYPES[dtype])
+        elif isinstance(cfg, XLSTMConfig):
             save_xlstm(cfg, state, out, tokenizer_dir, DTYPES[dtype])
         else:
             save_plain(cfg, state, out, DTYPES[dtype])

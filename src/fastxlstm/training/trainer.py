@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,19 +65,29 @@ def model_config(cfg: TrainConfig, data: TokenShards) -> tuple[XLSTMConfig, Any]
     raise ValueError(f"model.arch must be xlstm or llama, got {mc.arch!r}")
 
 
-def build(cfg: TrainConfig, arch_cfg: Any, device: torch.device) -> nn.Module:
+def build(cfg: TrainConfig, arch_cfg: Any, device: torch.device, base_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model to train. With ``model.lora.r > 0``: the base in ``base_dtype`` (the 'single'
+    layout), frozen, with float32 LoRA weights on the target projections."""
     from ..model import build_model
+    from ..model.lora import LoRAConfig, apply_lora
 
-    seed = cfg.train.seed
+    seed, lora = cfg.train.seed, cfg.model.lora
     if isinstance(arch_cfg, LlamaConfig):
+        if lora.r:
+            raise ValueError("model.lora applies to xLSTM models; the llama baseline trains every parameter")
         return build_llama(arch_cfg, device=device, seed=seed)
+    dtype = base_dtype if lora.r else torch.float32
     if cfg.model.init_from:
         from ..checkpoint import load
 
-        model = load(cfg.model.init_from, device=device, dtype=torch.float32)
-        model.train()
-        return model
-    return build_model(arch_cfg, device=device, dtype=torch.float32, seed=seed)
+        model = load(cfg.model.init_from, device=device, dtype=dtype, weight_mode="single" if lora.r else None)
+    else:
+        model = build_model(arch_cfg.replace(weight_mode="single") if lora.r else arch_cfg, device=device,
+                            dtype=dtype, seed=seed)
+    if lora.r:
+        apply_lora(model, LoRAConfig(**dataclasses.asdict(lora)), seed=seed)
+    model.train()
+    return model
 
 
 class CSVLog:
@@ -136,7 +148,8 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
         barrier()
 
-        model = build(cfg, self.arch_cfg, torch.device("cpu") if env.distributed else env.device)
+        model = build(cfg, self.arch_cfg, torch.device("cpu") if env.distributed else env.device,
+                      torch.bfloat16 if self.bf16 else torch.float32)
         model.set_backend(cfg.model.backend)
         # Token ids are validated once against the data's vocabulary (model_config); skip the
         # per-forward check, which would synchronise host and device at every micro-step.
@@ -144,6 +157,9 @@ class Trainer:
             model.check_input_ids = lambda ids: None  # type: ignore[method-assign]
         model.gradient_checkpointing = cfg.train.activation_checkpointing
         self.n_params = model.num_parameters()
+        self.n_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+        # dropout (LoRA's) draws from torch's RNG: seeded per micro-step so that resume stays exact
+        self.reseed = cfg.model.lora.r > 0 and cfg.model.lora.dropout > 0
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
         if cfg.train.compile:
             for block in model_blocks(model):
@@ -175,16 +191,27 @@ class Trainer:
         precision = ("bf16 compute, fp32 master weights" + (" (FSDP2 mixed precision)" if self.env.distributed
                                                             else " (autocast)")) if self.bf16 else "fp32"
         every = cfg.checkpoint.every
+        export_dir, merged = self.export_dirs()
+        lora = (f" (LoRA r={mc.lora.r}: {self.n_trainable:,} trained, the base frozen)" if mc.lora.r else "")
         return "\n".join([
-            f"train: {mc.arch} {source}: {self.n_params:,} parameters",
+            f"train: {mc.arch} {source}: {self.n_params:,} parameters{lora}",
             f"train: {self.tokens_per_step:,} tokens per step ({tc.micro_batch_size} sequences x {cfg.data.seq_len} "
             f"tokens x {tc.grad_accum} accumulation x {self.env.world_size} process(es)), {tc.steps:,} steps = "
             f"{tc.steps * self.tokens_per_step:,} tokens",
             f"train: devices {self.devices}, precision {precision}, backend {mc.backend}",
             f"train: writes {self.out}/ (metrics.csv, eval.csv, checkpoints/ "
             + (f"every {every} steps" if every > 0 else "only on SIGTERM/Ctrl-C")
-            + (f", export to {cfg.export.dir or self.out / 'final'}" if cfg.export.enabled else "") + ")",
+            + (f", export to {export_dir}" + (f" and merged to {merged}" if merged else "") if cfg.export.enabled
+               else "") + ")",
         ])
+
+    def export_dirs(self) -> tuple[Path, Path | None]:
+        """Where the export goes (a LoRA run: the PEFT adapter) and, for a LoRA run with ``export.merged``,
+        the merged HF directory."""
+        cfg = self.cfg
+        lora = cfg.model.lora.r > 0
+        export_dir = Path(cfg.export.dir) if cfg.export.dir else self.out / ("adapter" if lora else "final")
+        return export_dir, (self.out / "final" if lora and cfg.export.merged else None)
 
     @contextlib.contextmanager
     def _checkpoint_on_signals(self):
@@ -346,6 +373,9 @@ class Trainer:
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 if env.distributed:
                     model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+                if self.reseed:
+                    seq = np.random.SeedSequence([tc.seed, step, micro, env.rank])
+                    torch.manual_seed(int(seq.generate_state(1)[0]))
                 loss = self.micro_loss(x, y) / denom
                 loss.backward()
                 loss_acc += loss.detach()
@@ -373,7 +403,8 @@ class Trainer:
                     tqdm.write(f"step {done}: held-out loss {last_val:.4f} (ppl {ppl:.2f})")
                 if cfg.eval.keep_best and (best is None or last_val < best[0]):
                     best = (last_val, done)
-                    export(model, env, self.out / "best", self.data.tokenizer_dir, cfg.export.dtype)
+                    export(model, env, self.out / "best", self.data.tokenizer_dir, cfg.export.dtype,
+                           base_model=cfg.model.init_from)
                     if env.is_main:
                         (self.out / "best" / "best_step.json").write_text(
                             json.dumps({"step": done, "tokens": tokens, "val_loss": last_val}) + "\n")
@@ -404,7 +435,8 @@ class Trainer:
         bar.close()
         wall = time.perf_counter() - t_start
         summary: dict[str, Any] = {
-            "arch": cfg.model.arch, "parameters": self.n_params, "steps": tc.steps, "tokens": tokens,
+            "arch": cfg.model.arch, "parameters": self.n_params, "trainable_parameters": self.n_trainable,
+            "steps": tc.steps, "tokens": tokens,
             "world_size": env.world_size, "device": torch.cuda.get_device_name(env.device)
             if env.device.type == "cuda" else "cpu",
             "final_val_loss": last_val, "final_val_ppl": math.exp(last_val) if last_val is not None else None,
@@ -415,9 +447,11 @@ class Trainer:
         if self.peak and summary["tokens_per_s"]:
             summary["mfu"] = summary["tokens_per_s"] * self.flops_per_token / (self.peak * env.world_size)
         if cfg.export.enabled:
-            export_dir = Path(cfg.export.dir) if cfg.export.dir else self.out / "final"
-            export(model, env, export_dir, self.data.tokenizer_dir, cfg.export.dtype)
+            export_dir, merged = self.export_dirs()
+            export(model, env, export_dir, self.data.tokenizer_dir, cfg.export.dtype, merged, cfg.model.init_from)
             summary["export_dir"] = str(export_dir)
+            if merged is not None:
+                summary["merged_dir"] = str(merged)
         if env.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if tb is not None:

@@ -1,6 +1,7 @@
 """The server with its scheduler in a worker process (``ServeConfig.scheduler_process``), through the real
 ``openai`` client: the same answers as the in-process server, streaming, cancellation, timeouts, the bounded
-queue, metrics from the worker, graceful shutdown, and a dead worker answering 503."""
+queue, metrics from the worker, graceful shutdown, and a dead worker: its requests fail with 503, the watchdog
+restarts it, or (restarts used up) the server stops; ``fastxlstm serve`` exits 1 then."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from fastxlstm.checkpoint import load
 from fastxlstm.config import XLSTMConfig
 from fastxlstm.serving.app import build_app
+from fastxlstm.serving.replicas import Replicas
 from fastxlstm.serving.runtime import ServeConfig
 from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import SchedulerProxy, WorkerSpec
@@ -47,14 +49,14 @@ def start(tiny, process: bool, **overrides) -> ServerThread:
 
 @pytest.fixture(scope="module")
 def servers(tiny):
-    with start(tiny, False) as local, start(tiny, True, request_timeout=4.0) as remote:
+    with start(tiny, False) as local, start(tiny, True) as remote:
         yield local, remote
 
 
 def proxy(srv: ServerThread) -> SchedulerProxy:
     sched = srv.server.config.app.state.server.scheduler
-    assert isinstance(sched, SchedulerProxy)
-    return sched
+    assert isinstance(sched, Replicas) and len(sched.proxies) == 1
+    return sched.proxies[0]
 
 
 def client(srv: ServerThread) -> openai.OpenAI:
@@ -122,9 +124,14 @@ def test_disconnect_frees_the_slot_and_timeout(servers):
         stream_then_disconnect(http, BASE["max_slots"])
         wait_idle(remote, timeout=2.0)  # freed by the disconnect, well before the request's timeout
         assert metric(remote, "fastxlstm_slots_used") == 0
-        # the per-request timeout (4 s here) holds in the worker
+        # the per-request timeout (4 s here; set where requests are built, in the HTTP process) holds in the worker
+        config = remote.server.config.app.state.server.config
+        config.request_timeout = 4.0
         t = time.monotonic()
-        r = http.post("/v1/completions", json={**LONG, "stream": False}, timeout=30)
+        try:
+            r = http.post("/v1/completions", json={**LONG, "stream": False}, timeout=30)
+        finally:
+            config.request_timeout = 600.0
         assert r.status_code == 408 and "timed out" in r.json()["error"]["message"]
         assert 3.5 < time.monotonic() - t < 20
         wait_idle(remote)
@@ -156,30 +163,49 @@ def test_bounded_queue_answers_429(tiny):
     assert not sched.process.is_alive() and sched.exit_reason == "shut down"  # graceful shutdown
 
 
-def test_worker_crash_gives_503(tiny):
-    with start(tiny, True) as srv:
+def test_worker_crash_fails_requests_then_the_worker_restarts(tiny):
+    with start(tiny, True, restart_backoff=0.2) as srv:
         sched = proxy(srv)
+        old = sched.pid
         c = client(srv)
         stream = c.completions.create(model="tiny", prompt="The quick", max_tokens=500_000, stream=True,
                                       extra_body={"ignore_eos": True})
         it = iter(stream)
         next(it)
-        os.kill(sched.pid, signal.SIGKILL)
+        os.kill(old, signal.SIGKILL)
         with pytest.raises(openai.APIError, match="engine process"):
             for _ in it:
                 pass
-        deadline = time.monotonic() + 10
-        while sched.alive and time.monotonic() < deadline:
-            time.sleep(0.02)
-        health = httpx.get(srv.base_url + "/health")
-        assert health.status_code == 503 and "retry-after" in health.headers
+        health = httpx.get(srv.base_url + "/health")  # down until the new worker is up
+        assert health.status_code == 503 and "retry-after" in health.headers, health.text
+        assert "not running" in health.json()["error"]["message"] or "restarting" in health.json()["error"]["message"]
         with pytest.raises(openai.APIStatusError) as e:
             c.completions.create(model="tiny", prompt="hi", max_tokens=4)
-        assert e.value.status_code == 503
+        assert e.value.status_code == 503 and e.value.code == "engine_unavailable"
         assert httpx.get(srv.base_url + "/metrics").status_code == 200  # the HTTP side still answers
+        deadline = time.monotonic() + 120
+        while httpx.get(srv.base_url + "/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sched.alive and sched.pid != old
+        r = c.completions.create(model="tiny", prompt="hi", max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens == 4
+        assert metric(srv, "fastxlstm_worker_restarts_total") == 1
 
 
-def test_cli_scheduler_process_serves_and_stops_on_sigint(tmp_path):
+def test_worker_deaths_beyond_the_restart_budget_stop_the_server(tiny):
+    srv = start(tiny, True, worker_restarts=0)
+    with srv:
+        os.kill(proxy(srv).pid, signal.SIGKILL)
+        srv.thread.join(timeout=60)  # the front end stops by itself
+        assert not srv.thread.is_alive()
+        assert "worker_restarts=0" in srv.server.fatal
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task").glob("*/children") for p in p.read_text().split()]
+
+
+def test_cli_scheduler_process_restarts_a_killed_worker_and_stops_on_sigint(tmp_path):
     import socket
     import subprocess
     import sys
@@ -190,7 +216,8 @@ def test_cli_scheduler_process_serves_and_stops_on_sigint(tmp_path):
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--model", "random:xlstm-tiny", "--port",
                              str(port), "--served-model-name", "t", "--scheduler-process", "--max-slots", "2",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--max-model-len", "100000", "--disable-uvicorn-access-log"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group, as a terminal's foreground job
     try:
         deadline = time.monotonic() + 120
@@ -203,14 +230,42 @@ def test_cli_scheduler_process_serves_and_stops_on_sigint(tmp_path):
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        worker = [int(p) for p in Path(f"/proc/{proc.pid}/task").glob("*/children") for p in p.read_text().split()]
-        r = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30).completions.create(
-            model="t", prompt="hello", max_tokens=5, temperature=0)
+        worker = children(proc.pid)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
+        r = c.completions.create(model="t", prompt="hello", max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5
+        # two clients hang up (a stream, a plain request): one log line each, no traceback
+        long = {"model": "t", "prompt": "hello", "max_tokens": 90_000, "ignore_eos": True}
+        with httpx.Client(base_url=base) as http:
+            with http.stream("POST", "/v1/completions", json={**long, "stream": True}) as resp:
+                lines = resp.iter_lines()
+                assert next(lines).startswith("data: ")
+            with pytest.raises(httpx.TimeoutException):
+                http.post("/v1/completions", json=long, timeout=1.0)
+            deadline = time.monotonic() + 30
+            while http.get("/health").json()["slots_free"] != 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        # kill -9 the engine worker: the watchdog starts a new one (after 1 s) and the server serves again
+        victim = next(pid for pid in worker if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text())
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200 and victim not in children(proc.pid):
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None
+            time.sleep(0.2)
+        r = c.completions.create(model="t", prompt="hello", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5
+        worker = children(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, the scheduler process included
         assert proc.wait(timeout=60) == 0
         out = proc.stdout.read()
-        assert "Traceback" not in out and "scheduler process exited" not in out, out  # it stopped, not died
+        assert "Traceback" not in out, out
+        assert out.count("client disconnected") == 2, out
+        assert out.count("restarting it in") == 1 and out.count("running again") == 1, out  # one restart
         assert worker
 
         def running(pid: int) -> bool:

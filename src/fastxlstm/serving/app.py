@@ -24,6 +24,7 @@ from .chat_template import ChatTemplate
 from .completions import completions as completions_endpoint
 from .errors import APIError, error_response, http_phrase
 from .middleware import GuardMiddleware
+from .replicas import Replicas
 from .requests import ShuttingDown
 from .runtime import ServeConfig, make_backend, warm_up
 from .schemas import ModelCard, ModelList
@@ -33,7 +34,7 @@ from .tokenize import detokenize as detokenize_endpoint
 from .tokenize import tokenize as tokenize_endpoint
 from .tokenize import tokenizer_info as tokenizer_info_endpoint
 from .tokenize import version as version_endpoint
-from .worker import SchedulerProxy, WorkerSpec
+from .worker import WorkerSpec
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -64,6 +65,9 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
 
     app = FastAPI(title="fastxlstm", version="0.1.0", lifespan=lifespan)
     app.state.server = server
+    app.state.fatal = None  # set when the engine processes cannot be kept up: the HTTP server then stops
+    if isinstance(server.scheduler, Replicas):
+        server.scheduler.on_fatal = lambda reason: setattr(app.state, "fatal", reason)
 
     async def drain() -> None:
         """On the stop signal, while the socket still listens (``serving.http.DrainingServer``): stop admitting
@@ -102,18 +106,19 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
         down = error_response(503, "the engine is not running", retry_after=config.retry_after)
         if not sched.alive or not sched.accepting:
             return down
-        if isinstance(sched, SchedulerProxy):
+        if isinstance(sched, Replicas):
             try:
                 stats = await sched.stats_async()
-            except (ShuttingDown, asyncio.TimeoutError):
-                return down
+            except (ShuttingDown, asyncio.TimeoutError) as e:
+                return error_response(503, f"the engine is not running: {e}" if str(e) else
+                                      "the engine is not running", retry_after=config.retry_after)
         else:
             stats = sched.stats()
         return {"status": "ok", **stats}
 
     @app.get("/metrics")
     async def metrics():
-        if not isinstance(server.scheduler, SchedulerProxy):
+        if not isinstance(server.scheduler, Replicas):
             body = server.metrics.render()
         else:  # the worker's metrics, and the HTTP request counts
             body = server.metrics.render(include={"fastxlstm_requests"})

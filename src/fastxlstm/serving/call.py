@@ -4,6 +4,8 @@ updates (stop strings, logprobs, finish reasons), usage counts, and cancellation
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -23,6 +25,8 @@ from .requests import (
 )
 from .schemas import Usage
 from .server import ServerState
+
+log = logging.getLogger("fastxlstm.serving")
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Call:
         self.prompt_scores: list = [None] * len(reqs)  # each request's PromptScores, where it asked for them
         self._req_index = {req.id: i for i, req in enumerate(reqs)}
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.started = time.monotonic()
 
     @property
     def completion_tokens(self) -> int:
@@ -70,10 +75,16 @@ class Call:
             self.server.scheduler.submit(self.reqs, asyncio.get_running_loop(), self.queue)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full", retry_after=self.server.config.retry_after) from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), code="shutting_down", retry_after=self.server.config.retry_after) from None
+        except ShuttingDown as e:  # (EngineUnavailable: the worker process is down)
+            raise APIError(503, str(e), code=getattr(e, "code", "shutting_down"),
+                           retry_after=self.server.config.retry_after) from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    def log_disconnect(self) -> None:
+        """The one log line of a client that went away before its answer was complete (no traceback)."""
+        log.info("client disconnected after %.1f s: request %s cancelled after %d of its tokens",
+                 time.monotonic() - self.started, ",".join(str(r.id) for r in self.reqs), self.completion_tokens)
 
     def cancel(self) -> None:
         for req in self.reqs:
@@ -170,6 +181,7 @@ async def collect(request: Request, call: Call) -> list[Update]:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():  # the client is gone: nobody will read an answer
             work.cancel()
+            call.log_disconnect()
             raise APIError(499, "client closed the request", code="client_closed")
         return work.result()
     finally:

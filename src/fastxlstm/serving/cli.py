@@ -35,6 +35,14 @@ def serve(
     scheduler_process: Annotated[bool, typer.Option(
         help="Run the model and scheduler in a worker process, so the HTTP front end (its own process) does not "
              "compete with them for the GIL")] = False,
+    data_parallel_size: Annotated[int, typer.Option(
+        "--data-parallel-size", "-dp", min=1,
+        help="Engine worker processes (replicas, each its own model; one GPU each via CUDA_VISIBLE_DEVICES) behind "
+             "the one HTTP front end; requests go to the replica holding their prompt's cached prefix, else the "
+             "least-loaded one. More than 1 implies --scheduler-process")] = 1,
+    worker_restarts: Annotated[int, typer.Option(
+        min=0, help="Restarts of a dead engine worker within 10 minutes before the server gives up and exits "
+                    "with status 1 (for a supervisor to restart it); 0: exit at the first death")] = 3,
     triton_autotune: Annotated[bool, typer.Option(
         help="Autotune the Triton kernels for each new prompt shape while serving (each new shape stalls "
              "the server for seconds); off: the first launch config that fits")] = False,
@@ -110,11 +118,14 @@ def serve(
     from .runtime import LOOPBACK_HOSTS, ServeConfig
     from .worker import WorkerSpec
 
+    scheduler_process = scheduler_process or data_parallel_size > 1
+    _log_to_console(log_level)
     try:
         if scheduler_process:  # the worker process loads the model; here only the tokenizer and template
             net = WorkerSpec(load_model_and_tokenizer, (model,),
                              {"device": device, "dtype": dtype, "weight_mode": "fused",
-                              "quantization": quantization, "adapter": adapter})
+                              "quantization": quantization, "adapter": adapter},
+                             replica_envs=replica_envs(data_parallel_size, device))
             source_dir = None if model.startswith("random:") else resolve_model_dir(model)
             tok = Tokenizer.byte_level() if source_dir is None else Tokenizer.from_dir(source_dir)
         else:
@@ -146,13 +157,14 @@ def serve(
         allowed_hosts=hosts, body_timeout=body_timeout or None,
         stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
         overlap_decode=overlap_decode, prefill_pad_ratio=prefill_pad_ratio, early_launch=early_launch,
-        scheduler_process=scheduler_process,
+        scheduler_process=scheduler_process, data_parallel_size=data_parallel_size, worker_restarts=worker_restarts,
     )
     try:
         app = build_app(net, tok, config, template, drain_timeout=drain_timeout)
     except ValueError as e:
         fail(str(e))
-    where = "a worker process" if scheduler_process else f"device {net.device}"
+    where = (f"{data_parallel_size} worker processes" if data_parallel_size > 1 else "a worker process") \
+        if scheduler_process else f"device {net.device}"
     console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1 ({max_slots} slots, {where}, "
                   f"chat template: {template.origin})")
     raise_fd_limit()
@@ -167,3 +179,41 @@ def serve(
         pass
     if not server.started:
         sys.exit(3)  # uvicorn's start-up failure status (as uvicorn.run)
+    if server.fatal is not None:
+        console.print(f"[red]error:[/] {server.fatal}; exiting")
+        sys.exit(1)
+
+
+def replica_envs(replicas: int, device: str | None) -> tuple[dict[str, str], ...]:
+    """Each data-parallel replica's environment: on CUDA one GPU each (``CUDA_VISIBLE_DEVICES``, taken from the
+    visible ones in order); on a CPU nothing (N processes)."""
+    import os
+
+    import torch
+
+    if replicas == 1 or (device or "cuda").split(":")[0] != "cuda" or not torch.cuda.is_available():
+        return ()
+    if device is not None and ":" in device:
+        raise ValueError(f"--device {device} with --data-parallel-size {replicas}: each replica gets its own GPU "
+                         "(CUDA_VISIBLE_DEVICES); pass --device cuda")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if len(ids) < replicas:
+        raise ValueError(f"--data-parallel-size {replicas} needs {replicas} GPUs, {len(ids)} visible")
+    return tuple({"CUDA_VISIBLE_DEVICES": ids[i]} for i in range(replicas))
+
+
+def _log_to_console(level: str) -> None:
+    """The server's own log lines (``fastxlstm.serving``: disconnects, the watchdog) as uvicorn writes its own."""
+    import logging
+
+    from uvicorn.logging import DefaultFormatter
+
+    logger = logging.getLogger("fastxlstm.serving")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=None))
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+        logger.propagate = False

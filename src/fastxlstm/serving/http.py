@@ -130,7 +130,17 @@ class DrainingServer(uvicorn.Server):
     """uvicorn's server, but on the stop signal (SIGINT/SIGTERM, ``should_exit``) the app drains first
     (``app.state.drain``: refuse new work with 503, finish or end what runs) while the socket still listens, so
     new clients get a 503 + Retry-After instead of a refused connection; then uvicorn's own shutdown closes the
-    listener and waits for the responses to end (``timeout_graceful_shutdown``)."""
+    listener and waits for the responses to end (``timeout_graceful_shutdown``). It also stops when the app gives up
+    on its engine (``app.state.fatal``: worker processes that keep dying); ``fastxlstm serve`` then exits with 1."""
+
+    @property
+    def fatal(self) -> str | None:
+        return getattr(getattr(self.config.app, "state", None), "fatal", None)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.fatal is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets=None) -> None:
         drain = getattr(getattr(self.config.app, "state", None), "drain", None)

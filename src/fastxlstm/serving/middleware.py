@@ -13,6 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from .errors import APIError
+from .memory import TRIM_AFTER_BYTES, trimmer
 from .metrics import Metrics
 
 
@@ -89,6 +90,7 @@ class GuardMiddleware:
 
         length = dict(scope.get("headers", [])).get(b"content-length")
         limit = self.max_body_bytes
+        received = 0
         try:
             refusal = self._refusal(scope)
             if refusal is not None:
@@ -101,11 +103,11 @@ class GuardMiddleware:
                     await reply(APIError(400, "invalid Content-Length header"))
                     return
                 if declared > limit:
+                    received = declared
                     await self._drain(receive, declared)
                     await reply(APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
                                          code="request_too_large"))
                     return
-            received = 0
             body_done = False
             deadline = None if self.body_timeout is None else time.monotonic() + self.body_timeout
 
@@ -131,6 +133,8 @@ class GuardMiddleware:
             await self.app(scope, limited_receive, send_wrapper)
         finally:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status.get("code", 500))).inc()
+            if received > TRIM_AFTER_BYTES:  # give the heap that body took back to the OS (serving.memory)
+                trimmer.request()
 
     @staticmethod
     async def _drain(receive, declared: int, cap: int = 256 * 1024 * 1024) -> None:

@@ -64,6 +64,12 @@ class _Prompt:
         return length, hash((self.hashes[q], self.data[q * BLOCK * 4:length * 4]))
 
 
+def block_hashes(tokens: Sequence[int]) -> list[int]:
+    """The chained hashes of the full blocks of ``tokens`` (``[h_1, ..., h_q]``; also what the data-parallel
+    router indexes prompts by)."""
+    return _Prompt(tokens, len(tokens)).hashes[1:]
+
+
 @dataclass
 class CacheHit:
     length: int  # number of prompt tokens covered by the cached state

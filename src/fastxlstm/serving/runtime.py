@@ -35,6 +35,10 @@ class ServeConfig:
     overlap_decode: bool = True  # queue the next window before reading the previous one's tokens
     early_launch: bool = False  # queue each iteration's window before its prefill (two windows ahead of the host)
     scheduler_process: bool = False  # run model + scheduler in a worker process (own GIL); see serving.worker
+    data_parallel_size: int = 1  # worker processes (replicas) behind the front end, with scheduler_process
+    worker_restarts: int = 3  # restarts of a dead worker per restart_window before the server gives up (exit 1)
+    restart_window: float = 600.0  # seconds
+    restart_backoff: float = 1.0  # seconds before the first restart, doubling with each restart in the window
     warm_prefill: bool = True  # at start-up, prefill once per kernel shape class (GPU backends only)
     max_model_len: int = 32768
     default_max_tokens: int = 1024  # chat, when the request gives none (completions default to 16, as OpenAI)

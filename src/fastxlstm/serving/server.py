@@ -15,12 +15,13 @@ from .chat_template import ChatTemplate, ChatTemplateError
 from .errors import APIError
 from .grammar import Grammars
 from .metrics import Metrics
+from .replicas import Replicas
 from .runtime import ServeConfig, make_scheduler
 from .scheduler import Scheduler
 from .schemas import ChatCompletionRequest, ChatMessage, TokenizeRequest
 from .slots import SlotBackend
 from .structured import GrammarSpec, StructuredError, request_spec
-from .worker import RemoteBackend, SchedulerProxy, WorkerSpec
+from .worker import RemoteBackend, WorkerSpec
 
 
 def now() -> int:
@@ -48,7 +49,8 @@ def message_dict(m: ChatMessage) -> dict:
 
 class ServerState:
     """Everything a route needs: tokenizer, template, scheduler, metrics, config. ``backend`` a
-    :class:`~fastxlstm.serving.worker.WorkerSpec`: the scheduler runs in a worker process (a proxy here)."""
+    :class:`~fastxlstm.serving.worker.WorkerSpec`: the scheduler runs in ``config.data_parallel_size`` worker
+    processes (:class:`~fastxlstm.serving.replicas.Replicas` here)."""
 
     def __init__(self, backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: ServeConfig,
                  chat_template: ChatTemplate | None = None):
@@ -56,10 +58,10 @@ class ServerState:
         self.chat_template = chat_template or ChatTemplate()
         self.metrics = Metrics()
         self.remote = isinstance(backend, WorkerSpec)
-        self.scheduler: Scheduler | SchedulerProxy
+        self.scheduler: Scheduler | Replicas
         if isinstance(backend, WorkerSpec):
             self.backend = RemoteBackend(config.max_slots)
-            self.scheduler = SchedulerProxy(backend, config, tokenizer.eos_token_id, self.backend)
+            self.scheduler = Replicas(backend, config, tokenizer.eos_token_id, self.backend)
         else:
             self.backend = backend
             self.scheduler = make_scheduler(backend, tokenizer.eos_token_id, config, self.metrics)

@@ -3,6 +3,7 @@ response around a call's chunk stream (:func:`event_stream`: usage chunk, ``[DON
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,7 @@ def event_stream(call, head: dict, include_usage: bool, events: AsyncIterator[st
     event, and the request cancelled (slot freed) however the stream ends, client disconnects too."""
 
     async def stream() -> AsyncIterator[str]:
+        gone = False
         try:
             async for piece in events:
                 yield piece
@@ -35,9 +37,14 @@ def event_stream(call, head: dict, include_usage: bool, events: AsyncIterator[st
         except APIError as e:
             yield sse_event(e.body())
             yield "data: [DONE]\n\n"
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: starlette closes or cancels us
+            gone = True
+            raise
         finally:
             await events.aclose()
             call.cancel()
+            if gone:
+                call.log_disconnect()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -13,11 +13,12 @@ class ServerThread:
     connection limits of ``fastxlstm serve`` (``http``)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 graceful_timeout: float | None = None, http: HTTPOptions | None = None):
+                 graceful_timeout: float | None = None, http: HTTPOptions | None = None, start_timeout: float = 180.0):
         self.server = DrainingServer(uvicorn_config(app, host, port, http, log_level, graceful_timeout))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.host = host
         self.port = port
+        self.start_timeout = start_timeout  # seconds for the app's start-up (worker processes load their models)
 
     @property
     def base_url(self) -> str:
@@ -25,7 +26,7 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.start_timeout
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("uvicorn did not start")

@@ -10,8 +10,9 @@ Two one-way pipes carry plain picklable messages. To the worker: ``("submit", [r
 From it: ``("ready", info)`` or ``("failed", text)`` once, then ``("events", [(id, [events])])`` (one message per
 scheduler hand-over, every request's events of that hand-over in it; token events as plain
 ``(choice, token, logprob, top_logprobs)`` tuples), ``("reply", qid, value)`` and ``("bye",)``.
-When the worker dies, every request in flight gets a 503 error event and the proxy is no longer ``alive``
-(``/health`` answers 503, new requests 503).
+When the worker dies, every request in flight gets a 503 error event (``engine_unavailable``), the proxy is no
+longer ``alive`` (new requests 503) and its ``on_exit`` hook runs: :class:`~fastxlstm.serving.replicas.Replicas`
+restarts the worker (:meth:`SchedulerProxy.start` again) or gives up and stops the server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -36,18 +38,27 @@ from .requests import ErrorEvent, FinishEvent, GenerationRequest, QueueFull, Shu
 log = logging.getLogger("fastxlstm.serving")
 
 _REQUESTS_FAMILY = "fastxlstm_requests"  # the HTTP process's own metric (GuardMiddleware); all others: the worker's
+_ENV_LOCK = threading.Lock()  # a worker's environment is the parent's os.environ at spawn time
+
+
+class EngineUnavailable(ShuttingDown):
+    """The engine (worker) process is not running: dead, restarting or given up (503 + Retry-After)."""
+
+    code = "engine_unavailable"
 
 
 @dataclass
 class WorkerSpec:
     """How the worker builds its model: ``loader(*args, **kwargs)`` (picklable: a module-level function),
     returning the model (or ``(model, anything)``, as ``load_model_and_tokenizer`` does); with ``backend``,
-    a ready :class:`~fastxlstm.serving.slots.SlotBackend` (e.g. a stand-in engine)."""
+    a ready :class:`~fastxlstm.serving.slots.SlotBackend` (e.g. a stand-in engine). ``replica_envs``: one dict of
+    environment variables per data-parallel replica (``CUDA_VISIBLE_DEVICES``; empty: the parent's environment)."""
 
     loader: Callable[..., Any]
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     backend: bool = False
+    replica_envs: tuple[dict[str, str], ...] = ()
 
     def load(self):
         out = self.loader(*self.args, **self.kwargs)
@@ -161,8 +172,11 @@ class SchedulerProxy:
     """The app's scheduler, run by a worker process (see the module docstring)."""
 
     def __init__(self, spec: WorkerSpec, config, eos_token_id: int | None, backend: RemoteBackend,
-                 start_timeout: float | None = None, query_timeout: float = 10.0):
+                 start_timeout: float | None = None, query_timeout: float = 10.0, replica: int = 0,
+                 env: dict[str, str] | None = None):
         self.spec, self.config, self.eos_token_id, self.backend = spec, config, eos_token_id, backend
+        self.replica = replica  # its index among the server's data-parallel replicas
+        self.env = dict(env or {})  # set in the worker's environment (e.g. CUDA_VISIBLE_DEVICES)
         self.max_waiting = config.max_waiting
         self.start_timeout = start_timeout
         self.query_timeout = query_timeout
@@ -176,17 +190,37 @@ class SchedulerProxy:
         self._accepting = False
         self._alive = False
         self._reader: threading.Thread | None = None
+        self._cmd = self._evt = None
         self.exit_reason: str | None = None
+        self.on_exit: Callable[[SchedulerProxy], None] | None = None  # called (reader thread) when the worker dies
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Spawn the worker and wait until its model, graphs and scheduler are up (raises if it fails)."""
+        """Spawn the worker and wait until its model, graphs and scheduler are up (raises if it fails). After
+        the worker died, this starts a new one (the reader of the old one has ended)."""
         ctx = mp.get_context("spawn")
+        for conn in (self._cmd, self._evt):
+            if conn is not None:
+                conn.close()
+        self.exit_reason = None
         cmd_r, self._cmd = ctx.Pipe(duplex=False)
         self._evt, evt_w = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=worker_main, name="fastxlstm-scheduler",
+        name = "fastxlstm-scheduler" + (f"-{self.replica}" if self.replica else "")
+        self.process = ctx.Process(target=worker_main, name=name,
                                    args=(self.spec, self.config, self.eos_token_id, cmd_r, evt_w), daemon=True)
-        self.process.start()
+        # the environment is read when the child starts (CUDA reads CUDA_VISIBLE_DEVICES before any code of
+        # ours could set it there): set it here around the spawn, as vLLM does for its engine processes
+        with _ENV_LOCK:
+            saved = {k: os.environ.get(k) for k in self.env}
+            os.environ.update(self.env)
+            try:
+                self.process.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         cmd_r.close()
         evt_w.close()  # the worker holds the only write end: its exit reads as EOF here
         deadline = None if self.start_timeout is None else time.monotonic() + self.start_timeout
@@ -214,6 +248,12 @@ class SchedulerProxy:
     @property
     def alive(self) -> bool:
         return self._alive
+
+    @property
+    def load(self) -> int:
+        """Choices submitted here and not finished yet (what least-loaded routing compares)."""
+        with self._lock:
+            return sum(e.open for e in self._live.values())
 
     @property
     def accepting(self) -> bool:
@@ -249,9 +289,10 @@ class SchedulerProxy:
                 raise ValueError("structured output (response_format, guided_*, tool_choice required or named) is "
                                  "not available with --scheduler-process")
         with self._lock:
-            if not self._accepting or not self._alive:
-                raise ShuttingDown("the server is shutting down" if self._alive else
-                                   "the engine process is not running")
+            if not self._alive:
+                raise EngineUnavailable("the engine process is not running")
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
             if self._queued + len(requests) > self.max_waiting:
                 raise QueueFull(f"too many requests waiting ({self.max_waiting}); retry later")
             for req in requests:
@@ -292,7 +333,7 @@ class SchedulerProxy:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if not self._alive:
-                fut.set_exception(ShuttingDown("the engine process is not running"))
+                fut.set_exception(EngineUnavailable("the engine process is not running"))
                 return fut
             self._qids += 1
             qid = self._qids
@@ -302,7 +343,7 @@ class SchedulerProxy:
         except OSError as e:
             with self._lock:
                 self._queries.pop(qid, None)
-            fut.set_exception(ShuttingDown(f"the engine process is not running ({e})"))
+            fut.set_exception(EngineUnavailable(f"the engine process is not running ({e})"))
         return fut
 
     def _send(self, msg) -> None:
@@ -331,9 +372,12 @@ class SchedulerProxy:
         except (EOFError, OSError):
             self.process.join(timeout=1)
             self.exit_reason = f"exited with code {self.process.exitcode}"
-            log.error("the scheduler process %s", self.exit_reason)
+            log.error("the scheduler process%s (pid %s) %s", f" of replica {self.replica}" if self.replica else "",
+                      self.process.pid, self.exit_reason)
         finally:
             self._gone()
+        if self.exit_reason != "shut down" and self.on_exit is not None:
+            self.on_exit(self)
 
     def _dispatch(self, items: list) -> None:
         batch: list[tuple[GenerationRequest, list]] = []
@@ -365,7 +409,7 @@ class SchedulerProxy:
             queries, self._queries = list(self._queries.values()), {}
         for fut in queries:
             if not fut.done():
-                fut.set_exception(ShuttingDown("the engine process is not running"))
+                fut.set_exception(EngineUnavailable("the engine process is not running"))
         if not entries:
             return
         if self.exit_reason == "shut down":
@@ -375,5 +419,4 @@ class SchedulerProxy:
         post_events([(entry.req, [event]) for entry in entries])
 
 
-
-__all__ = ["RemoteBackend", "SchedulerProxy", "WorkerSpec", "worker_main"]
+__all__ = ["EngineUnavailable", "RemoteBackend", "SchedulerProxy", "WorkerSpec", "worker_main"]

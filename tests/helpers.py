@@ -106,3 +106,12 @@ def greedy_reference(model: XLSTMForCausalLM, input_ids, max_new_tokens: int = 3
     if not out:
         return torch.zeros(ids.shape[0], 0, dtype=torch.long, device=ids.device)
     return torch.stack(out, dim=1)
+
+
+def load_and_tag(model_dir: str, tag_dir: str):
+    """A scheduler worker's loader (``WorkerSpec``) that records the worker's ``FASTXLSTM_TEST_REPLICA``
+    environment variable in ``tag_dir/<pid>``, then loads ``model_dir``."""
+    from fastxlstm.checkpoint import load
+
+    Path(tag_dir, str(os.getpid())).write_text(os.environ.get("FASTXLSTM_TEST_REPLICA", "unset"))
+    return load(model_dir)

@@ -26,7 +26,7 @@ from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
-from .helpers import perturbed_model
+from .helpers import load_and_tag, perturbed_model
 
 TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
 CFG = {"model_name": "tiny", "max_slots": 4, "prefill_chunk": 16, "max_model_len": 1_000_000,
@@ -44,10 +44,41 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def srv(tiny):
+def tags(tmp_path_factory):
+    return tmp_path_factory.mktemp("replica_env")
+
+
+@pytest.fixture(scope="module")
+def srv(tiny, tags):
     path, tok = tiny
-    with ServerThread(build_app(WorkerSpec(load, (str(path),)), tok, ServeConfig(**CFG))) as server:
+    envs = ({"FASTXLSTM_TEST_REPLICA": "0"}, {"FASTXLSTM_TEST_REPLICA": "1"})  # as CUDA_VISIBLE_DEVICES on GPUs
+    spec = WorkerSpec(load_and_tag, (str(path), str(tags)), replica_envs=envs)
+    with ServerThread(build_app(spec, tok, ServeConfig(**CFG))) as server:
         yield server
+
+
+def test_each_replica_gets_its_own_environment(srv, tags):
+    assert sorted(p.read_text() for p in tags.iterdir()) == ["0", "1"]  # one worker each
+    assert "FASTXLSTM_TEST_REPLICA" not in os.environ  # set only around each spawn
+
+
+def test_replica_envs_give_each_replica_one_visible_gpu(monkeypatch):
+    import torch
+
+    from fastxlstm.serving.cli import replica_envs
+
+    assert replica_envs(2, "cpu") == ()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert replica_envs(1, None) == ()
+    assert replica_envs(3, None) == tuple({"CUDA_VISIBLE_DEVICES": d} for d in "012")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert replica_envs(2, "cuda") == ({"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"})
+    with pytest.raises(ValueError, match="needs 3 GPUs, 2 visible"):
+        replica_envs(3, "cuda")
+    with pytest.raises(ValueError, match="pass --device cuda"):
+        replica_envs(2, "cuda:1")
 
 
 def replicas(server: ServerThread) -> Replicas:

@@ -42,10 +42,10 @@ def hf_twin(model: XLSTMForCausalLM):
     """transformers' xLSTMForCausalLM holding the same weights (single layout)."""
     from transformers import xLSTMForCausalLM
 
-    from fastxlstm.checkpoint import _single_mode_state
+    from fastxlstm.model.hf_layout import single_mode_state
 
     hf = xLSTMForCausalLM(hf_config(model.config)).eval()
-    hf.load_state_dict(_single_mode_state(model), strict=True)
+    hf.load_state_dict(single_mode_state(model), strict=True)
     return hf
 
 

@@ -105,7 +105,7 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     def boom(*a, **k):
         raise Boom
 
-    import fastxlstm.checkpoint as ck
+    import fastxlstm.model.hf_layout as ck
 
     orig = ck.save_file
     ck.save_file = boom

@@ -1,9 +1,10 @@
 """Checkpoint I/O in the HF layout of ``NX-AI/xLSTM-7b``: config.json + (sharded) safetensors.
 
-Loading builds the model on the meta device and assigns memory-mapped tensors, so no random
-weights are materialised first. ``single`` checkpoints load into ``fused`` models (q|k|v|o,
-i|f and gate|up concatenated) and back. Mismatches between a checkpoint and its config are
-reported by tensor name. No pickle anywhere.
+Loading is here; writing (:func:`save_pretrained`, re-exported here) is :mod:`fastxlstm.model.hf_layout`,
+below the model, so that ``model.save_pretrained(dir)`` needs nothing above it. Loading builds the model on
+the meta device and assigns memory-mapped tensors, so no random weights are materialised first. ``single``
+checkpoints load into ``fused`` models (q|k|v|o, i|f and gate|up concatenated) and back. Mismatches between
+a checkpoint and its config are reported by tensor name. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,28 +19,17 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import XLSTMConfig
 from .devices import default_dtype, parse_dtype, resolve_device
 from .model import XLSTMForCausalLM, build_model
+from .model.hf_layout import CONFIG_NAME, FUSED_PARTS, INDEX_NAME, WEIGHTS_NAME, keeps_dtype, save_pretrained
 from .model.quant import CONFIG_KEY as QUANT_KEY
-from .model.quant import keeps_dtype, quantize_model, quantizing_transform, saved_quantization
+from .model.quant import quantize_model, quantizing_transform, saved_quantization
 from .ops.quant import check_supported, parse_quantization
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 _OUT_NORM_BIAS = "backbone.out_norm.bias"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-# fused parameter suffix -> the single-mode parameter suffixes concatenated along dim 0.
-_FUSED_PARTS = {
-    "mlstm_layer.qkv_opreact": ("mlstm_layer.q", "mlstm_layer.k", "mlstm_layer.v", "mlstm_layer.ogate_preact"),
-    "mlstm_layer.ifgate_preact": ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact"),
-    "ffn.proj_up_gate_z": ("ffn.proj_up_gate", "ffn.proj_up"),
-}
 
 
 class CheckpointError(ValueError):
@@ -195,7 +183,7 @@ def _plan(model_shapes: dict[str, torch.Size], ckpt: set[str]) -> dict[str, _Sou
         source = _Source((name,))
         base, _, leaf = name.rpartition(".")
         if name not in ckpt:
-            for fused, parts in _FUSED_PARTS.items():
+            for fused, parts in FUSED_PARTS.items():
                 if base.endswith(fused):  # model fused, checkpoint single
                     prefix = base[: -len(fused)]
                     source = _Source(tuple(f"{prefix}{p}.{leaf}" for p in parts))
@@ -399,105 +387,6 @@ def load(
     return model.eval()
 
 
-def _single_mode_state(model: XLSTMForCausalLM) -> dict[str, torch.Tensor]:
-    """State dict in ``single`` layout (fused matrices split), which every loader reads."""
-    out: dict[str, torch.Tensor] = {}
-    cfg = model.config
-    sizes = {
-        "mlstm_layer.qkv_opreact": [cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim],
-        "mlstm_layer.ifgate_preact": [cfg.num_heads, cfg.num_heads],
-        "ffn.proj_up_gate_z": [cfg.ffn_dim, cfg.ffn_dim],
-    }
-    for name, t in model.state_dict().items():
-        base, _, leaf = name.rpartition(".")
-        fused = next((fz for fz in _FUSED_PARTS if base.endswith(fz)), None)
-        if fused is None:
-            out[name] = t
-            continue
-        prefix = base[: -len(fused)]
-        for part, piece in zip(_FUSED_PARTS[fused], t.split(sizes[fused], dim=0)):
-            out[f"{prefix}{part}.{leaf}"] = piece
-    return out
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it
-        with open("/proc/self/status") as fh:
-            return int(next(line.split()[1] for line in fh if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` with the permissions ``open()`` gives a new file (save_file leaves 0600)."""
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _atomic_replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
-
-
-def save_pretrained(
-    model: XLSTMForCausalLM, directory: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-    max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None,
-) -> Path:
-    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``) in the
-    ``single`` layout that transformers' ``xLSTMForCausalLM`` loads (a quantized model: its int8 / FP8
-    weights and float32 scales as they are, ``dtype`` converting the rest). Written to a temporary
-    directory first and renamed into place, so a crash never leaves a half-written model."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    state = _single_mode_state(model)
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    state = {k: (v.to(dtype) if dtype and not keeps_dtype(k, v) else v).detach().to("cpu").contiguous()
-             for k, v in state.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    # os.mkdir, not tempfile.mkdtemp: the directory gets the umask's permissions (mkdtemp makes it 0700)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        config = model.config.replace(weight_mode="single")
-        config.to_json(tmp / CONFIG_NAME)
-        if len(shards) == 1:
-            save_safetensors(shards[0], tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for idx, shard in enumerate(shards, 1):
-                fname = f"model-{idx:05d}-of-{len(shards):05d}.safetensors"
-                save_safetensors(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / INDEX_NAME).write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            )
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / fname
-                if src.exists():
-                    shutil.copy2(src, tmp / fname)
-        _atomic_replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
 
 
 def load_model_and_tokenizer(
@@ -524,3 +413,7 @@ def load_model_and_tokenizer(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
         )
     return model, tokenizer
+
+
+__all__ = ["CheckpointError", "load", "load_state_dict", "load_model_and_tokenizer", "resolve_model_dir",
+           "save_pretrained", "CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME"]

@@ -9,29 +9,27 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .bench.cli import bench as bench_cmd
 from .eval.cli import eval_app
-from .options import DeviceOpt, DtypeOpt, ModelArg, ModelOpt, ModelOrArgOpt, QuantizationOpt, pick_model
+from .options import (
+    DeviceOpt,
+    DtypeOpt,
+    ModelArg,
+    ModelOpt,
+    ModelOrArgOpt,
+    QuantizationOpt,
+    console,
+    fail,
+    pick_model,
+)
 from .serving.cli import serve as serve_cmd
 from .training.cli import data_app, train_cmd
 
 app = typer.Typer(help="fastxlstm: fast xLSTM inference, serving and training.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
-console = Console(stderr=True, soft_wrap=True)
-
-
-def fail(message: str | BaseException) -> None:
-    """Print a one-line error and exit with status 1 (no traceback for user errors)."""
-    if isinstance(message, KeyError) and len(message.args) == 1:  # str(KeyError) quotes its message
-        message = message.args[0]
-    console.print(f"[red]error:[/] {escape(str(message))}", highlight=False)
-    raise typer.Exit(1)
-
-
 def load_llm(model: str, device: str | None, dtype, quantization: str | None, **kwargs):
     """``LLM(model, ...)`` for a command: user errors (a missing directory, a bad preset, ``--device cuda``
     without a GPU, an unsupported quantization) as one line and exit status 1."""

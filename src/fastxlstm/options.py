@@ -1,6 +1,8 @@
 """The command-line options several commands share, defined once: ``--model``, ``--device``, ``--dtype`` and
 ``--quantization`` (``generate``, ``chat``, ``serve``, ``eval perplexity``; ``bench --quantization`` takes a list
-of the same names). Values are parsed by the library's own parsers (:func:`fastxlstm.devices.parse_dtype`,
+of the same names), and the stderr console and one-line errors (:func:`fail`) every command uses. The
+sub-command modules import these from here, not from :mod:`fastxlstm.cli` (which imports them). Values are
+parsed by the library's own parsers (:func:`fastxlstm.devices.parse_dtype`,
 :func:`fastxlstm.ops.quant.parse_quantization`), which ``LLM(...)`` and lm-eval's ``model_args`` use too."""
 
 from __future__ import annotations
@@ -8,11 +10,23 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
 from .devices import DTYPE_CHOICES, parse_dtype
 from .ops.quant import SCHEMES, parse_quantization
 
 MODEL_HELP = "Model directory, hub repo id, or random:<preset>"
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str | BaseException) -> None:
+    """Print a one-line error and exit with status 1 (no traceback for user errors)."""
+    if isinstance(message, KeyError) and len(message.args) == 1:  # str(KeyError) quotes its message
+        message = message.args[0]
+    console.print(f"[red]error:[/] {escape(str(message))}", highlight=False)
+    raise typer.Exit(1)
 
 
 def _parsed(parse):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import save_safetensors
+from ..model.hf_layout import save_safetensors
 from ..state import State, state_to
 
 FORMAT = "fastxlstm-sequence-state/1"

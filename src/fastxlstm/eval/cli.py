@@ -26,7 +26,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def _load(model: str, device: str | None, dtype, quantization: str | None = None):
     from ..checkpoint import load_model_and_tokenizer
-    from ..cli import console, fail
+    from ..options import console, fail
 
     try:
         net, tok = load_model_and_tokenizer(model, device=device, dtype=dtype, weight_mode="fused",
@@ -61,9 +61,9 @@ def perplexity_cmd(
 
     Every token of every document and its end-of-sequence token is scored; each document is preceded by a
     context-only token (the BOS when the tokenizer inserts one, else the end-of-sequence token)."""
-    from ..cli import fail
     from ..engine.runner import Runner
     from ..model.quant import model_quantization
+    from ..options import fail
     from .perplexity import load_documents, perplexity, prefix_token
 
     net, tok = _load(model, device, dtype, quantization)
@@ -111,8 +111,8 @@ def niah_cmd(
     """Needle-in-a-haystack retrieval over a grid of context lengths x needle depths (RULER's synthetic tasks,
     generated offline and seeded), greedy answers on the engine, scored by string match; prints the table and
     writes niah.json and niah.png. A recurrent model prefills any length in constant memory."""
-    from ..cli import fail
     from ..engine import LLM
+    from ..options import fail
     from . import niah
 
     try:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.quant import STORAGE, QuantWeight, check_scheme, check_supported, linear, quantize_weight
+from .hf_layout import keeps_dtype
 from .xlstm import XLSTMForCausalLM
 
 QUANT_METHOD = "fastxlstm"
@@ -134,12 +135,6 @@ def model_quantization(model: nn.Module) -> tuple[str, bool] | None:
     """``(scheme, lm_head)`` of a quantized model, None for an unquantized one."""
     data = getattr(model, "config", None) and model.config.extra.get(CONFIG_KEY)
     return parse_quant_config(data, "model config") if data else None
-
-
-def keeps_dtype(name: str, tensor: Tensor) -> bool:
-    """True for the state-dict entries a dtype conversion must leave alone: quantized weights and
-    their float32 scales."""
-    return tensor.dtype in STORAGE.values() or name.endswith(".weight_scale")
 
 
 # --------------------------------------------------------------------------- quantize

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import XLSTMConfig
 from ..state import ModelState, State
 from .ffn import FeedForward
+from .hf_layout import save_pretrained
 from .mlstm_layer import MLSTMLayer, soft_cap
 from .norms import MultiHeadLayerNorm, RMSNorm
 
@@ -75,11 +78,10 @@ class XLSTMForCausalLM(nn.Module):
         for block in self.backbone.blocks:
             block.mlstm_layer.backend = backend
 
-    def save_pretrained(self, directory: str, **kwargs) -> None:
-        """Write the HF layout (see :func:`fastxlstm.checkpoint.save_pretrained`)."""
-        from ..checkpoint import save_pretrained
-
-        save_pretrained(self, directory, **kwargs)
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> Path:
+        """Write the HF layout: :func:`fastxlstm.model.hf_layout.save_pretrained` (``tokenizer_dir``,
+        ``max_shard_bytes``, ``dtype``)."""
+        return save_pretrained(self, directory, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

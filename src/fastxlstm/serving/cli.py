@@ -95,9 +95,9 @@ def serve(
     import os
     import sys
 
-    from ..cli import console, fail
     from ..devices import resolve_device
     from ..extras import MissingDependency, require
+    from ..options import console, fail
 
     model = pick_model(model_arg, model, "serve")
     try:

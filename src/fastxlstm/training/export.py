@@ -50,8 +50,8 @@ def export(model: nn.Module, env: DistEnv, out_dir: str | os.PathLike, tokenizer
 
 def save_xlstm(cfg: XLSTMConfig, state: dict[str, torch.Tensor], out: Path,
                tokenizer_dir: str | os.PathLike | None, dtype: torch.dtype) -> Path:
-    from ..checkpoint import save_pretrained
     from ..model import XLSTMForCausalLM
+    from ..model.hf_layout import save_pretrained
 
     with torch.device("meta"):
         cpu_model = XLSTMForCausalLM(cfg)
@@ -62,7 +62,7 @@ def save_xlstm(cfg: XLSTMConfig, state: dict[str, torch.Tensor], out: Path,
 
 
 def save_plain(cfg, state: dict[str, torch.Tensor], out: Path, dtype: torch.dtype) -> Path:
-    from ..checkpoint import save_safetensors
+    from ..model.hf_layout import save_safetensors
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(dtype).contiguous() for k, v in state.items() if not k.endswith("lm_head.weight")

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from ..state import state_nbytes
 from .common import (
     GB,
     Plan,
@@ -168,7 +169,7 @@ def run_fastxlstm(plan: Plan, rec: Recorder, quantization: str | None = None) ->
         eng = _decode_engine(model, plan, vocab, max_b, plan.state_dtype)
         rec.set("state_dtype", plan.state_dtype)
         rec.set("decode_paths", {"fused_cell": eng.runner.fused_cell, "gemv_batch1": eng.runner.gemv_decode})
-        rec.set("state_buffer_gb", sum(t.numel() * t.element_size() for layer in eng.states for t in layer) / GB)
+        rec.set("state_buffer_gb", state_nbytes(eng.states) / GB)
     except Exception as e:  # noqa: BLE001
         rec.error("decode setup", e)
         return

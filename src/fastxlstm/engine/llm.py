@@ -13,6 +13,7 @@ from ..devices import parse_dtype, resolve_device
 from ..model import XLSTMForCausalLM
 from ..ops.quant import parse_quantization
 from ..sampling import SamplingParams
+from ..state import clone_state
 from ..text import StopText
 from .engine import Engine
 from .speculative import NgramIndex, SpeculativeConfig
@@ -281,12 +282,10 @@ class LLM:
         eng = self.engine
         r.text.finish()
         state = None
-        if r.want_state and r.slot >= 0:
-            layers = [tuple(t.clone() for t in layer) for layer in eng.get_slot_state(r.slot)]
+        if r.want_state and r.slot >= 0 and r.out:
             base = (r.start.token_ids if r.start is not None else []) + r.prompt_ids
-            if r.out:
-                state = SequenceState(layers, base + r.out, pending_token=r.out[-1],
-                                      rng_counter=(r.start.rng_counter if r.start else 0) + len(r.out))
+            state = SequenceState(clone_state(eng.get_slot_state(r.slot)), base + r.out, pending_token=r.out[-1],
+                                  rng_counter=(r.start.rng_counter if r.start else 0) + len(r.out))
         counts = (0, 0, 0)
         if r.slot >= 0:
             counts = eng.spec_counts(r.slot)

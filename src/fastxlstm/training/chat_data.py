@@ -24,7 +24,6 @@ On disk, next to the layout of :mod:`fastxlstm.training.data` (``meta.json`` get
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from .data import (
     _special_ids,
     _write_meta,
     is_heldout,
+    iter_jsonl,
     token_dtype,
 )
 
@@ -81,15 +81,8 @@ def iter_conversations(inputs: Iterable[str | os.PathLike], fmt: str) -> Iterato
     for path in _expand_inputs(inputs):
         if path.suffix.lower() not in JSONL_SUFFIXES:
             raise ValueError(f"{path}: --format {fmt} reads JSON-lines files ({'/'.join(JSONL_SUFFIXES)})")
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                yield _messages(record, fmt, f"{path}:{lineno}")
+        for lineno, record in iter_jsonl(path):
+            yield _messages(record, fmt, f"{path}:{lineno}")
 
 
 def render_with_spans(template, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:

@@ -59,22 +59,28 @@ def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, record)`` for every non-blank line of a JSON-lines file; a line that is not JSON
+    raises a ValueError naming the file and line."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+
+
 def iter_documents(inputs: Iterable[str | os.PathLike], text_key: str = "text") -> Iterator[str]:
     """Documents from text files (one document each) and JSON-lines files (one per line, ``text_key``)."""
     for path in _expand_inputs(inputs):
         if path.suffix.lower() in JSONL_SUFFIXES:
-            with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                        raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
-                    if record[text_key]:
-                        yield record[text_key]
+            for lineno, record in iter_jsonl(path):
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_key!r}")
+                if record[text_key]:
+                    yield record[text_key]
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():

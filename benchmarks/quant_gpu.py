@@ -23,7 +23,7 @@ from fastxlstm.bench.common import device_name, random_xlstm
 from fastxlstm.bench.decode_profile import _graph_ms
 from fastxlstm.config import preset
 from fastxlstm.engine import gemv as G
-from fastxlstm.engine.runner import fuse_weights
+from fastxlstm.engine.weights import fuse_weights
 from fastxlstm.ops import quant as Q
 from fastxlstm.ops.triton import _quant as TQ
 

@@ -105,7 +105,7 @@ def step_sweep(out: dict, batches, quick: bool) -> None:
 
 def gemv_sweep(out: dict, model, only: tuple[str, ...] = ()) -> dict:
     from ..engine.gemv import gemv
-    from ..engine.runner import fuse_weights
+    from ..engine.weights import fuse_weights
 
     layers = fuse_weights(model)
     lm = model.lm_head.weight.detach()

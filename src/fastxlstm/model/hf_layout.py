@@ -77,7 +77,8 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _atomic_replace_dir(tmp: Path, target: Path) -> None:
+def atomic_replace_dir(tmp: Path, target: Path) -> None:
+    """Put the finished directory ``tmp`` at ``target`` (the old one, if any, is removed only after the swap)."""
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
@@ -134,7 +135,7 @@ def save_pretrained(
                 src = Path(tokenizer_dir) / fname
                 if src.exists():
                     shutil.copy2(src, tmp / fname)
-        _atomic_replace_dir(tmp, directory)
+        atomic_replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

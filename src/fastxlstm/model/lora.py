@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hf_layout import atomic_replace_dir
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -172,13 +174,7 @@ def save_adapter(state: dict[str, Tensor], cfg: LoRAConfig, directory: str | os.
         for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if tokenizer_dir is not None and (Path(tokenizer_dir) / fname).exists():
                 shutil.copy2(Path(tokenizer_dir) / fname, tmp / fname)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        atomic_replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -531,6 +531,7 @@ def main() -> None:
     ap.add_argument("--peer-steps", type=int, default=100)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-audit", action="store_true", help="skip the backend audit (host vs device time, syncs)")
+    ap.add_argument("--skip-prefix", action="store_true", help="skip the prefix-cache test (cold vs cached TTFT)")
     ap.add_argument("--audit-only", action="store_true", help=argparse.SUPPRESS)  # the audit's own process
     ap.add_argument("--backend", default="auto", help="the server's mLSTM kernels (auto, triton, reference)")
     ap.add_argument("--sampled", default="", metavar="TEMPERATURE,TOP_P",
@@ -585,7 +586,7 @@ def main() -> None:
     result["runs"] = []
     for i, (name, extra) in enumerate(variants):
         try:
-            result["runs"].append(run_server(args, name, extra.split(), result, prefix=i == 0))
+            result["runs"].append(run_server(args, name, extra.split(), result, prefix=i == 0 and not args.skip_prefix))
         except Exception as e:  # keep what the other variants measured
             import traceback
 
@@ -593,34 +594,49 @@ def main() -> None:
             result["runs"].append({"variant": name, "error": f"{type(e).__name__}: {e}"})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{args.model} on {device}:")
+    print_table(result, args)
+
+
+def print_table(result: dict, args) -> None:
+    """One short table: every server run (greedy, and sampled where asked) against the engine offline on the
+    same requests and against bare decode graph replay, then each run's scheduler profile in one line."""
+    peer = result.get("engine_peer") or {}
+    replay = (peer.get("graph_replay") or {}).get("tokens_per_s")
+    offline = (peer.get("engine_offline") or {}).get("output_tokens_per_s")
+    ratio = lambda v, ref: f"{v / ref:.2f}" if ref else "-"
+    print(f"\n{args.model} on {result['device']}: {args.requests} requests x {args.output_tokens} tokens, "
+          f"prompts {args.min_prompt}..{args.max_prompt}, {args.concurrency} concurrent, {args.max_slots} slots")
+    print(f"| {'run':<34} | out tok/s | x offline | x replay | x greedy | TTFT p50/p99 ms | TPOT p50 ms |")
+    print(f"|{'-' * 36}|-----------|-----------|----------|----------|-----------------|-------------|")
+    if replay:
+        print(f"| {'engine decode graph replay':<34} | {replay:9.0f} | {ratio(replay, offline):>9} | {'1.00':>8} | "
+              f"{'-':>8} | {'-':>15} | {'-':>11} |")
+    if offline:
+        print(f"| {'engine offline (LLM.generate)':<34} | {offline:9.0f} | {'1.00':>9} | {ratio(offline, replay):>8} | "
+              f"{'-':>8} | {'-':>15} | {'-':>11} |")
     for run in result["runs"]:
         if "load" not in run:
-            print(f"  {run['variant']}: failed ({run.get('error')})")
+            print(f"| {run['variant'] + ': failed':<34} | {run.get('error', '')[:80]}")
             continue
-        ld, pr = run["load"], run["profile"]
-        if "sampled_over_greedy" in run:
-            sl = run["load_sampled"]
-            print(f"  {run['variant']} sampled {run['sampled_params']}: {sl['output_tokens_per_s']:.0f} output tok/s "
-                  f"= {run['sampled_over_greedy']:.2f}x greedy; TTFT p50 {sl['ttft_ms']['p50']:.0f} ms p99 "
-                  f"{sl['ttft_ms']['p99']:.0f} ms, TPOT p50 {sl['tpot_ms']['p50']:.1f} ms")
-        ratio = f", server / engine decode {run['server_over_engine_decode']:.2f}" if "server_over_engine_decode" in \
-            run else ""
-        if "server_over_engine_offline" in run:
-            ratio += f", server / engine offline (same work) {run['server_over_engine_offline']:.2f}"
-        print(f"  {run['variant']}: {ld['requests']} requests, {ld['concurrency']} concurrent: "
-              f"{ld['output_tokens_per_s']:.0f} output tok/s{ratio}; TTFT p50 {ld['ttft_ms']['p50']:.0f} ms "
-              f"p99 {ld['ttft_ms']['p99']:.0f} ms, ITL (between chunks of {ld['tokens_per_chunk']:.1f} tokens) p50 "
-              f"{ld['itl_ms']['p50']:.1f} ms p99 {ld['itl_ms']['p99']:.1f} ms, TPOT (per token) p50 "
-              f"{ld['tpot_ms']['p50']:.1f} ms; server CPU {pr['server_cpu_us_per_token']:.0f} us/token (HTTP process "
-              f"{pr['http_process_cpu_s']:.2f} s, children {pr['child_processes_cpu_s']:.2f} s, wall "
-              f"{ld['wall_s']:.2f} s)")
-        print(f"    {pr['decode_steps']:.0f} decode steps, mean batch {pr['mean_decode_batch']:.1f}, "
-              f"launch+wait {pr['decode_ms_per_step']:.2f} ms/step; server up in {run['server_start_s']:.0f} s "
-              f"(" + ", ".join(f"{k} {v:.1f} s" for k, v in run.get("startup_s", {}).items()) + ")")
+        greedy = run["load"]["output_tokens_per_s"]
+        for name, ld in (("greedy", run["load"]), ("sampled", run.get("load_sampled"))):
+            if ld is None:
+                continue
+            v = ld["output_tokens_per_s"]
+            label = f"server {run['variant']} {name}"
+            print(f"| {label:<34} | {v:9.0f} | {ratio(v, offline):>9} | {ratio(v, replay):>8} | "
+                  f"{ratio(v, greedy):>8} | {ld['ttft_ms']['p50']:7.0f}/{ld['ttft_ms']['p99']:<7.0f} | "
+                  f"{ld['tpot_ms']['p50']:11.2f} |")
+    for run in result["runs"]:
+        if "load" not in run:
+            continue
+        pr, ld = run["profile"], run["load"]
         shares = sorted(pr["share_of_wall"].items(), key=lambda kv: -kv[1])
-        print("    scheduler thread: " + ", ".join(f"{k} {v:.0%}" for k, v in shares))
-
+        print(f"  {run['variant']} {run['server_args'] or '(defaults)'}: wall {ld['wall_s']:.2f} s, "
+              f"{pr['decode_steps']:.0f} decode steps, mean batch {pr['mean_decode_batch']:.1f}, launch+wait "
+              f"{pr['decode_ms_per_step']:.2f} ms/step, server CPU {pr['server_cpu_us_per_token']:.0f} us/token, "
+              f"up in {run['server_start_s']:.0f} s; scheduler thread: "
+              + ", ".join(f"{k} {v:.0%}" for k, v in shares))
 
 if __name__ == "__main__":
     main()

@@ -77,6 +77,25 @@ def test_decode_window_equals_single_steps(model, params):
     torch.testing.assert_close(firsts[0].logprobs[:, 0], lsm.gather(1, firsts[0].tokens)[:, 0])
 
 
+def test_decode_window_longer_than_the_ring(model):
+    """A window longer than the sampler's ring buffer (``history``) runs in pieces and equals single steps;
+    the engine's ``decode_steps`` gathers the window's tokens once, after its last step."""
+    fast, slow = EngineSlotBackend(model, max_slots=2, history=4), EngineSlotBackend(model, max_slots=2)
+    ps = prompts([6, 11], seed=7)
+    for be in (fast, slow):
+        logits = []
+        for slot, p in zip((1, 0), ps):
+            lg, st = be.prefill(p, None)
+            be.load(slot, st, SamplingParams(), p)
+            logits.append(lg)
+        be.first_tokens([1, 0], torch.stack(logits))
+    got = fast.decode_window([1, 0], 10)
+    want = torch.cat([slow.decode_window([1, 0], 1).tokens for _ in range(10)], 1)
+    assert torch.equal(got.tokens, want) and got.logprobs is None
+    with pytest.raises(ValueError, match="steps"):
+        fast.engine.decode_steps([0], 5)
+
+
 def counted(fn, name, log):
     def wrapper(*args, **kwargs):
         log.append(name)

@@ -200,3 +200,36 @@ def test_bucket_plan_with_graph_costs():
             assert stub.prefill_cost(1, 1) > left
             continue
         assert stub.prefill_cost(1, end) <= left < stub.prefill_cost(1, end + 1), (left, end)
+
+
+def test_burst_is_prefilled_in_one_call_under_the_server_budget():
+    """A burst of waiting prompts whose padded bucket fits the server's default token budget
+    (``--max-num-batched-tokens``) is prefilled by one engine call in the first iteration, and the first
+    decode window runs every row; tokens equal generate(). (At the old budget of 2048 tokens per iteration
+    this burst took two iterations, each with its own call.)"""
+    from fastxlstm.serving.metrics import Metrics
+    from fastxlstm.serving.runtime import ServeConfig, make_scheduler
+
+    model = perturbed_model(XLSTMConfig(vocab_size=320, embedding_dim=32, num_blocks=1, num_heads=2,
+                                        weight_mode="fused", chunk_size=64))  # long prompts, little compute
+    be = EngineSlotBackend(model, max_slots=8)
+    runner = be.engine.runner
+    runner.prefill_graphs = PrefillGraphs(runner, (16, 64, 256, 512), (1, 2, 4, 8), capture=False)
+    calls, windows = [], []
+    orig_batch, orig_one, orig_window = be.prefill_batch, be.prefill, be.decode_window
+    be.prefill_batch = lambda t, s: (calls.append(len(t)), orig_batch(t, s))[1]
+    be.prefill = lambda t, s: (calls.append(1), orig_one(t, s))[1]
+    be.decode_window = lambda slots, *a, **k: (windows.append(len(slots)), orig_window(slots, *a, **k))[1]
+    config = ServeConfig(max_slots=8)
+    assert config.prefill_chunk >= 8 * 512  # the default budget holds the burst's bucket
+    sched = make_scheduler(be, None, config, Metrics())
+    ps = prompts([300, 500, 380, 460, 310, 420, 390, 480], seed=13)
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)) for p in ps]
+    sched.waiting.extend(reqs)
+    sched.step()
+    assert calls == [8] and windows == [8]
+    while sched.has_work():
+        sched.step()
+    for p, r in zip(ps, reqs):
+        assert r.choices[0].generated == generate(model, p, 5)[0].tolist()
+    assert calls == [8]

@@ -82,13 +82,22 @@ def test_stack_states_none_and_mixing():
         stack_states([None, zero_model_state(CFG, 1)], "cpu")
 
 
-def test_clone_state_shares_no_tensor(model_and_state):
+@pytest.mark.parametrize("packed", [False, True])
+def test_clone_state_shares_no_tensor(model_and_state, packed):
+    """Plain and packed copies (packed: views of one buffer per dtype, one multi-tensor copy) equal the state,
+    share no memory with it (nor, packed, with each other), and keep each tensor's shape and dtype."""
     _, _, state = model_and_state
-    copy = clone_state(state)
+    state = [(c.to(torch.bfloat16), n, m) for c, n, m in state]  # two dtypes
+    copy = clone_state(state, packed=packed)
     for a, b in zip(state_tensors(copy), state_tensors(state)):
-        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.untyped_storage().data_ptr() != \
+            b.untyped_storage().data_ptr()
+    storages = {t.untyped_storage().data_ptr() for t in state_tensors(copy)}
+    assert len(storages) == (2 if packed else len(state_tensors(copy)))
+    before = [t.clone() for t in state_tensors(copy)]
     copy[1][2].add_(1.0)
     assert not torch.equal(copy[1][2], state[1][2])
+    assert all(torch.equal(a, b) for i, (a, b) in enumerate(zip(state_tensors(copy), before)) if i != 5)
 
 
 def test_state_to_same_device_copies_nothing(model_and_state):

@@ -56,9 +56,27 @@ def state_nbytes(state: Sequence[State]) -> int:
     return sum(t.numel() * t.element_size() for t in state_tensors(state))
 
 
-def clone_state(state: Sequence[State]) -> ModelState:
-    """A private copy (no tensor shared with ``state``)."""
-    return [tuple(t.clone() for t in layer) for layer in state]
+def clone_state(state: Sequence[State], packed: bool = False) -> ModelState:
+    """A private copy (no tensor shared with ``state``). ``packed``: the copies are views of one fresh buffer
+    per (device, dtype), filled by one multi-tensor copy (a few kernels instead of one per tensor: what the
+    prefix cache's inserts and hits use); not for states written to a file (safetensors refuses views of
+    one buffer)."""
+    if not packed:
+        return [tuple(t.clone() for t in layer) for layer in state]
+    flat = state_tensors(state)
+    copies: list[Tensor | None] = [None] * len(flat)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(flat):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (device, dtype), idx in groups.items():
+        sizes = [flat[i].numel() for i in idx]
+        buf = torch.empty(sum(sizes), device=device, dtype=dtype)
+        views = [v.view(flat[i].shape) for v, i in zip(buf.split(sizes), idx)]
+        torch._foreach_copy_(views, [flat[i] for i in idx])
+        for v, i in zip(views, idx):
+            copies[i] = v
+    it = iter(copies)
+    return [tuple(next(it) for _ in layer) for layer in state]
 
 
 def state_to(state: Sequence[State], device: torch.device | str) -> ModelState:

@@ -205,29 +205,13 @@ class EngineSlotBackend:
         """``steps`` decode steps for ``slots``, each slot fed its last sampled token on the device and
         sampled with its own parameters (one CUDA-graph replay per step); tokens ``[n, steps]`` and, with
         ``logprobs``, their log-probabilities and top alternatives, as device tensors (the caller's one
-        host read). A window may follow one whose tokens the caller has not read yet."""
+        host read; :meth:`Engine.decode_steps`: one graph replay per step, the tokens gathered once at the end). A
+        window may follow one whose tokens the caller has not read yet."""
         if not slots or steps < 1:
             raise ValueError("decode_window needs at least one slot and steps >= 1")
         eng = self.engine
-        # The engine runs its slots in ascending order: the first step lists them, the later ones replay
-        # the same set (``slots=None``: no host work per slot); rows go back to the caller's order at the end.
-        order = sorted(range(len(slots)), key=lambda j: slots[j])
-        steps_out = []
-        step = eng.decode_step([int(slots[j]) for j in order])
-        for i in range(steps):
-            if i:
-                step = eng.decode_step(None)
-            steps_out.append(step)
-        out = Sampled(torch.stack([s.tokens for s in steps_out], 1))
-        if logprobs:
-            if steps_out[0].logprobs is None:
-                raise ValueError("logprobs asked for, but no slot in the window was configured with logprobs")
-            out = Sampled(out.tokens, torch.stack([s.logprobs for s in steps_out], 1),
-                          torch.stack([s.top_logprobs for s in steps_out], 1),
-                          torch.stack([s.top_ids for s in steps_out], 1))
-        if order != list(range(len(order))):
-            back = [0] * len(order)
-            for pos, j in enumerate(order):
-                back[j] = pos
-            out = out.rows(to_device(back, eng.device))
-        return out
+        parts = [eng.decode_steps(slots, min(eng.history, steps - i), logprobs=logprobs)
+                 for i in range(0, steps, eng.history)]  # (windows longer than the sampler's ring: in pieces)
+        if len(parts) == 1:
+            return Sampled(*parts[0])
+        return Sampled(*(None if p[0] is None else torch.cat(p, 1) for p in zip(*parts)))

@@ -359,6 +359,39 @@ class Engine:
             out.logprobs, out.top_logprobs, out.top_ids = self.sampler.last_logprobs(ridx)
         return out
 
+    @torch.no_grad()
+    def decode_steps(self, slots: Sequence[int], steps: int, *, logprobs: bool = False
+                     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """``steps`` decode steps of exactly ``slots``, each fed its last sampled token on the device: one
+        CUDA-graph replay per step and no other host work between steps. Returns, in the order of ``slots``,
+        device tensors gathered from the sampler's ring buffers after the last step: tokens ``[n, steps]`` and,
+        with ``logprobs``, their log-probabilities ``[n, steps]`` and top alternatives (values, ids)
+        ``[n, steps, MAX_LOGPROBS]`` (else None). Past a slot's own stop (EOS, stop ids, max tokens) its row
+        holds stale values. ``steps`` is at most the ring's ``history``."""
+        if not slots or not 1 <= steps <= self.history:
+            raise ValueError(f"decode_steps needs slots and 1 <= steps <= {self.history}, got {len(slots)}, {steps}")
+        running = [int(s) for s in slots]
+        for s in running:
+            self._check_allocated(s)
+        sampler = self.sampler
+        ridx = self._long(running)
+        start = sampler.pos[ridx]  # each row's first ring position of this window (a copy)
+        self.active.zero_()
+        self.active.index_fill_(0, ridx, True)
+        self._running = set(running)
+        bsz, mode = self._bucket(running), sampler.mode(running)
+        if logprobs and not mode.endswith("+lp"):
+            raise ValueError("logprobs asked for, but no slot in the window was configured with logprobs")
+        step = self._graph(bsz, mode)[0].replay if self.use_cuda_graph else self._step_fn(bsz, mode)
+        for _ in range(steps):
+            step()
+        rows = ridx[:, None]
+        cols = (start[:, None] + torch.arange(steps, device=self.device)) % self.history
+        if not logprobs:
+            return sampler.hist[rows, cols], None, None, None
+        return sampler.hist[rows, cols], sampler.hist_lp[rows, cols], sampler.hist_top_lp[rows, cols], \
+            sampler.hist_top_ids[rows, cols]
+
     # ------------------------------------------------------------------ speculative
     @torch.no_grad()
     def spec_step(self, drafts: dict[int, Sequence[int]] | None = None) -> None:

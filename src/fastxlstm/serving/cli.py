@@ -19,7 +19,10 @@ def serve(
     = None,
     max_slots: Annotated[int, typer.Option(min=1, help="Concurrent sequences (each holds one recurrent state)")] = 32,
     max_waiting: Annotated[int, typer.Option(min=1, help="Queued requests before answering 429")] = 256,
-    prefill_chunk: Annotated[int, typer.Option(min=1, help="Prompt tokens prefilled between decode steps")] = 2048,
+    prefill_chunk: Annotated[int, typer.Option(
+        "--max-num-batched-tokens", "--prefill-chunk", min=1,
+        help="Prompt tokens prefilled per scheduler iteration, between two decode windows, counted as the device "
+             "computes them (padding included); waiting prompts share forwards up to it (vLLM's name)")] = 8192,
     prefill_pad_ratio: Annotated[float, typer.Option(
         min=1.0, help="Prompts of different lengths share one prefill forward (right-padded) while the padded "
                       "tokens are at most this many times the real ones (1: equal lengths only)")] = 1.3,

@@ -155,7 +155,7 @@ class PrefixCache:
             return None
         length, entry = found  # entries are never changed in place: cloning outside the lock is safe
         logits = entry.logits.clone() if entry.logits is not None and length == len(tokens) else None
-        return CacheHit(length, clone_state(entry.state), logits)
+        return CacheHit(length, clone_state(entry.state, packed=True), logits)
 
     def insert(self, tokens: Sequence[int], state: ModelState, logits: Tensor | None = None) -> bool:
         """Store a clone of ``state`` (and ``logits``) under ``tokens``; returns whether it was stored."""
@@ -173,7 +173,8 @@ class PrefixCache:
                 if old.logits is not None or logits is None:
                     return True  # nothing new to keep
         block = (len(tokens) // BLOCK, prompt.hashes[len(tokens) // BLOCK])
-        entry = _Entry(prompt.data, block, clone_state(state), logits.clone() if logits is not None else None, nbytes)
+        entry = _Entry(prompt.data, block, clone_state(state, packed=True),
+                       logits.clone() if logits is not None else None, nbytes)
         with self._lock:
             if key in self._entries:  # the same prefix (raced with another insert), or a hash collision
                 self._remove(key)

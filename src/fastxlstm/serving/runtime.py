@@ -27,7 +27,8 @@ class ServeConfig:
     aliases: tuple[str, ...] = ()
     max_slots: int = 32
     max_waiting: int = 256
-    prefill_chunk: int = 2048  # prompt tokens prefilled per scheduler iteration (between two decode steps)
+    # prompt tokens prefilled per scheduler iteration, between two decode windows (--max-num-batched-tokens)
+    prefill_chunk: int = 8192
     prefill_pad_ratio: float = 1.3  # prompts of different lengths share a forward while padded <= this x real
     stream_interval_ms: float = 0.0  # >0: hand a request's tokens to the HTTP side at most this often (first
     # token, finish and errors go at once): fewer, larger SSE chunks, up to this much extra latency per token

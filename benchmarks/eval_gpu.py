@@ -23,10 +23,10 @@ import time
 import torch
 
 from fastxlstm.bench.common import device, device_name, dtype, free_memory, random_xlstm, timed, write_json
-from fastxlstm.checkpoint import _single_mode_state
 from fastxlstm.config import XLSTMConfig, preset
 from fastxlstm.engine import LLM
 from fastxlstm.eval import niah
+from fastxlstm.model.hf_layout import single_mode_state
 from fastxlstm.tokenizer import Tokenizer
 
 WORDS = ("the river runs past a quiet town where old bridges cross the water and people walk at dusk while "
@@ -57,7 +57,7 @@ def _hf_twin(model, cfg: XLSTMConfig):
     hf_cfg = xLSTMConfig(**data)
     with torch.device("meta"):
         hf = xLSTMForCausalLM(hf_cfg)
-    hf.load_state_dict(_single_mode_state(model), strict=True, assign=True)
+    hf.load_state_dict(single_mode_state(model), strict=True, assign=True)
     return hf.eval()
 
 

@@ -13,8 +13,11 @@ Per batch size the slots are prefilled once with random prompts and every run st
   a permutation of the embedding rows ("peaked" random weights: the next token is a function of the current
   one with wide logit margins), so that the bf16 rounding differences between the chunkwise verification and
   the decode step do not flip argmax decisions; the compute is that of any 7B weights.
-* ``ngram``: the n-gram drafter (prompt lookup, ``prompt_lookup_max`` 4) on a repetitive workload (each prompt a
-  random 16-token segment repeated), paper-init random weights (whose greedy output falls into loops).
+* ``ngram``: the n-gram drafter (prompt lookup, ``prompt_lookup_max`` 4) proposing from each sequence's prompt
+  and output, on peaked weights whose permutation is made of 16-token cycles: the model's greedy output then
+  repeats with a period of about 16 tokens, which the drafter has to find in what it has read (random weights
+  give no text that repeats by itself: paper-init random weights never produced a draft in 128 tokens). A
+  step where no row has a draft runs a plain decode step, as ``LLM`` does.
 
 Each speculative step reads the emitted tokens back (one host sync a step, as ``LLM`` does with the n-gram
 drafter). JSON rows (``speculative.json`` in ``--out-dir``): batch, run, seconds, tokens, steps, tok/s,
@@ -67,8 +70,9 @@ def plain(slots: Slots, n: int) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - t0, [rd.new_tokens for rd in reads]
 
 
-def speculative(slots: Slots, n: int, propose) -> tuple[float, list[list[int]], int]:
-    """Speculative steps until every slot emitted ``n`` tokens; ``propose(slot_index, emitted_so_far)``."""
+def speculative(slots: Slots, n: int, propose, fallback: bool = False) -> tuple[float, list[list[int]], int]:
+    """Speculative steps until every slot emitted ``n`` tokens; ``propose(slot_index, emitted_so_far)``.
+    ``fallback``: a step where no slot has a draft is a plain decode step (``LLM``'s n-gram policy)."""
     eng = slots.engine
     slots.reset(n)
     out = [[] for _ in slots.slots]
@@ -76,7 +80,11 @@ def speculative(slots: Slots, n: int, propose) -> tuple[float, list[list[int]], 
     sync()
     t0 = time.perf_counter()
     while any(len(o) < n for o in out):
-        eng.spec_step({s: propose(j, out[j]) for j, s in enumerate(slots.slots) if len(out[j]) < n})
+        drafts = {s: propose(j, out[j]) for j, s in enumerate(slots.slots) if len(out[j]) < n}
+        if fallback and not any(drafts.values()):
+            eng.decode_step(return_outputs=False)
+        else:
+            eng.spec_step(drafts)
         steps += 1
         for j, rd in enumerate(eng.read_tokens(slots.slots)):
             out[j].extend(rd.new_tokens)
@@ -105,10 +113,18 @@ def row(batch: int, run: str, seconds: float, out: list[list[int]], steps: int, 
     return r
 
 
-def peak_head(model) -> None:
-    """LM head rows = a fixed permutation of the embedding rows: wide-margin greedy decisions."""
+def peak_head(model, cycle: int = 0) -> None:
+    """LM head rows = a fixed permutation of the embedding rows: wide-margin greedy decisions. ``cycle``: the
+    permutation is made of cycles of that many tokens (a random order cut into pieces), so the greedy
+    output, which mostly follows the permutation, repeats with about that period."""
     emb = model.backbone.embeddings.weight
-    perm = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(0)).to(emb.device)
+    perm = torch.randperm(emb.shape[0], generator=torch.Generator().manual_seed(0))
+    if cycle:
+        order, perm = perm, torch.empty_like(perm)
+        for i in range(0, len(order), cycle):
+            piece = order[i:i + cycle]
+            perm[piece] = piece.roll(1)
+    perm = perm.to(emb.device)
     with torch.no_grad():
         model.lm_head.weight.copy_(emb[perm])
 
@@ -155,12 +171,12 @@ def bench_ngram(model, batch: int, k: int, n: int, rows: list) -> None:
         seen[j] = len(emitted)
         return indexes[j].propose(k)
 
-    speculative(slots, 2, propose)  # warm (its own indexes are rebuilt below)
+    speculative(slots, 2, propose, fallback=True)  # warm (its own indexes are rebuilt below)
     for j in range(batch):
         indexes[j] = NgramIndex(1, 4)
         indexes[j].extend(slots.prompts[j] + [slots.first[j]])
         seen[j] = 0
-    sec, out, steps = speculative(slots, n, propose)
+    sec, out, steps = speculative(slots, n, propose, fallback=True)
     rows.append(row(batch, "ngram", sec, out, steps, *spec_totals(eng, slots), ref, base))
 
 
@@ -191,9 +207,7 @@ def main() -> None:
         bench_batch(model, b, args.k, n, levels, 8 if args.tiny else 32, out["rows"])
         write_json(path, out)
         free_memory()  # the engine of this batch size (its states and graph pool)
-    gen = torch.Generator(device=dev).manual_seed(1)
-    with torch.no_grad():  # back to paper-init random weights for the n-gram workload
-        model.lm_head.weight.normal_(0.0, (2 / (5 * cfg.embedding_dim)) ** 0.5, generator=gen)
+    peak_head(model, cycle=16)  # the n-gram workload: output that repeats
     for b in batches:
         n = args.tokens or (16 if args.tiny else (64 if b >= 128 else 128))
         bench_ngram(model, b, args.k, n, out["rows"])

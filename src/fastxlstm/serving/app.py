@@ -140,13 +140,16 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
         server.check_model(model_id)
         return card() if model_id == config.model_name else card().model_copy(update={"id": model_id})
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        return await tokenize_endpoint(server, request)
+    def post_route(endpoint):
+        async def route(request: Request):
+            return await endpoint(server, request)
+        return route
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        return await detokenize_endpoint(server, request)
+    for path, endpoint, name in (("/tokenize", tokenize_endpoint, "tokenize"),
+                                 ("/detokenize", detokenize_endpoint, "detokenize"),
+                                 ("/v1/completions", completions_endpoint, "completions"),
+                                 ("/v1/chat/completions", chat_endpoint, "chat_completions")):
+        app.add_api_route(path, post_route(endpoint), methods=["POST"], name=name)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -155,14 +158,6 @@ def create_app(backend: SlotBackend | WorkerSpec, tokenizer: Tokenizer, config: 
     @app.get("/version")
     async def version():
         return version_endpoint()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await completions_endpoint(server, request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await chat_endpoint(server, request)
 
     # OpenAI APIs this server does not have: a 400 that says so (an unknown path stays a 404)
     @app.api_route("/v1/{api}/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)

@@ -79,7 +79,8 @@ class ServerState:
 
     async def grammar(self, body, spec: GrammarSpec | None = None):
         """The compiled grammar of a request's structured-output fields (``spec``: one already built, e.g.
-        from its tools), or None; compiled off the event loop with a deadline; every problem is a 400."""
+        from its tools), or None; compiled off the event loop with a deadline; every problem is a 400. With the
+        scheduler in worker processes: a :class:`~fastxlstm.serving.grammar.SerializedGrammar` (plain text)."""
         try:
             own = request_spec(body)
         except StructuredError as e:
@@ -90,8 +91,6 @@ class ServerState:
         spec = spec or own
         if spec is None:
             return None
-        if self.remote:
-            raise APIError(400, "structured output is not available with --scheduler-process", param="response_format")
         if body.ignore_eos:
             raise APIError(400, "ignore_eos cannot be combined with structured output (the grammar ends with EOS)",
                            param="ignore_eos")
@@ -99,7 +98,7 @@ class ServerState:
             async with self._grammars_lock:
                 if self._grammars is None:
                     self._grammars = await self.off_loop(Grammars, self.tokenizer, self.backend.vocab_size)
-            return await self._grammars.compile_async(spec)
+            return await self._grammars.compile_async(spec, serialized=self.remote)  # plain text for a worker
         except StructuredError as e:
             raise APIError(400, str(e), param=e.param) from None
         except RuntimeError as e:  # xgrammar is not installed

@@ -70,9 +70,14 @@ class FunctionDef(BaseModel):
         return value
 
 
-class Tool(BaseModel):
+class _OfFunction(BaseModel):
+    """A ``{"type": "function", "function": ...}`` wrapper (subclasses give ``function`` its type)."""
+
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
+
+
+class Tool(_OfFunction):
     function: FunctionDef
 
 
@@ -81,15 +86,11 @@ class FunctionName(BaseModel):
     name: StrictStr
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function"]
+class NamedToolChoice(_OfFunction):
     function: FunctionName
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: StrictStr
+class FunctionCall(FunctionName):
     arguments: StrictStr
 
 

@@ -6,7 +6,12 @@ shutdown / alive / accepting). The worker process (started with ``spawn``, as CU
 captures the CUDA graphs and runs the real scheduler thread; the two do not share a GIL.
 
 Two one-way pipes carry plain picklable messages. To the worker: ``("submit", [request tuples])``,
-``("cancel", [(id, choice)])``, ``("query", qid, "stats" | "metrics")``, ``("shutdown", drain_timeout)``.
+``("cancel", [(id, choice)])``, ``("query", qid, "stats" | "metrics")``, ``("shutdown", drain_timeout)``, and
+``("grammar_info", text)`` (xgrammar's JSON of the tokenizer's vocabulary) before the first request under a
+grammar: structured output's grammars are compiled on the HTTP side (their errors are 400s there) and travel in
+the request tuples as xgrammar's JSON text (:class:`~fastxlstm.serving.grammar.SerializedGrammar`), which the
+worker turns back into compiled grammars (:class:`~fastxlstm.serving.grammar.GrammarStore`) for the matchers
+and the sampler of its scheduler.
 From it: ``("ready", info)`` or ``("failed", text)`` once, then ``("events", [(id, [events])])`` (one message per
 scheduler hand-over, every request's events of that hand-over in it; token events as plain
 ``(choice, token, logprob, top_logprobs)`` tuples), ``("reply", qid, value)`` and ``("bye",)``.
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .delivery import post_events
+from .grammar import GrammarStore, SerializedGrammar
 from .metrics import Metrics
 from .requests import ErrorEvent, FinishEvent, GenerationRequest, QueueFull, ShuttingDown, TokenEvent
 
@@ -115,6 +121,7 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
     sink = _PipeSink(evt_conn)
     send = sink.send
     live: weakref.WeakValueDictionary[int, GenerationRequest] = weakref.WeakValueDictionary()
+    grammars = GrammarStore()
 
     while True:
         try:
@@ -124,12 +131,19 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
             return
         kind = msg[0]
         if kind == "submit":
-            reqs = []
-            for rid, prompt, params, n, points, gen_end, arrival, deadline, scored in msg[1]:
+            reqs, bad = [], []
+            for rid, prompt, params, n, points, gen_end, arrival, deadline, scored, grammar in msg[1]:
+                try:
+                    compiled = None if grammar is None else grammars.load(grammar)
+                except (RuntimeError, ValueError) as e:
+                    bad.append((rid, [ErrorEvent(500, f"structured output failed in the engine process: {e}")]))
+                    continue
                 req = GenerationRequest(prompt, params, n, cache_points=points, cache_generation_end=gen_end,
-                                        prompt_logprobs=scored)
+                                        prompt_logprobs=scored, grammar=compiled)
                 req.id, req.arrival, req.deadline = rid, arrival, deadline
                 reqs.append(req)
+            if bad:
+                send(("events", bad))
             try:
                 scheduler.submit(reqs, sink, sink)  # type: ignore[arg-type]
             except (QueueFull, ShuttingDown, ValueError) as e:
@@ -139,6 +153,11 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
                 continue
             for req in reqs:
                 live[req.id] = req
+        elif kind == "grammar_info":
+            try:
+                grammars.set_info(msg[1])
+            except Exception:  # noqa: BLE001 - its requests fail one by one (load raises), the worker stays up
+                log.exception("the tokenizer info of structured output does not load")
         elif kind == "cancel":
             for rid, choice in msg[1]:
                 req = live.get(rid)
@@ -191,6 +210,7 @@ class SchedulerProxy:
         self._alive = False
         self._reader: threading.Thread | None = None
         self._cmd = self._evt = None
+        self._grammar_info: str | None = None  # the tokenizer info the running worker has been sent
         self.exit_reason: str | None = None
         self.on_exit: Callable[[SchedulerProxy], None] | None = None  # called (reader thread) when the worker dies
 
@@ -203,7 +223,9 @@ class SchedulerProxy:
             if conn is not None:
                 conn.close()
         self.exit_reason = None
-        cmd_r, self._cmd = ctx.Pipe(duplex=False)
+        with self._send_lock:  # a new worker: the tokenizer info goes again, before its first grammar
+            cmd_r, self._cmd = ctx.Pipe(duplex=False)
+            self._grammar_info = None
         self._evt, evt_w = ctx.Pipe(duplex=False)
         name = "fastxlstm-scheduler" + (f"-{self.replica}" if self.replica else "")
         self.process = ctx.Process(target=worker_main, name=name,
@@ -285,9 +307,8 @@ class SchedulerProxy:
         for req in requests:
             if req.n > self.backend.max_slots:
                 raise ValueError(f"n={req.n} exceeds the server's {self.backend.max_slots} sequence slots")
-            if req.grammar is not None:
-                raise ValueError("structured output (response_format, guided_*, tool_choice required or named) is "
-                                 "not available with --scheduler-process")
+            if req.grammar is not None and not isinstance(req.grammar, SerializedGrammar):
+                raise ValueError("a grammar for the scheduler process must be a SerializedGrammar")
         with self._lock:
             if not self._alive:
                 raise EngineUnavailable("the engine process is not running")
@@ -300,9 +321,11 @@ class SchedulerProxy:
                 req.on_cancel = self._cancel_hook(req.id)
                 self._live[req.id] = _Entry(req)
             self._queued += len(requests)
+        info = next((r.grammar.info for r in requests if r.grammar is not None), None)
         try:
             self._send(("submit", [(r.id, r.prompt, r.params, r.n, r.cache_points, r.cache_generation_end,
-                                    r.arrival, r.deadline, r.prompt_logprobs) for r in requests]))
+                                    r.arrival, r.deadline, r.prompt_logprobs,
+                                    None if r.grammar is None else r.grammar.compiled) for r in requests]), info)
         except OSError:  # the worker is gone: the reader fails these with the others
             pass
 
@@ -346,8 +369,13 @@ class SchedulerProxy:
             fut.set_exception(EngineUnavailable(f"the engine process is not running ({e})"))
         return fut
 
-    def _send(self, msg) -> None:
+    def _send(self, msg, grammar_info: str | None = None) -> None:
+        """Send ``msg``; with ``grammar_info`` (a request under a grammar), the tokenizer info first, once per
+        worker (under the same lock as the pipe's replacement in :meth:`start`)."""
         with self._send_lock:
+            if grammar_info is not None and grammar_info is not self._grammar_info:
+                self._cmd.send(("grammar_info", grammar_info))
+                self._grammar_info = grammar_info
             self._cmd.send(msg)
 
     # ------------------------------------------------------------------ reader thread

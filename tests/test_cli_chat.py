@@ -132,3 +132,55 @@ def test_repl_streams_pieces(llm):
     repl(session, iter([TURNS[0] + "\n"]), out)
     reply = session.messages[-1]["content"]
     assert "".join(out.writes) == reply + "\n" and len(out.writes) > 3
+
+
+def turn_taker(tok) -> tuple[LLM, str]:
+    """A model that answers `` Go.`` and then writes the next user turn itself, forever (``\\nUser: Go.\\nUser:
+    ...``): a bigram table in the weights (the blocks' outputs zeroed, so the logits depend on the current token
+    only: each token of the cycle predicts the next, every other token the cycle's first)."""
+    import torch
+
+    from fastxlstm.config import XLSTMConfig
+    from fastxlstm.model import XLSTMForCausalLM
+
+    text = " Go.\nUser:"
+    cycle = tok.encode(text, add_bos=False)
+    assert len(set(cycle)) == len(cycle) and tok.decode(cycle) == text  # a bigram table can hold it
+    torch.manual_seed(0)
+    model = XLSTMForCausalLM(XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=1, num_heads=2))
+    with torch.no_grad():
+        for block in model.backbone.blocks:
+            block.mlstm_layer.out_proj.weight.zero_()
+            block.ffn.proj_down.weight.zero_()
+        emb, head = model.backbone.embeddings.weight, model.lm_head.weight
+        emb.zero_()
+        emb[:, 0] = 1.0  # every token: direction 0, which predicts the cycle's first token
+        head.zero_()
+        head[cycle[0], 0] = 1.0
+        for i, t in enumerate(cycle):  # token i of the cycle: direction i + 1, which predicts token i + 1
+            emb[t] = 0.0
+            emb[t, i + 1] = 1.0
+            head[cycle[(i + 1) % len(cycle)], i + 1] = 1.0
+        model.backbone.out_norm.weight.fill_(1.0)
+    return LLM(model.eval(), tok, device="cpu", max_slots=1), text
+
+
+def test_default_template_stops_at_the_next_user_turn(llm):
+    """On the default template a reply ends where the model starts the next user turn (``\\nUser:``, the stop the
+    server's chat answers have), the user's own stop strings still count; a template without that stop lets
+    the same model run on."""
+    taker, text = turn_taker(llm.tokenizer)
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    runs_on = ChatTemplate("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}Assistant:")
+    assert runs_on.stop == ()
+    free = "".join(ChatSession(taker, runs_on, params).send("Shall we?"))
+    assert free.startswith(text + " Go.")  # the model writes the user's turn itself
+    session = ChatSession(taker, ChatTemplate(), params)
+    assert session.params.stop == ["\nUser:"] and params.stop == []
+    assert "".join(session.send("Shall we?")) == " Go."
+    assert session.messages[-1] == {"role": "assistant", "content": " Go."}
+    # the next turn continues from the state, which has seen the stop string: only the rest of the turn is fed
+    assert "".join(session.send("And now?")) == " Go."
+    assert session.prefilled[-1] == len(llm.tokenizer.encode(" And now?\n\nAssistant:", add_bos=False))
+    mine = ChatSession(taker, ChatTemplate(), SamplingParams(max_new_tokens=24, temperature=0.0, stop=["o."]))
+    assert mine.params.stop == ["o.", "\nUser:"] and "".join(mine.send("Shall we?")) == " G"

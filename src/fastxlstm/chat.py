@@ -11,11 +11,14 @@ does not write) what the template writes after the reply's text (the conversatio
 ``continue_final_message``) is fed, less the whitespace and stop string the reply ended in (the state has
 seen them). Only when
 the template renders the history as something else altogether does a turn start from a fresh state (the
-whole conversation prefilled).
+whole conversation prefilled). Replies stop at the template's stop strings as the server's chat answers do
+(:meth:`~fastxlstm.serving.chat_template.ChatTemplate.stops`: the default template's next user turn, ``\nUser:``),
+besides the user's own (``--stop``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Generator, Iterable
 from typing import TextIO
 
@@ -32,6 +35,8 @@ class ChatSession:
     def __init__(self, llm: LLM, template, params: SamplingParams, system: str | None = None):
         if llm.tokenizer is None:
             raise ValueError("chat needs a model with a tokenizer")
+        # the template's stop strings too (the default one's next user turn), as the server's chat answers have them
+        params = dataclasses.replace(params, stop=template.stops(params.stop))
         self.llm, self.template, self.params, self.system = llm, template, params, system
         self.reset()
 

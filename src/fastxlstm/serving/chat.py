@@ -33,7 +33,7 @@ async def chat_completions(server: ServerState, request: Request):
                            top if body.logprobs else None)
     req = GenerationRequest(ids, params, body.n, cache_points=points, cache_generation_end=config.cache_chat_turns,
                             timeout=config.request_timeout, prompt_logprobs=body.prompt_logprobs, grammar=grammar)
-    stops = [*(body.stop or ()), *server.chat_template.stop]
+    stops = server.chat_template.stops(body.stop or ())
     call = Call(server, [req], body.n, stops or None, body.include_stop_str_in_output)
     call.submit()
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", now()

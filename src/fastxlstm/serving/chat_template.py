@@ -108,6 +108,11 @@ class ChatTemplate:
             source, origin = jinja_path.read_text(), str(jinja_path)
         return cls(source, specials, origin)
 
+    def stops(self, extra: Sequence[str] = ()) -> list[str]:
+        """The stop strings of a chat answer: ``extra`` (the request's or the user's), then the template's own
+        (:attr:`stop`: the default template's next user turn). The server and ``fastxlstm chat`` both use it."""
+        return [*extra, *self.stop]
+
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                continue_final_message: bool = False, tools: list[dict] | None = None, **kwargs) -> str:
         """The prompt text; ``kwargs`` (a request's ``chat_template_kwargs``) are extra template variables."""

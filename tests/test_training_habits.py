@@ -127,3 +127,16 @@ def test_cpu_finetune_config_runs_and_exports_readable_dirs(data, tmp_path, monk
         assert out.stat().st_mode & 0o777 == 0o755, name
         assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir()), name
     assert load(tmp_path / "ft" / "final").config.vocab_size == 8192
+
+
+def test_export_dtype_reads_the_devices_names():
+    import torch
+
+    from fastxlstm.training.export import export_dtype
+
+    assert export_dtype("float32") is export_dtype("fp32") is torch.float32
+    assert export_dtype("bfloat16") is export_dtype("bf16") is export_dtype(torch.bfloat16) is torch.bfloat16
+    assert export_dtype("float16") is export_dtype("half") is torch.float16
+    for bad in ("auto", "int8", "float64", None, torch.int64):
+        with pytest.raises(ValueError, match=r"export dtype must be one of half, bfloat16, float16, float32"):
+            export_dtype(bad)

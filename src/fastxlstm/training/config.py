@@ -93,7 +93,7 @@ class CheckpointSection:
 @dataclass
 class ExportSection:
     enabled: bool = True
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (or bf16, half, fp32: fastxlstm.devices.parse_dtype)
     dir: str | None = None  # default: <out_dir>/final (LoRA runs: the adapter, default <out_dir>/adapter)
     merged: bool = False  # LoRA runs: also write base + adapter merged, as an HF directory, to <out_dir>/final
 

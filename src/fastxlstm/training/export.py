@@ -12,9 +12,22 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from ..config import XLSTMConfig
+from ..devices import DTYPE_CHOICES, parse_dtype
 from .distributed import DistEnv, barrier
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def export_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The ``torch.dtype`` the export writes, from a name :func:`fastxlstm.devices.parse_dtype` reads (``float32``,
+    ``bfloat16``, ``bf16``, ``half``, ...); ValueError naming the choices for anything else, ``auto`` included
+    (an export has no device whose default it could take)."""
+    choices = ", ".join(c for c in DTYPE_CHOICES if c != "auto")
+    try:
+        parsed = parse_dtype(dtype)
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise ValueError(f"export dtype must be one of {choices}, got {dtype!r}")
+    return parsed
 
 
 def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
@@ -27,8 +40,7 @@ def export(model: nn.Module, env: DistEnv, out_dir: str | os.PathLike, tokenizer
            dtype: str = "float32", merged_dir: str | os.PathLike | None = None, base_model: str | None = None) -> Path:
     """Collective: every rank calls it, rank 0 writes ``out_dir``. A LoRA model writes its adapter
     (PEFT format, float32) there and, with ``merged_dir``, base + adapter as an HF directory."""
-    if dtype not in DTYPES:
-        raise ValueError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = export_dtype(dtype)
     lora = getattr(model, "lora_config", None)
     state = full_state_dict(model, trainable_only=lora is not None and merged_dir is None)
     out = Path(out_dir)
@@ -39,11 +51,11 @@ def export(model: nn.Module, env: DistEnv, out_dir: str | os.PathLike, tokenizer
 
             save_adapter(state, lora, out, base_model, tokenizer_dir)
             if merged_dir is not None:
-                save_xlstm(cfg, merge_lora_state(state, lora), Path(merged_dir), tokenizer_dir, DTYPES[dtype])
+                save_xlstm(cfg, merge_lora_state(state, lora), Path(merged_dir), tokenizer_dir, torch_dtype)
         elif isinstance(cfg, XLSTMConfig):
-            save_xlstm(cfg, state, out, tokenizer_dir, DTYPES[dtype])
+            save_xlstm(cfg, state, out, tokenizer_dir, torch_dtype)
         else:
-            save_plain(cfg, state, out, DTYPES[dtype])
+            save_plain(cfg, state, out, torch_dtype)
     barrier()
     return out
 

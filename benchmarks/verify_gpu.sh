@@ -8,5 +8,5 @@ OUT=${OUT:-/tmp/fastxlstm-verify}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -15
-python3 benchmarks/kernels.py --check --out "$OUT" --tag verify 2>&1 | tail -15
-python3 benchmarks/kernels.py --bench --quick --out "$OUT" --tag verify 2>&1 | tail -20
+python3 benchmarks/kernel_bench.py --check --out "$OUT" --tag verify 2>&1 | tail -15
+python3 benchmarks/kernel_bench.py --bench --quick --out "$OUT" --tag verify 2>&1 | tail -20

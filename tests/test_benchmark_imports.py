@@ -1,12 +1,16 @@
 """The benchmark scripts import only what the package has: every ``from fastxlstm... import name`` in
 ``benchmarks/*.py`` and ``tests/helpers.py`` (module level and inside functions, read with :mod:`ast`) names
 a module or an attribute that exists. The scripts run on the GPU machine only, so a renamed helper would
-otherwise be found there, after the device time is spent."""
+otherwise be found there, after the device time is spent. A script runs with ``benchmarks/`` first on
+``sys.path``, so its name must not be that of a package a library looks for: ``benchmarks/kernels.py`` made
+transformers take it for the hub's ``kernels`` package and fail on import."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +48,20 @@ def test_the_check_sees_function_level_imports(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("def f():\n    from fastxlstm.checkpoint import no_such_helper\n")
     assert _fastxlstm_imports(script) == [(2, "fastxlstm.checkpoint", "no_such_helper")]
+
+
+# top-level names libraries probe for with find_spec and then import (transformers: kernels, lm-eval: vllm, ...)
+PROBED = {"kernels", "vllm", "sglang", "peft", "accelerate", "deepspeed", "flash_attn", "mamba_ssm", "xlstm",
+          "mlstm_kernels", "triton", "bitsandbytes", "optimum", "torchao", "liger_kernel", "fla", "einops"}
+
+
+def test_script_names_shadow_no_package():
+    bench = str(ROOT / "benchmarks")
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(bench)]
+    try:
+        clashes = [p.name for p in SCRIPTS[:-1]
+                   if p.stem in PROBED or p.stem in sys.stdlib_module_names or importlib.util.find_spec(p.stem)]
+    finally:
+        sys.path[:] = saved
+    assert not clashes, f"benchmark scripts named like an importable package: {clashes}"

@@ -186,7 +186,7 @@ OUT_KEYS = ("BLQ", "BV", "NVP")
 # rows: the constexprs named, then num_warps, num_stages (a single-stage row of an intra-chunk kernel
 # is for fp32 inputs only, see ``_common._fits``). The last two state rows (the first one's loop pipelined 3 and
 # 4 deep) and the last output row (128-row query tiles, DV in two parts) were added for the latency-bound
-# small-S forward (``benchmarks/kernels.py --sweep``, H100 2026-11-25, kernels_NOTES.md v5); they change only
+# small-S forward (``benchmarks/kernel_bench.py --sweep``, H100 2026-11-25, kernels_NOTES.md v5); they change only
 # pipelining and work split, not the arithmetic of an output element.
 fwd_states = tuned(fwd_states_kernel, " ".join(STATES_KEYS), interpret=(16, 16), rows=[
     (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 4, 1), (64, 64, 4, 3), (64, 64, 4, 4)])

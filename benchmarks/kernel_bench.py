@@ -1,12 +1,12 @@
 """mLSTM kernels: GPU accuracy check and benchmark against the official kernels and SDPA.
 
-  python benchmarks/kernels.py --check            # accuracy at the 7B shapes vs a float64 reference
-  python benchmarks/kernels.py --bench            # timings (JSON + markdown table + plot)
-  python benchmarks/kernels.py --bench --quick    # a subset (B=1, S in {8k, 32k}) with a per-kernel breakdown
-  python benchmarks/kernels.py --diag             # host vs GPU time at B=1 (launch path), cProfile, profiler
-  python benchmarks/kernels.py --fp32             # fp32 h error next to the float32 reference's own
-  python benchmarks/kernels.py --sweep            # small-S forward: old vs current autotune rows, per config
-  python benchmarks/kernels.py --layout           # 7B prefill: q/k/v read in place vs head-major copies
+  python benchmarks/kernel_bench.py --check            # accuracy at the 7B shapes vs a float64 reference
+  python benchmarks/kernel_bench.py --bench            # timings (JSON + markdown table + plot)
+  python benchmarks/kernel_bench.py --bench --quick    # a subset (B=1, S in {8k, 32k}) with a per-kernel breakdown
+  python benchmarks/kernel_bench.py --diag             # host vs GPU time at B=1 (launch path), cProfile, profiler
+  python benchmarks/kernel_bench.py --fp32             # fp32 h error next to the float32 reference's own
+  python benchmarks/kernel_bench.py --sweep            # small-S forward: old vs current autotune rows, per config
+  python benchmarks/kernel_bench.py --layout           # 7B prefill: q/k/v read in place vs head-major copies
 
 Shapes: xLSTM 7B cell (NH 8, DQK 256, DV 512), bf16 q/k/v, fp32 gates. Peers in the same run:
 ``mlstm-kernels`` (``chunkwise--triton_xl_chunk``, ``chunkwise--triton_limit_chunk``; PyPI) and torch SDPA

@@ -1,11 +1,16 @@
-"""Test helpers: small random models and their transformers twins."""
+"""Test helpers: small random models and their transformers twins, ``fastxlstm serve`` in a subprocess, and
+killing a scheduler worker process and waiting for its restart (the serving extras are imported lazily)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -115,3 +120,75 @@ def load_and_tag(model_dir: str, tag_dir: str):
 
     Path(tag_dir, str(os.getpid())).write_text(os.environ.get("FASTXLSTM_TEST_REPLICA", "unset"))
     return load(model_dir)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cli(*args: str, new_session: bool = True, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """``python -m fastxlstm serve --port <free port> *args`` as a subprocess (stdout and stderr together, as
+    text; ``new_session``: its own process group, as a terminal's foreground job); returns it and its base URL.
+    Wait for it with :func:`wait_healthy`; the caller stops it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float, also: Callable[[], bool] | None = None) -> None:
+    """Poll ``base/health`` until it answers 200 (and ``also()`` holds); fail with the server's output if
+    ``proc`` exits first, and when ``timeout`` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200 and (also is None or also()):
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the server was not healthy within {timeout} s"
+        time.sleep(0.2)
+
+
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (from /proc: Linux only)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").glob("*/children") for c in task.read_text().split()]
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The children of ``pid`` that multiprocessing spawned: a server's scheduler worker processes."""
+    def spawned(child: int) -> bool:
+        try:
+            return "spawn_main" in Path(f"/proc/{child}/cmdline").read_text()
+        except OSError:  # it has exited since
+            return False
+
+    return [c for c in children(pid) if spawned(c)]
+
+
+def kill_worker(pid: int, stream: Iterator) -> None:
+    """SIGKILL the scheduler worker ``pid``; the stream it was serving (an iterator over an ``openai`` stream)
+    then fails with the server's "engine process" error."""
+    import openai
+    import pytest
+
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(openai.APIError, match="engine process"):
+        for _ in stream:
+            pass
+
+
+def wait_restarted(proxy, old_pid: int, timeout: float = 120.0) -> None:
+    """Wait until the watchdog has started a new worker behind ``proxy`` (a ``SchedulerProxy`` whose worker
+    was ``old_pid``) and it is ready."""
+    deadline = time.monotonic() + timeout
+    while not (proxy.alive and proxy.pid != old_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proxy.alive and proxy.pid != old_pid, f"no new worker within {timeout} s (pid {proxy.pid})"

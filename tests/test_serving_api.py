@@ -22,7 +22,7 @@ from fastxlstm.serving.testing import ServerThread
 from fastxlstm.tokenizer import Tokenizer
 
 from .helpers import greedy_reference as generate
-from .helpers import perturbed_model
+from .helpers import perturbed_model, serve_cli, wait_healthy
 
 TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
 
@@ -514,30 +514,13 @@ def test_fastxlstm_serve_cli(tiny):
     """``fastxlstm serve`` in a subprocess: health, a chat completion, clean exit on SIGINT."""
     import os
     import signal
-    import socket
-    import subprocess
-    import sys
 
     path, _, tok = tiny
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--model", str(path), "--port", str(port),
-                             "--served-model-name", "cli-model", "--max-slots", "2", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, base = serve_cli("--model", str(path), "--served-model-name", "cli-model", "--max-slots", "2",
+                           "--log-level", "warning", new_session=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        wait_healthy(proc, base, timeout=60)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
         msgs = [{"role": "user", "content": "hi"}]
         r = client.chat.completions.create(model="cli-model", messages=msgs, max_tokens=6, temperature=0)
         assert r.choices[0].message.content == reference(tiny, tok.encode(ChatTemplate().render(msgs)), 6)[0]

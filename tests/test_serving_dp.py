@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import threading
-import time
 
 import httpx
 import openai
@@ -26,7 +25,7 @@ from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
-from .helpers import load_and_tag, perturbed_model
+from .helpers import kill_worker, load_and_tag, perturbed_model, serve_cli, wait_healthy, wait_restarted, worker_pids
 
 TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
 CFG = {"model_name": "tiny", "max_slots": 4, "prefill_chunk": 16, "max_model_len": 1_000_000,
@@ -206,18 +205,12 @@ def test_a_killed_replica_fails_its_requests_and_restarts(srv):
     for it in its:
         next(it)
     assert reps.proxies[0].load == 1 and victim.load == 1
-    os.kill(old_pid, signal.SIGKILL)
-    with pytest.raises(openai.APIError, match="engine process"):
-        for _ in its[1]:
-            pass
+    kill_worker(old_pid, its[1])
     # while replica 1 restarts, replica 0 serves (the long stream there still runs)
     r = c.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
     next(its[0])
-    deadline = time.monotonic() + 120
-    while not (victim.alive and victim.pid != old_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert victim.alive and victim.pid != old_pid
+    wait_restarted(victim, old_pid)
     assert samples(srv, "fastxlstm_worker_restarts_total") == {"1": 1.0}
     assert samples(srv, "fastxlstm_replica_up") == {"0": 1.0, "1": 1.0}
     streams[0].close()
@@ -228,36 +221,15 @@ def test_a_killed_replica_fails_its_requests_and_restarts(srv):
 def test_cli_data_parallel_exits_1_when_a_worker_dies_past_its_restarts():
     """``fastxlstm serve --data-parallel-size 2 --worker-restarts 0``: both replicas serve; kill -9 of one
     worker makes the server give up and exit with status 1 (for its supervisor to restart it)."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--model", "random:xlstm-tiny", "--port",
-                             str(port), "--served-model-name", "t", "--data-parallel-size", "2", "--max-slots", "2",
-                             "--worker-restarts", "0", "--log-level", "warning"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc, base = serve_cli("--model", "random:xlstm-tiny", "--served-model-name", "t", "--data-parallel-size", "2",
+                           "--max-slots", "2", "--worker-restarts", "0", "--log-level", "warning")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_healthy(proc, base, timeout=180)
         health = httpx.get(base + "/health").json()
         assert [r["status"] for r in health["replicas"]] == ["ok", "ok"] and health["slots_total"] == 4
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         assert c.completions.create(model="t", prompt="hello", max_tokens=3).usage.completion_tokens == 3
-        workers = [int(p) for t in Path(f"/proc/{proc.pid}/task").glob("*/children") for p in t.read_text().split()
-                   if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        workers = worker_pids(proc.pid)
         assert len(workers) == 2
         os.kill(workers[1], signal.SIGKILL)
         assert proc.wait(timeout=90) == 1

@@ -25,7 +25,7 @@ from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import SchedulerProxy, WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
-from .helpers import perturbed_model
+from .helpers import children, kill_worker, perturbed_model, serve_cli, wait_healthy, wait_restarted, worker_pids
 from .test_serving_api import LONG, metric, stream_then_disconnect
 
 TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
@@ -172,10 +172,7 @@ def test_worker_crash_fails_requests_then_the_worker_restarts(tiny):
                                       extra_body={"ignore_eos": True})
         it = iter(stream)
         next(it)
-        os.kill(old, signal.SIGKILL)
-        with pytest.raises(openai.APIError, match="engine process"):
-            for _ in it:
-                pass
+        kill_worker(old, it)
         health = httpx.get(srv.base_url + "/health")  # down until the new worker is up
         assert health.status_code == 503 and "retry-after" in health.headers, health.text
         assert "not running" in health.json()["error"]["message"] or "restarting" in health.json()["error"]["message"]
@@ -183,10 +180,7 @@ def test_worker_crash_fails_requests_then_the_worker_restarts(tiny):
             c.completions.create(model="tiny", prompt="hi", max_tokens=4)
         assert e.value.status_code == 503 and e.value.code == "engine_unavailable"
         assert httpx.get(srv.base_url + "/metrics").status_code == 200  # the HTTP side still answers
-        deadline = time.monotonic() + 120
-        while httpx.get(srv.base_url + "/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert sched.alive and sched.pid != old
+        wait_restarted(sched, old)
         r = c.completions.create(model="tiny", prompt="hi", max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4
         assert metric(srv, "fastxlstm_worker_restarts_total") == 1
@@ -201,36 +195,12 @@ def test_worker_deaths_beyond_the_restart_budget_stop_the_server(tiny):
         assert "worker_restarts=0" in srv.server.fatal
 
 
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task").glob("*/children") for p in p.read_text().split()]
-
-
 def test_cli_scheduler_process_restarts_a_killed_worker_and_stops_on_sigint(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "fastxlstm", "serve", "--model", "random:xlstm-tiny", "--port",
-                             str(port), "--served-model-name", "t", "--scheduler-process", "--max-slots", "2",
-                             "--max-model-len", "100000", "--disable-uvicorn-access-log"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    proc, base = serve_cli("--model", "random:xlstm-tiny", "--served-model-name", "t", "--scheduler-process",
+                           "--max-slots", "2", "--max-model-len", "100000", "--disable-uvicorn-access-log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        worker = children(proc.pid)
+        wait_healthy(proc, base, timeout=120)
+        victim = worker_pids(proc.pid)[0]
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
         r = c.completions.create(model="t", prompt="hello", max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5
@@ -246,17 +216,8 @@ def test_cli_scheduler_process_restarts_a_killed_worker_and_stops_on_sigint(tmp_
             while http.get("/health").json()["slots_free"] != 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
         # kill -9 the engine worker: the watchdog starts a new one (after 1 s) and the server serves again
-        victim = next(pid for pid in worker if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text())
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200 and victim not in children(proc.pid):
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None
-            time.sleep(0.2)
+        wait_healthy(proc, base, timeout=120, also=lambda: victim not in children(proc.pid))
         r = c.completions.create(model="t", prompt="hello", max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5
         worker = children(proc.pid)

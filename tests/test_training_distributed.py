@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from fastxlstm.training import checkpointing
 
+from .helpers import free_port
 from .training_helpers import read_losses, synthetic_data, tiny_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -46,12 +46,6 @@ def reference(data, tmp_path_factory) -> list[tuple[int, float]]:
 
 def _rows(path: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_to_torchrun_writes_one_checkpoint_and_the_same_command_resumes(data, reference, tmp_path):
@@ -89,7 +83,7 @@ def test_sigterm_to_torchrun_writes_one_checkpoint_and_the_same_command_resumes(
 def test_two_nodes_at_a_c10d_rendezvous_match_one_process(data, reference, tmp_path):
     cfg = tiny_config(tmp_path / "nodes.yaml", data, tmp_path / "nodes", train={**TWO["train"], "steps": 6},
                       optim=TWO["optim"], checkpoint={"every": 6})
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "t",
                                "-m", "fastxlstm.train", str(cfg)], env=ENV, stdout=subprocess.PIPE,

@@ -189,6 +189,38 @@ def test_adapter_errors(tmp_path, lora_run):
         load("random:xlstm-tiny", adapter=run_dir / "adapter")
 
 
+def test_save_adapter_writes_a_readable_directory_atomically(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """The adapter directory is written as save_pretrained writes a model: staged next to it and swapped in, with
+    the umask's permissions (0755 / 0644, not mkdtemp's 0700 or safetensors' 0600), the tokenizer files copied;
+    a failed write keeps the old directory and leaves no temporary one."""
+    from fastxlstm.config import XLSTMConfig
+    from fastxlstm.model import build_model
+    from fastxlstm.model import lora as lora_mod
+
+    model = build_model(XLSTMConfig(vocab_size=320, embedding_dim=32, num_blocks=1, num_heads=2))
+    cfg = LoRAConfig(r=2, target_modules=["q", "v"])
+    apply_lora(model, cfg)
+    out = tmp_path / "adapter"
+    old = os.umask(0o022)
+    try:
+        lora_mod.save_adapter(model.state_dict(), cfg, out, "base", tiny_tokenizer_dir)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert sorted(f.name for f in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "tokenizer.json"]
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in out.iterdir())
+    assert read_adapter(out)[0].r == 2
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lora_mod, "copy_tokenizer_files", boom)
+    with pytest.raises(OSError, match="disk full"):
+        lora_mod.save_adapter(model.state_dict(), cfg, out, "base", tiny_tokenizer_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"] and (out / "tokenizer.json").exists()
+
+
 # ------------------------------------------------------------------- resume, FSDP2, checkpointing
 def _lora_tiny(tmp_path: Path, data: Path, name: str, **sections) -> Path:
     sections.setdefault("model", {})

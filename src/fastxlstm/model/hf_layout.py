@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,6 +90,33 @@ def atomic_replace_dir(tmp: Path, target: Path) -> None:
         tmp.rename(target)
 
 
+@contextmanager
+def staged_dir(directory: str | os.PathLike) -> Iterator[Path]:
+    """A new temporary directory next to ``directory`` to write it in whole: when the block ends it takes
+    ``directory``'s place (:func:`atomic_replace_dir`), so a crash never leaves a half-written one; on an error
+    it is removed. Made with os.mkdir, not tempfile.mkdtemp: it gets the umask's permissions (mkdtemp: 0700)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        atomic_replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(tokenizer_dir: str | os.PathLike | None, dest: Path) -> None:
+    """Copy those of :data:`TOKENIZER_FILES` that ``tokenizer_dir`` holds into ``dest`` (None: nothing)."""
+    if tokenizer_dir is None:
+        return
+    for fname in TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / fname
+        if src.exists():
+            shutil.copy2(src, dest / fname)
+
+
 def save_pretrained(
     model: nn.Module, directory: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None,
@@ -97,7 +126,6 @@ def save_pretrained(
     model: its int8 / FP8 weights and float32 scales as they are, ``dtype`` converting the rest). Written to a temporary
     directory first and renamed into place, so a crash never leaves a half-written model."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     state = single_mode_state(model)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -112,10 +140,7 @@ def save_pretrained(
             size = 0
         shards[-1][name] = t
         size += nbytes
-    # os.mkdir, not tempfile.mkdtemp: the directory gets the umask's permissions (mkdtemp makes it 0700)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(directory) as tmp:
         config = model.config.replace(weight_mode="single")
         config.to_json(tmp / CONFIG_NAME)
         if len(shards) == 1:
@@ -130,14 +155,6 @@ def save_pretrained(
             (tmp / INDEX_NAME).write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
             )
-        if tokenizer_dir is not None:
-            for fname in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / fname
-                if src.exists():
-                    shutil.copy2(src, tmp / fname)
-        atomic_replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_tokenizer_files(tokenizer_dir, tmp)
     return directory
 

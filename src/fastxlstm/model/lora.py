@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hf_layout import atomic_replace_dir
+from .hf_layout import copy_tokenizer_files, save_safetensors, staged_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -159,25 +157,15 @@ def merge_lora_state(state: dict[str, Tensor], cfg: LoRAConfig) -> dict[str, Ten
 def save_adapter(state: dict[str, Tensor], cfg: LoRAConfig, directory: str | os.PathLike,
                  base_model: str | None = None, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write the PEFT adapter directory from a model state dict (its LoRA entries), atomically."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in state.items() if is_lora_key(k)}
     if not tensors:
         raise ValueError("the state dict holds no LoRA weights")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with staged_dir(directory) as tmp:
+        save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg.to_peft(base_model), indent=2) + "\n")
-        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if tokenizer_dir is not None and (Path(tokenizer_dir) / fname).exists():
-                shutil.copy2(Path(tokenizer_dir) / fname, tmp / fname)
-        atomic_replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_tokenizer_files(tokenizer_dir, tmp)
     return directory
 
 

@@ -27,7 +27,6 @@ import bisect
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +34,8 @@ from .data import (
     JSONL_SUFFIXES,
     TokenShards,
     _expand_inputs,
+    _fresh_out_dir,
+    _open_tokenizer,
     _ShardWriter,
     _special_ids,
     _write_meta,
@@ -137,26 +138,16 @@ def prepare_chat(
     the held-out split by a hash of their rendered text (:func:`fastxlstm.training.data.is_heldout`)
     or, with ``val_inputs``, are exactly those records.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-
     from ..serving.chat_template import ChatTemplate
 
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    tok_path = Path(tokenizer_path)
-    tok_dir = tok_path if tok_path.is_dir() else tok_path.parent
-    tok_file = tok_dir / "tokenizer.json" if tok_path.is_dir() else tok_path
-    if not tok_file.exists():
-        raise FileNotFoundError(f"tokenizer {tok_file} not found")
-    tok = HFTokenizer.from_file(str(tok_file))
+    tok, tok_dir, tok_file = _open_tokenizer(tokenizer_path)
     template = ChatTemplate.from_model_dir(template_dir or tok_dir)
     special = _special_ids(tok_dir, tok)
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("*.bin")):
-        old.unlink()
+    out = _fresh_out_dir(out_dir)
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
     masks = {s: _ShardWriter(out, s, np.dtype(np.uint8), shard_tokens, suffix=MASK_SUFFIX) for s in writers}
     docs: dict[str, list[tuple[int, int, int]]] = {s: [] for s in writers}

@@ -157,6 +157,28 @@ def _batched(it: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
+def _open_tokenizer(tokenizer_path: str | os.PathLike):
+    """``(tokenizer, its directory, its file)`` of ``tokenizer_path``, a ``tokenizer.json`` or a directory holding
+    one (the directory is where its config files are); FileNotFoundError naming the file if there is none."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok_path = Path(tokenizer_path)
+    tok_dir = tok_path if tok_path.is_dir() else tok_path.parent
+    tok_file = tok_dir / "tokenizer.json" if tok_path.is_dir() else tok_path
+    if not tok_file.exists():
+        raise FileNotFoundError(f"tokenizer {tok_file} not found")
+    return HFTokenizer.from_file(str(tok_file)), tok_dir, tok_file
+
+
+def _fresh_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir``, made if missing, without the shards (``*.bin``) an earlier run left there."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("*.bin")):
+        old.unlink()
+    return out
+
+
 def prepare(
     tokenizer_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
     val_fraction: float = 0.01, text_key: str = "text", shard_tokens: int = 100_000_000,
@@ -169,18 +191,11 @@ def prepare(
     parallel on all cores (the ``tokenizers`` library's batch encoder). With ``val_inputs`` the
     held-out split is exactly those documents and ``val_fraction`` is ignored.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    tok_path = Path(tokenizer_path)
-    tok_dir = tok_path if tok_path.is_dir() else tok_path.parent
-    tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
-    if not tok_file.exists():
-        raise FileNotFoundError(f"tokenizer {tok_file} not found")
-    tok = HFTokenizer.from_file(str(tok_file))
+    tok, tok_dir, tok_file = _open_tokenizer(tokenizer_path)
     vocab_size = tok.get_vocab_size()
     special = _special_ids(tok_dir, tok)
     eos = special["eos_token_id"]
@@ -189,10 +204,7 @@ def prepare(
     val_files = _expand_inputs(val_inputs) if val_inputs else []
     total_bytes = sum(f.stat().st_size for f in files + val_files)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.bin"):
-        old.unlink()
+    out = _fresh_out_dir(out_dir)
     doc_split = bool(val_files) or _count_documents(files) >= min_docs_for_doc_split
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
     counts = {"train": 0, "val": 0}
@@ -263,10 +275,7 @@ def write_token_splits(
 ) -> Path:
     """A prepared-data directory (same layout as :func:`prepare`) from ready token arrays, one per
     split, e.g. synthetic data for throughput runs and tests. Each array counts as one document."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.bin"):
-        old.unlink()
+    out = _fresh_out_dir(out_dir)
     dtype = token_dtype(vocab_size)
     writers = {}
     for name, ids in splits.items():

@@ -23,27 +23,42 @@ def _window(shard: np.memmap, offset: int, length: int) -> np.ndarray:
     return np.asarray(shard[offset : offset + length], dtype=np.int64)
 
 
-class WindowSampler:
-    """Random windows of ``seq_len + 1`` tokens (inputs and shifted labels)."""
+class _StepBatches:
+    """What both samplers share: the sizes, the step's global batch of ``world * grad_accum *
+    micro_batch_size`` rows, and the slice of it one rank's micro-step takes (the module docstring's layout)."""
 
-    def __init__(self, split: TokenSplit, seq_len: int, micro_batch_size: int, grad_accum: int = 1,
-                 world_size: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, seq_len: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int):
         if seq_len <= 0 or micro_batch_size <= 0 or grad_accum <= 0:
             raise ValueError("seq_len, micro_batch_size and grad_accum must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
-        self.shards = [s for s in split.shards if s.shape[0] > seq_len]
-        if not self.shards:
-            raise ValueError(f"no shard holds more than seq_len={seq_len} tokens ({split.num_tokens} tokens in all)")
         self.seq_len, self.micro, self.accum = seq_len, micro_batch_size, grad_accum
         self.world, self.rank, self.seed = world_size, rank, seed
-        spans = np.array([s.shape[0] - seq_len for s in self.shards], dtype=np.float64)
-        self._probs = spans / spans.sum()
-        self._spans = spans.astype(np.int64)
 
     @property
     def global_batch_size(self) -> int:
         return self.world * self.accum * self.micro
+
+    def _micro_slice(self, rows: list, micro_step: int) -> list:
+        """This rank's rows of micro-step ``micro_step``, out of the step's global batch ``rows``."""
+        if not 0 <= micro_step < self.accum:
+            raise ValueError(f"micro_step {micro_step} outside [0, {self.accum})")
+        start = (micro_step * self.world + self.rank) * self.micro
+        return rows[start : start + self.micro]
+
+
+class WindowSampler(_StepBatches):
+    """Random windows of ``seq_len + 1`` tokens (inputs and shifted labels)."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, micro_batch_size: int, grad_accum: int = 1,
+                 world_size: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(seq_len, micro_batch_size, grad_accum, world_size, rank, seed)
+        self.shards = [s for s in split.shards if s.shape[0] > seq_len]
+        if not self.shards:
+            raise ValueError(f"no shard holds more than seq_len={seq_len} tokens ({split.num_tokens} tokens in all)")
+        spans = np.array([s.shape[0] - seq_len for s in self.shards], dtype=np.float64)
+        self._probs = spans / spans.sum()
+        self._spans = spans.astype(np.int64)
 
     def targets(self, step: int) -> int:
         """Labels in the step's global batch (all are trained)."""
@@ -61,10 +76,7 @@ class WindowSampler:
 
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, labels)`` int64 ``[micro_batch_size, seq_len]`` for this rank's micro-step."""
-        if not 0 <= micro_step < self.accum:
-            raise ValueError(f"micro_step {micro_step} outside [0, {self.accum})")
-        start = (micro_step * self.world + self.rank) * self.micro
-        pos = self.positions(step)[start : start + self.micro]
+        pos = self._micro_slice(self.positions(step), micro_step)
         rows = np.stack([_window(self.shards[s], o, self.seq_len + 1) for s, o in pos])
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
@@ -118,7 +130,7 @@ def pad_documents(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tup
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class DocumentSampler:
+class DocumentSampler(_StepBatches):
     """Micro-batches of whole chat/instruct documents, deterministic per (seed, step, rank).
 
     Every epoch the documents are shuffled (a generator seeded by ``(seed, epoch)``) and packed in
@@ -132,12 +144,8 @@ class DocumentSampler:
 
     def __init__(self, docs, seq_len: int, micro_batch_size: int, grad_accum: int = 1, world_size: int = 1,
                  rank: int = 0, seed: int = 0, pad_id: int = 0):
-        if seq_len <= 0 or micro_batch_size <= 0 or grad_accum <= 0:
-            raise ValueError("seq_len, micro_batch_size and grad_accum must be positive")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
-        self.docs, self.seq_len, self.micro, self.accum = docs, seq_len, micro_batch_size, grad_accum
-        self.world, self.rank, self.seed, self.pad_id = world_size, rank, seed, pad_id
+        super().__init__(seq_len, micro_batch_size, grad_accum, world_size, rank, seed)
+        self.docs, self.pad_id = docs, pad_id
         lengths = np.minimum(docs.index[:, 2], seq_len + 1)
         targets = np.asarray([docs.document(i)[1][1 : lengths[i]].sum() for i in range(len(docs))], np.int64)
         self._keep = np.flatnonzero(targets > 0)  # documents with nothing to train on are skipped
@@ -146,10 +154,6 @@ class DocumentSampler:
         self._positions, self._targets = lengths[self._keep] - 1, targets[self._keep]
         self.truncated = int((docs.index[self._keep, 2] > seq_len + 1).sum())
         self._epochs: list[list[list[int]]] = []  # per epoch: rows, each a list of document ids
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.world * self.accum * self.micro
 
     def _epoch(self, e: int) -> list[list[int]]:
         while len(self._epochs) <= e:
@@ -189,10 +193,7 @@ class DocumentSampler:
 
     def batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, labels)`` int64 ``[documents, longest]`` for this rank's micro-step."""
-        if not 0 <= micro_step < self.accum:
-            raise ValueError(f"micro_step {micro_step} outside [0, {self.accum})")
-        start = (micro_step * self.world + self.rank) * self.micro
-        mine = self.rows(step)[start : start + self.micro]
+        mine = self._micro_slice(self.rows(step), micro_step)
         docs = [document_rows(self.docs.document(int(self._keep[j])), self.seq_len) for row in mine for j in row]
         return pad_documents(docs, self.pad_id)
 

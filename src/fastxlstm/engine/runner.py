@@ -110,6 +110,17 @@ def pow2_ok(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def row_lengths(lengths: Sequence[int] | None, b: int, total: int) -> list[int] | None:
+    """``lengths`` (each row's real tokens of a right-padded ``[b, total]`` batch) as ints, checked: ``b`` of
+    them, each in ``[1, total]``; None stays None."""
+    if lengths is None:
+        return None
+    lengths = [int(n) for n in lengths]
+    if len(lengths) != b or min(lengths) < 1 or max(lengths) > total:
+        raise ValueError(f"lengths must be {b} values in [1, {total}], got {lengths}")
+    return lengths
+
+
 # ------------------------------------------------------------------------------ runner
 class Runner:
     """Fused forward of an :class:`XLSTMForCausalLM` (weights shared with the model)."""
@@ -205,12 +216,9 @@ class Runner:
         own last real token."""
         cfg = self.config
         b, total = ids.shape
-        if lengths is not None:
-            lengths = [int(n) for n in lengths]
-            if len(lengths) != b or min(lengths) < 1 or max(lengths) > total:
-                raise ValueError(f"lengths must be {b} values in [1, {total}], got {lengths}")
-            if min(lengths) == total:
-                lengths = None  # no padding
+        lengths = row_lengths(lengths, b, total)
+        if lengths is not None and min(lengths) == total:
+            lengths = None  # no padding
         graphs = self.prefill_graphs
         if graphs is not None and graphs.bucket(b, total) is not None:
             return graphs.run(ids, state, lengths)
@@ -345,10 +353,7 @@ class Runner:
             raise ValueError(f"targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
         if not 0 <= top_k <= cfg.vocab_size or head_rows <= 0:
             raise ValueError(f"need 0 <= top_k <= vocab_size and head_rows > 0, got {top_k}, {head_rows}")
-        if lengths is not None:
-            lengths = [int(n) for n in lengths]
-            if len(lengths) != b or min(lengths) < 1 or max(lengths) > total:
-                raise ValueError(f"lengths must be {b} values in [1, {total}], got {lengths}")
+        lengths = row_lengths(lengths, b, total)
         dev = ids.device
         lens = to_device(lengths if lengths is not None else [total] * b, dev)
         flat_targets = targets.reshape(-1).to(dev)

@@ -169,8 +169,9 @@ async def _watch_disconnect(request: Request, call: Call) -> None:
             return
 
 
-async def collect(request: Request, call: Call) -> list[Update]:
-    """All updates of a non-streaming call; gives up (and cancels) when the client disconnects."""
+async def collect(request: Request, call: Call) -> tuple[list[str], list[list]]:
+    """A non-streaming call's answer: each choice's whole text and its logprob entries (as :class:`Update`
+    carries them); gives up (and cancels) when the client disconnects."""
 
     async def gather() -> list[Update]:
         return [u async for u in call.updates()]
@@ -183,7 +184,12 @@ async def collect(request: Request, call: Call) -> list[Update]:
             work.cancel()
             call.log_disconnect()
             raise APIError(499, "client closed the request", code="client_closed")
-        return work.result()
+        texts = [""] * len(call.choices)
+        logprobs: list[list] = [[] for _ in call.choices]
+        for u in work.result():
+            texts[u.index] += u.delta
+            logprobs[u.index].extend(u.logprobs)
+        return texts, logprobs
     finally:
         watcher.cancel()
         work.cancel()

@@ -110,12 +110,7 @@ async def chat_completions(server: ServerState, request: Request):
 
         return event_stream(call, head, include_usage, stream())
 
-    updates = await collect(request, call)
-    texts = [""] * len(call.choices)
-    lps: list[list] = [[] for _ in call.choices]
-    for u in updates:
-        texts[u.index] += u.delta
-        lps[u.index].extend(u.logprobs)
+    texts, lps = await collect(request, call)
     choices = []
     for i, st in enumerate(call.choices):
         content, calls = parse_answer(texts[i], body) if tools else (texts[i], None)

@@ -140,12 +140,8 @@ async def completions(server: ServerState, request: Request):
 
         return event_stream(call, head, include_usage, stream())
 
-    updates = await collect(request, call)
-    texts_out = list(echo)
-    lps: list[list] = [[] for _ in call.choices]
-    for u in updates:
-        texts_out[u.index] += u.delta
-        lps[u.index].extend(u.logprobs)
+    answers, lps = await collect(request, call)
+    texts_out = [head + answer for head, answer in zip(echo, answers)]
     choices = []
     for i, st in enumerate(call.choices):
         logprobs = None

@@ -81,11 +81,7 @@ class Replicas:
             except BaseException as e:  # reported below
                 errors.append(e)
 
-        threads = [threading.Thread(target=one, args=(p,), daemon=True) for p in self.proxies]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        _each_in_a_thread(one, self.proxies)
         if errors:
             for proxy in self.proxies:
                 if proxy.alive:
@@ -118,11 +114,7 @@ class Replicas:
         self._stopping.set()
         for th in list(self._threads):
             th.join(timeout=60)
-        threads = [threading.Thread(target=p.shutdown, args=(drain_timeout,), daemon=True) for p in self.proxies]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        _each_in_a_thread(lambda p: p.shutdown(drain_timeout), self.proxies)
 
     # ------------------------------------------------------------------ watchdog
     def _died(self, proxy: SchedulerProxy) -> None:
@@ -268,3 +260,12 @@ class _Families:
 
 
 __all__ = ["Replicas", "label_replicas"]
+
+
+def _each_in_a_thread(fn: Callable[[SchedulerProxy], object], proxies: list[SchedulerProxy]) -> None:
+    """``fn(proxy)`` for every proxy at once, each in a daemon thread of its own; returns when all have."""
+    threads = [threading.Thread(target=fn, args=(p,), daemon=True) for p in proxies]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()

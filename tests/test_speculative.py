@@ -5,6 +5,7 @@ distribution against the target's exact one."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -135,20 +136,25 @@ def test_greedy_equals_plain_greedy(shakespeare, which):
 
 @pytest.mark.parametrize("which", [0, 1], ids=["ngram", "draft-self"])
 def test_state_after_speculative_run_equals_plain(shakespeare, which):
-    """The committed state (and the pending token, RNG position) after a run equal the plain run's."""
+    """The committed state (and the pending token, RNG position) after a run equal the plain run's: both within
+    float32 rounding of the float64 state after the same tokens (|C| reaches ~25 here)."""
     model, tok = shakespeare
     spec_cfg = _draft_configs(model)[which]
     kw = dict(max_new_tokens=21, return_state=True)
     prompts = PROMPTS[:2]
     plain = LLM(model, tok, max_slots=2).generate(prompts, **kw)
     spec = LLM(model, tok, max_slots=2, speculative_config=spec_cfg).generate(prompts, **kw)
+    model64 = copy.deepcopy(model).double()
     for a, b in zip(plain, spec):
         assert a.token_ids == b.token_ids
         assert (a.state.token_ids, a.state.pending_token, a.state.rng_counter) == \
                (b.state.token_ids, b.state.pending_token, b.state.rng_counter)
-        for la, lb in zip(a.state.layers, b.state.layers):
-            for x, y in zip(la, lb):
-                torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            _, exact = model64(torch.tensor([a.state.token_ids[:-1]]))
+        for la, lb, l64 in zip(a.state.layers, b.state.layers, exact):
+            for x, y, z in zip(la, lb, l64):
+                torch.testing.assert_close(y, x, rtol=1e-4, atol=5e-5)
+                torch.testing.assert_close(y.double(), z, rtol=1e-4, atol=5e-5)
     # continuing the speculative state gives the plain continuation
     more = LLM(model, tok, max_slots=2, speculative_config=spec_cfg).generate(spec[0].state, max_new_tokens=9)
     ref = LLM(model, tok, max_slots=2).generate(plain[0].state, max_new_tokens=9)

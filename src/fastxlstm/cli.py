@@ -21,6 +21,7 @@ from .options import (
     ModelOpt,
     ModelOrArgOpt,
     QuantizationOpt,
+    SpeculativeOpt,
     console,
     fail,
     pick_model,
@@ -75,10 +76,7 @@ def generate(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantization: QuantizationOpt = None,
-    speculative_config: Annotated[str | None, typer.Option(
-        "--speculative-config", help='Speculative decoding as JSON (vLLM\'s names), e.g. \'{"method": "ngram", '
-        '"num_speculative_tokens": 4}\' or \'{"method": "draft", "num_speculative_tokens": 3, "model": DIR}\'; '
-        'the output is that of plain decoding')] = None,
+    speculative_config: SpeculativeOpt = None,
 ) -> None:
     """Generate a continuation of PROMPT on the engine (greedy when --temperature 0)."""
     from .sampling import SamplingParams

@@ -1,7 +1,8 @@
 """The command-line options several commands share, defined once: ``--model``, ``--device``, ``--dtype`` and
 ``--quantization`` (``generate``, ``chat``, ``serve``, ``eval perplexity``; ``bench --quantization`` takes a list
-of the same names), and the stderr console and one-line errors (:func:`fail`) every command uses. The
-sub-command modules import these from here, not from :mod:`fastxlstm.cli` (which imports them). Values are
+of the same names), ``--speculative-config`` (``generate``, ``serve``), and the stderr console and one-line
+errors (:func:`fail`) every command uses. The sub-command modules import these from here, not from
+:mod:`fastxlstm.cli` (which imports them). Values are
 parsed by the library's own parsers (:func:`fastxlstm.devices.parse_dtype`,
 :func:`fastxlstm.ops.quant.parse_quantization`), which ``LLM(...)`` and lm-eval's ``model_args`` use too."""
 
@@ -47,6 +48,11 @@ DtypeOpt = Annotated[str | None, typer.Option(
 QuantizationOpt = Annotated[str | None, typer.Option(
     help=f"Quantize the blocks' weights at load: {', '.join(SCHEMES)} or none (a directory saved quantized "
          "loads as saved)", callback=_parsed(parse_quantization))]
+
+SpeculativeOpt = Annotated[str | None, typer.Option(
+    "--speculative-config", help='Speculative decoding as JSON (vLLM\'s names), e.g. \'{"method": "ngram", '
+    '"num_speculative_tokens": 4}\' or \'{"method": "draft", "num_speculative_tokens": 3, "model": DIR}\'; '
+    'the output is that of plain decoding')]
 
 ModelArg = Annotated[str | None, typer.Argument(metavar="MODEL", help=f"{MODEL_HELP} (or --model)", show_default=False)]
 ModelOrArgOpt = Annotated[str | None, typer.Option("--model", "-m", help=f"{MODEL_HELP} (or as the first argument)")]

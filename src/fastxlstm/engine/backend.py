@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..model import XLSTMForCausalLM
-from ..sampling import SamplingParams
+from ..sampling import MAX_STOP_TOKEN_IDS, SamplingParams
 from ..state import State
 from .engine import Engine
 from .prefill_graph import PrefillGraphs
@@ -153,10 +153,15 @@ class EngineSlotBackend:
              history: Sequence[int] = ()) -> None:
         """Make ``state`` the state of ``slot`` and configure its sampling (``params``, default greedy;
         ``history``: the prompt, for the repetition penalty). The engine's own stops are off: the
-        caller checks EOS, stop ids and lengths on the host."""
+        caller checks EOS, stop ids and lengths on the host. Where the backend speculates they are on as well (the
+        same conditions: :meth:`enable_speculation`'s EOS), so that no speculative step runs past a stop."""
         self.engine.set_slot_state(slot, state)
         base = params if params is not None else SamplingParams()
-        self.engine.configure_slot(slot, dataclasses.replace(base, **_NO_STOPS), history)
+        if self.engine.spec is None:
+            stops = _NO_STOPS
+        else:  # (stop strings stay the caller's; too many stop ids for the device: those too)
+            stops = dict(stop=[]) if len(base.stop_token_ids) < MAX_STOP_TOKEN_IDS else dict(stop=[], stop_token_ids=[])
+        self.engine.configure_slot(slot, dataclasses.replace(base, **stops), history)
 
     def read(self, slot: int) -> list[State]:
         return self.engine.get_slot_state(slot)
@@ -199,6 +204,50 @@ class EngineSlotBackend:
             return Sampled(tokens[:, None])
         lp, top_v, top_i = eng.sampler.last_logprobs(to_device(list(slots), eng.device))
         return Sampled(tokens[:, None], lp[:, None], top_v[:, None], top_i[:, None])
+
+    # ------------------------------------------------------------------ speculative decoding
+    def enable_speculation(self, config, draft_model: XLSTMForCausalLM | None = None,
+                           eos_token_id: int | None = None) -> None:
+        """Speculative decoding (:meth:`Engine.enable_speculation`): :meth:`spec_window` from now on; the slots
+        loaded from now on also stop on the device (at ``eos_token_id``, the caller's, stop ids and lengths)."""
+        self.engine.enable_speculation(config, draft_model)
+        self.engine.eos_token_id = self.engine.sampler.eos_token_id = eos_token_id
+
+    @property
+    def speculative(self):
+        """The engine's :class:`~fastxlstm.engine.speculative.SpeculativeConfig` (None: no speculation)."""
+        return None if self.engine.spec is None else self.engine.spec.config
+
+    @property
+    def spec_history(self) -> int:
+        """The most tokens one slot may sample between two reads of :meth:`spec_window`."""
+        return self.engine.history
+
+    @torch.no_grad()
+    def prefill_draft(self, slot: int, prefix: Sequence[int]) -> None:
+        """The draft model's state of ``slot`` after ``prefix`` (the tokens before its pending one)."""
+        self.engine.prefill_draft(slot, prefix)
+
+    @torch.no_grad()
+    def spec_window(self, slots: Sequence[int], steps: int, start: Sequence[int],
+                    drafts: dict[int, Sequence[int]] | None = None) -> tuple[list, list[tuple[int, int, int]]]:
+        """``steps`` speculative steps (:meth:`Engine.spec_step`) of exactly ``slots`` (``drafts``: slot -> host
+        drafts for the first step, the n-gram drafter's; None with a draft model), then one read: per slot the
+        tokens it sampled from position ``start`` on (the tokens the caller has: :class:`SlotRead`, logprobs
+        where its parameters ask for them) and the window's ``(steps, drafted, accepted)`` counts."""
+        if not slots or steps < 1:
+            raise ValueError("spec_window needs at least one slot and steps >= 1")
+        eng, spec = self.engine, self.engine.spec
+        if spec is None:
+            raise RuntimeError("speculative decoding is not enabled on this backend")
+        ridx = to_device(list(slots), eng.device)
+        before = torch.stack([spec.steps[ridx], spec.drafted[ridx], spec.accepted[ridx]], 1)
+        eng.spec_step(drafts, slots=slots)
+        for _ in range(steps - 1):
+            eng.spec_step()
+        counts = torch.stack([spec.steps[ridx], spec.drafted[ridx], spec.accepted[ridx]], 1) - before
+        reads = eng.read_tokens(slots, start)
+        return reads, [tuple(c) for c in counts.tolist()]
 
     @torch.no_grad()
     def decode_window(self, slots: Sequence[int], steps: int, logprobs: bool = False) -> Sampled:

@@ -113,6 +113,13 @@ class Engine:
             raise ValueError("draft_model given without a speculative config")
         self.spec = None if config is None else Speculation(self, config, draft_model, backend, chunk_size)
 
+    def enable_speculation(self, config, draft_model: XLSTMForCausalLM | None = None) -> None:
+        """Speculative decoding for an engine built without it (``Engine(speculative=...)`` alike; the server
+        turns it on after its warm-up)."""
+        if self.spec is not None:
+            raise RuntimeError("this engine already has a speculative config")
+        self._init_speculative(config, draft_model, self.runner.backend, self.runner.chunk_size)
+
     # ------------------------------------------------------------------------ slots
     @property
     def free_slots(self) -> int:
@@ -310,13 +317,34 @@ class Engine:
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, modes: Sequence[str] = ("greedy",)) -> None:
         """Capture the CUDA graphs of the given batch buckets and sampler modes (``greedy``, ``sample``,
-        ``sorted``, each optionally ``+lp``) ahead of time (no-op on CPU)."""
+        ``sorted``, each optionally ``+lp``) ahead of time, the speculative step's too where the engine speculates
+        (no-op on CPU)."""
         if not self.use_cuda_graph:
             return
         with torch.no_grad():
             for b in batch_sizes or self.buckets:
                 for mode in modes:
-                    self._graph(self._bucket([b - 1]), mode)
+                    for spec in (False, True) if self.spec is not None else (False,):
+                        self._graph(self._bucket([b - 1]), mode, spec=spec)
+
+    def _select(self, slots: Sequence[int] | None, tokens: Sequence[int] | Tensor | None = None) -> list[int]:
+        """The slots a step advances: None, the running ones as they are; else exactly ``slots`` (the others
+        are made inactive), fed ``tokens`` where given."""
+        if slots is None:
+            return sorted(self._running)
+        running = [int(s) for s in slots]
+        for s in running:
+            self._check_allocated(s)
+        ridx = self._long(running)
+        self.active.zero_()
+        self.active.index_fill_(0, ridx, True)
+        self._running = set(running)
+        if tokens is not None:
+            tok = to_device(tokens, self.device)
+            if tok.shape != (len(running),):
+                raise ValueError(f"tokens must have shape {(len(running),)}, got {tuple(tok.shape)}")
+            self.tokens[ridx] = tok
+        return running
 
     @torch.no_grad()
     def decode_step(self, slots: Sequence[int] | None = None, tokens: Sequence[int] | Tensor | None = None,
@@ -327,23 +355,9 @@ class Engine:
         path that needs no host work). ``tokens``: their input tokens (None: each slot's last
         sampled token, already on the device). Slots outside ``slots`` are untouched. The step
         is one CUDA-graph replay per batch bucket; nothing waits for the GPU."""
-        if slots is None:
-            running = sorted(self._running)
-            if not running:
-                return None
-        else:
-            running = [int(s) for s in slots]
-            for s in running:
-                self._check_allocated(s)
-            ridx = self._long(running)
-            self.active.zero_()
-            self.active.index_fill_(0, ridx, True)
-            self._running = set(running)
-            if tokens is not None:
-                tok = to_device(tokens, self.device)
-                if tok.shape != (len(running),):
-                    raise ValueError(f"tokens must have shape {(len(running),)}, got {tuple(tok.shape)}")
-                self.tokens[ridx] = tok
+        running = self._select(slots, tokens)
+        if not running:
+            return None
         bsz = self._bucket(running)
         mode = self.sampler.mode(running)
         if self.use_cuda_graph:
@@ -394,14 +408,15 @@ class Engine:
 
     # ------------------------------------------------------------------ speculative
     @torch.no_grad()
-    def spec_step(self, drafts: dict[int, Sequence[int]] | None = None) -> None:
+    def spec_step(self, drafts: dict[int, Sequence[int]] | None = None, slots: Sequence[int] | None = None) -> None:
         """One speculative step of every running slot (each emits 1 to k+1 tokens: read them with
         :meth:`read_tokens`; see :class:`~fastxlstm.engine.speculative.Speculation`). ``drafts``: slot -> up
         to k proposed tokens (the n-gram drafter; missing or short entries verify fewer); with a draft
-        model None (it drafts on the device). One CUDA-graph replay per batch bucket; no host sync."""
+        model None (it drafts on the device). ``slots``: exactly these slots run (as :meth:`decode_step`'s).
+        One CUDA-graph replay per batch bucket; no host sync."""
         if self.spec is None:
             raise RuntimeError("speculative decoding is not configured (Engine(speculative=...))")
-        running = sorted(self._running)
+        running = self._select(slots)
         if not running:
             return
         bsz = self._bucket(running)
@@ -424,9 +439,10 @@ class Engine:
         return (0, 0, 0) if self.spec is None else self.spec.counts(slot)
 
     # ------------------------------------------------------------------------ reads
-    def read_tokens(self, slots: Sequence[int]) -> list[SlotRead]:
-        """Tokens (and logprobs, where asked for) each slot sampled since the last read (one host sync)."""
-        reads = self.sampler.read([int(s) for s in slots])
+    def read_tokens(self, slots: Sequence[int], start: Sequence[int] | None = None) -> list[SlotRead]:
+        """Tokens (and logprobs, where asked for) each slot sampled since the last read (one host sync);
+        ``start``: per slot, the tokens it sampled that the caller already has (read from position ``start``)."""
+        reads = self.sampler.read([int(s) for s in slots], start)
         for rd in reads:
             if rd.finished:
                 self._running.discard(rd.slot)

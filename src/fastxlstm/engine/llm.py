@@ -63,6 +63,54 @@ class _Request:
         return self.finish_reason is not None
 
 
+def load_draft_model(spec: SpeculativeConfig, tokenizer, target: XLSTMForCausalLM) -> XLSTMForCausalLM:
+    """The draft model of ``spec`` (method ``"draft"``) on the target's device and in its dtype; a directory's
+    tokenizer must equal the target's ``tokenizer`` (same vocabulary; None: only the vocabulary sizes are
+    compared, by the engine). ``LLM`` and the server load it with this."""
+    if isinstance(spec.model, XLSTMForCausalLM):
+        return spec.model
+    check_draft_tokenizer(spec, tokenizer)
+    from ..checkpoint import load_model_and_tokenizer
+
+    draft, _ = load_model_and_tokenizer(spec.model, device=target.device, dtype=target.dtype, weight_mode="fused")
+    return draft
+
+
+def check_draft_tokenizer(spec: SpeculativeConfig | None, tokenizer) -> None:
+    """ValueError where ``spec``'s draft model is a directory (or hub id) whose tokenizer differs from the
+    target's ``tokenizer`` (None, or a ``random:`` / in-memory draft model: nothing to compare); read before any
+    weights load (``fastxlstm serve --scheduler-process`` checks here, its worker loads the model)."""
+    if spec is None or spec.method != "draft" or isinstance(spec.model, XLSTMForCausalLM):
+        return
+    if not isinstance(spec.model, (str, os.PathLike)):
+        raise ValueError(f"speculative_config model must be a path, hub id or random:<preset>, got {spec.model!r}")
+    if tokenizer is None or str(spec.model).startswith("random:"):
+        return
+    from ..checkpoint import resolve_model_dir
+    from ..tokenizer import Tokenizer
+
+    if Tokenizer.from_dir(resolve_model_dir(spec.model)).tok.get_vocab() != tokenizer.tok.get_vocab():
+        raise ValueError(f"the draft model {spec.model} has a different tokenizer than the target (speculative "
+                         "decoding needs the same vocabulary)")
+
+
+class PlainWindows:
+    """How many plain decode steps run between two reads while the n-gram drafter has no draft for any running
+    sequence (``LLM`` and the server): 1 after a read that found drafts, doubling with each further read without
+    any, at most ``cap`` (``min(steps per read, k)``: a repeat that starts inside a window is found at most ``k``
+    tokens late, the tokens of one speculative step). So a batch that repeats itself is looked up after every
+    token, and one that does not decodes several steps per read, without the verification of ``k + 1`` positions
+    a speculative step without drafts would cost."""
+
+    def __init__(self, cap: int):
+        self.cap, self.steps, self._next = max(1, cap), 1, 1
+
+    def drafted(self, found: bool) -> None:
+        """Record a read's lookup: ``steps`` is then the window to run if it found nothing."""
+        self.steps = 1 if found else self._next
+        self._next = 1 if found else min(2 * self.steps, self.cap)
+
+
 class LLM:
     """Fast xLSTM generation on one device.
 
@@ -103,7 +151,7 @@ class LLM:
         self.model = net
         self.tokenizer = tokenizer
         self.speculative_config = spec = SpeculativeConfig.parse(speculative_config)
-        draft = self._draft_model(spec, tokenizer, net) if spec is not None and spec.method == "draft" else None
+        draft = load_draft_model(spec, tokenizer, net) if spec is not None and spec.method == "draft" else None
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.engine = Engine(net, max_slots=max_slots, use_cuda_graph=use_cuda_graph,
                              prefill_chunk_size=prefill_chunk_size, backend=backend, state_dtype=state_dtype,
@@ -112,23 +160,6 @@ class LLM:
         if sync_every <= 0:
             raise ValueError(f"sync_every must be positive, got {sync_every}")
         self.sync_every = min(sync_every, self.engine.history)
-
-    @staticmethod
-    def _draft_model(spec: SpeculativeConfig, tokenizer, target: XLSTMForCausalLM) -> XLSTMForCausalLM:
-        """The draft model of ``spec`` on the target's device and in its dtype; a directory's tokenizer must
-        equal the target's (same vocabulary)."""
-        if isinstance(spec.model, XLSTMForCausalLM):
-            return spec.model
-        if not isinstance(spec.model, (str, os.PathLike)):
-            raise ValueError(f"speculative_config model must be a path, hub id or random:<preset>, got {spec.model!r}")
-        from ..checkpoint import load_model_and_tokenizer
-
-        draft, tok = load_model_and_tokenizer(spec.model, device=target.device, dtype=target.dtype,
-                                              weight_mode="fused")
-        if tokenizer is not None and not str(spec.model).startswith("random:") \
-                and tok.tok.get_vocab() != tokenizer.tok.get_vocab():
-            raise ValueError(f"the draft model {spec.model} has a different tokenizer than the target")
-        return draft
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:
@@ -297,11 +328,13 @@ class LLM:
 
     def _run(self, reqs: list[_Request], sync_every: int, speculate: bool = True) -> Iterator[_Request]:
         """Continuous batching over the engine's slots; yields each request whenever it got new
-        tokens (for streaming) and when it finishes. With a speculative config (and ``speculate``) every
-        step is a speculative step: the n-gram drafter proposes from the tokens read after each step, the
-        draft model drafts on the device (several steps between reads)."""
+        tokens (for streaming) and when it finishes. With a speculative config (and ``speculate``): the n-gram
+        drafter proposes from the tokens read after each step, one speculative step at a time, and when no
+        running row has a draft plain decode steps run instead (:class:`PlainWindows`); the draft model drafts
+        on the device (every step speculative, several between reads)."""
         eng = self.engine
         spec = self.speculative_config if speculate else None
+        idle = PlainWindows(min(sync_every, spec.num_speculative_tokens) if spec is not None else 1)
         waiting = deque(reqs)
         running: dict[int, _Request] = {}
         try:
@@ -315,19 +348,27 @@ class LLM:
                     self._admit(admit)
                     for r in admit:
                         running[r.slot] = r
-                elif spec is not None and spec.method == "ngram":
-                    k = spec.num_speculative_tokens
-                    eng.spec_step({s: r.ngram.propose(k) for s, r in running.items() if not r.done})
                 else:
-                    budget = max(r.params.max_new_tokens - len(r.out) for r in running.values())
-                    steps = max(1, min(sync_every, budget))
-                    if spec is not None:  # at most k+1 tokens a step must fit the sampler's history buffer
-                        steps = max(1, min(steps, eng.history // (spec.num_speculative_tokens + 1)))
-                    for _ in range(steps):
-                        if spec is not None:
-                            eng.spec_step()
-                        else:
-                            eng.decode_step(return_outputs=False)
+                    drafts = None
+                    if spec is not None and spec.method == "ngram":
+                        k = spec.num_speculative_tokens
+                        drafts = {s: d for s, r in running.items() if not r.done and (d := r.ngram.propose(k))}
+                        idle.drafted(bool(drafts))
+                    if drafts:  # one step: the next drafts need its tokens
+                        eng.spec_step(drafts)
+                    else:
+                        budget = max(r.params.max_new_tokens - len(r.out) for r in running.values())
+                        steps = max(1, min(sync_every, budget))
+                        draft = spec is not None and spec.method == "draft"
+                        if draft:  # at most k+1 tokens a step must fit the sampler's history buffer
+                            steps = max(1, min(steps, eng.history // (spec.num_speculative_tokens + 1)))
+                        elif spec is not None:  # n-gram, no row has a draft: plain steps
+                            steps = min(steps, idle.steps)
+                        for _ in range(steps):
+                            if draft:
+                                eng.spec_step()
+                            else:
+                                eng.decode_step(return_outputs=False)
                 reads = eng.read_tokens([s for s, r in running.items() if not r.done])
                 for rd in reads:
                     r = running[rd.slot]

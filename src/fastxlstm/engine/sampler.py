@@ -196,8 +196,9 @@ class SlotSampler:
         return self.hist_lp[ridx, col], self.hist_top_lp[ridx, col], self.hist_top_ids[ridx, col]
 
     # ---------------------------------------------------------------------------------------- reads
-    def read(self, slots: Sequence[int]) -> list[SlotRead]:
-        """What each slot sampled since its last read (one host sync for all slots)."""
+    def read(self, slots: Sequence[int], start: Sequence[int] | None = None) -> list[SlotRead]:
+        """What each slot sampled since its last read (one host sync for all slots); ``start``: per slot, the
+        position to read from instead (tokens sampled since its configuration that the caller already has)."""
         if not slots:
             return []
         ridx = to_device(list(slots), self.device)
@@ -213,11 +214,11 @@ class SlotSampler:
         where = {j: r for r, j in enumerate(lp_rows)}
         for j, s in enumerate(slots):
             pos, active = int(packed[j, 0]), bool(packed[j, 1])
-            start = self._read_pos[s]
-            if pos - start > self.history:
-                raise RuntimeError(f"slot {s}: {pos - start} tokens since the last read exceed the history "
+            begin = self._read_pos[s] if start is None else int(start[j])
+            if pos - begin > self.history:
+                raise RuntimeError(f"slot {s}: {pos - begin} tokens since the last read exceed the history "
                                    f"buffer ({self.history}); read more often or raise history")
-            cols = [p % self.history for p in range(start, pos)]
+            cols = [p % self.history for p in range(begin, pos)]
             read = SlotRead(s, [int(packed[j, 2 + c]) for c in cols], not active)
             if j in where:
                 r, k = where[j], self.params[s].logprobs

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import DeviceOpt, DtypeOpt, ModelArg, ModelOrArgOpt, QuantizationOpt, pick_model
+from ..options import DeviceOpt, DtypeOpt, ModelArg, ModelOrArgOpt, QuantizationOpt, SpeculativeOpt, pick_model
 
 
 def serve(
@@ -92,6 +92,7 @@ def serve(
     adapter: Annotated[Path | None, typer.Option(
         help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) trained on MODEL: "
              "merged into the weights at load (served at the base model's speed)")] = None,
+    speculative_config: SpeculativeOpt = None,
     log_level: str = "info",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
@@ -99,6 +100,7 @@ def serve(
     import sys
 
     from ..devices import resolve_device
+    from ..engine.speculative import SpeculativeConfig
     from ..extras import MissingDependency, require
     from ..options import console, fail
 
@@ -106,6 +108,7 @@ def serve(
     try:
         require("serve", feature="fastxlstm serve")
         device = str(resolve_device(device))
+        speculative = SpeculativeConfig.parse(speculative_config)
     except (MissingDependency, ValueError) as e:
         fail(e)
     sys.setswitchinterval(gil_switch_ms / 1000)  # the scheduler and HTTP threads share one GIL
@@ -161,11 +164,12 @@ def serve(
         stream_interval_ms=stream_interval_ms, decode_steps_per_read=decode_steps_per_read,
         overlap_decode=overlap_decode, prefill_pad_ratio=prefill_pad_ratio, early_launch=early_launch,
         scheduler_process=scheduler_process, data_parallel_size=data_parallel_size, worker_restarts=worker_restarts,
+        speculative_config=speculative,
     )
     try:
         app = build_app(net, tok, config, template, drain_timeout=drain_timeout)
-    except ValueError as e:
-        fail(str(e))
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:  # (a draft model's too)
+        fail(e)
     where = (f"{data_parallel_size} worker processes" if data_parallel_size > 1 else "a worker process") \
         if scheduler_process else f"device {net.device}"
     console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1 ({max_slots} slots, {where}, "

@@ -33,6 +33,7 @@ from .requests import (
     choice_params,
 )
 from .slots import SlotBackend
+from .speculate import Speculator
 
 log = logging.getLogger("fastxlstm.serving")
 
@@ -54,8 +55,11 @@ class SchedulerCore:
             raise ValueError(f"decode_steps_per_read must be >= 1, got {decode_steps_per_read}")
         self.decode_steps_per_read = decode_steps_per_read
         self.overlap = overlap  # launch the next window before reading the previous one
+        # speculative decoding where the backend speculates (.speculate; its windows are read at once)
+        self.speculator = Speculator(backend, decode_steps_per_read) \
+            if getattr(backend, "speculative", None) is not None else None
         # queue the iteration's window before its prefill (two windows ahead of the host while it prefills)
-        self.early_launch = early_launch
+        self.early_launch = early_launch and self.speculator is None
         # blocks of tokens on their way to the host, in launch order: decode windows and first tokens picked
         # on the device from prefill logits (greedy); read in this order, so each sequence's tokens stay in order
         self.inflight = InFlight()
@@ -345,7 +349,8 @@ class SchedulerCore:
         active, owners = runnable(self.running)
         if not active:
             return None
-        steps = window_steps(self.decode_steps_per_read, active, owners, self.cache is not None)
+        per_read = self.decode_steps_per_read if self.speculator is None else self.speculator.plain_steps()
+        steps = window_steps(per_read, active, owners, self.cache is not None)
         if any(c.matcher is not None for c in active):
             # a grammar's next mask needs the token just sampled: read what is in flight (the matchers advance),
             # then one step under the new masks
@@ -378,6 +383,8 @@ class SchedulerCore:
             self._drain()
 
     def _decode(self) -> None:
+        if self.speculator is not None and self.speculator.run(self):
+            return
         window = self._launch_window()
         if window is not None:
             self._read_before(window)
@@ -420,13 +427,7 @@ class SchedulerCore:
         slot is freed). ``lps`` / ``tops`` (top ids, top values): per row and step, where asked for."""
         now = time.monotonic()
         if decode:
-            steps = len(block[0])
-            self.steps += steps
-            if self._last_decode:  # interval between two reads (the window's tokens arrive together)
-                self.metrics.itl.observe(now - self._last_decode)
-            self._last_decode = now
-            for _ in range(steps):
-                self.metrics.decode_batch.observe(len(active))
+            self._count_steps(len(block[0]), len(active), now)
         emitted = 0
         for j, (choice, req, row) in enumerate(zip(active, owners, block)):
             k = choice.params.logprobs
@@ -441,6 +442,15 @@ class SchedulerCore:
                 emitted += 1
         self.metrics.generation_tokens.inc(emitted)
         self._retire(owners)
+
+    def _count_steps(self, steps: int, batch: int, now: float) -> None:
+        """The metrics of a window of ``steps`` decode steps over ``batch`` sequences read at ``now``."""
+        self.steps += steps
+        if self._last_decode:  # interval between two reads (the window's tokens arrive together)
+            self.metrics.itl.observe(now - self._last_decode)
+        self._last_decode = now
+        for _ in range(steps):
+            self.metrics.decode_batch.observe(batch)
 
     def _retire(self, owners: list[GenerationRequest]) -> None:
         """Take the finished requests among ``owners`` off the running list."""

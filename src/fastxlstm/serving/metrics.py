@@ -40,6 +40,13 @@ class Metrics:
                              registry=r)
         self.decode_batch = Histogram("fastxlstm_decode_batch_size", "Sequences per decode step",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        # speculative decoding, under vLLM's names (its dashboards read them): a sequence's speculative steps that
+        # verified drafts, the drafts verified, the drafts accepted (they became output)
+        self.spec_drafts = Counter("vllm:spec_decode_num_drafts", "Speculative steps of a sequence that verified "
+                                   "drafted tokens", registry=r)
+        self.spec_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Drafted tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens",
+                                            "Drafted tokens accepted (they became output)", registry=r)
         self.errors = Counter("fastxlstm_request_errors", "Requests failed inside the engine", registry=r)
         self.loop_seconds = Counter("fastxlstm_scheduler_loop_seconds",
                                     "Wall time of the scheduler thread by phase (host work, GPU waits, idle)",

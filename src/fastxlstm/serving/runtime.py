@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from ..tokenizer import Tokenizer
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler
@@ -58,18 +62,63 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # trusted Host header names (None or "*": any)
     retry_after: float = 1.0
     extra_model_names: list[str] = field(default_factory=list)
+    # speculative decoding (vLLM's speculative_config: a dict, its JSON or a SpeculativeConfig; None: off);
+    # the draft model ("model") is loaded by make_scheduler, where the engine runs (.speculate)
+    speculative_config: Any = None
 
 
 
 def make_scheduler(backend: SlotBackend, eos_token_id: int | None, config: ServeConfig, metrics: Metrics,
-                   max_waiting: int | None = None) -> Scheduler:
-    """The scheduler (and its prefix cache) a server of ``config`` runs over ``backend``."""
+                   max_waiting: int | None = None, tokenizer=None) -> Scheduler:
+    """The scheduler (and its prefix cache) a server of ``config`` runs over ``backend``, speculating where
+    ``config.speculative_config`` asks for it (:func:`enable_speculation`)."""
+    enable_speculation(backend, config.speculative_config, tokenizer, eos_token_id)
     cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
     return Scheduler(backend, eos_token_id, cache, metrics,
                      max_waiting=config.max_waiting if max_waiting is None else max_waiting,
                      prefill_chunk=config.prefill_chunk, stream_interval=config.stream_interval_ms / 1000,
                      decode_steps_per_read=config.decode_steps_per_read, overlap=config.overlap_decode,
                      prefill_pad_ratio=config.prefill_pad_ratio, early_launch=config.early_launch)
+
+
+def enable_speculation(backend: SlotBackend, value, tokenizer=None, eos_token_id: int | None = None) -> None:
+    """Turn on the speculative decoding of ``value`` (vLLM's ``speculative_config``: a dict, JSON or
+    :class:`~fastxlstm.engine.speculative.SpeculativeConfig`; None: nothing) on an engine backend, loading the
+    draft model (on the target's device, in its dtype) for ``"draft"``; its tokenizer must equal ``tokenizer``
+    (None: the one in the target's directory, where it has one); ``eos_token_id``: the scheduler's, at which the
+    engine then stops a slot too."""
+    from ..engine.llm import load_draft_model
+    from ..engine.speculative import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse(value)
+    if spec is None:
+        return
+    if not hasattr(backend, "enable_speculation"):
+        raise ValueError(f"speculative decoding needs the engine's slot backend, not {type(backend).__name__}")
+    draft = None
+    if spec.method == "draft":
+        target = backend.engine.model
+        source = getattr(target, "source_dir", None)
+        if tokenizer is None and source is not None and (Path(source) / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_dir(source)
+        draft = load_draft_model(spec, tokenizer, target)
+    backend.enable_speculation(spec, draft, eos_token_id)
+
+
+def check_speculative_config(value, tokenizer, remote: bool = False):
+    """``value`` parsed and checked before anything starts (every problem a ValueError, or FileNotFoundError for a
+    draft directory that is not there): its fields, the draft model's tokenizer against ``tokenizer``; with the
+    scheduler in worker processes (``remote``) the draft model must be a directory, hub id or ``random:`` preset,
+    which each worker loads."""
+    from ..engine.llm import check_draft_tokenizer
+    from ..engine.speculative import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse(value)
+    if remote and spec is not None and spec.method == "draft" and not isinstance(spec.model, (str, os.PathLike)):
+        raise ValueError("with the scheduler in a worker process (--scheduler-process) the speculative_config "
+                         "model must be a directory, hub id or random:<preset> (the worker loads it)")
+    check_draft_tokenizer(spec, tokenizer)
+    return spec
 
 
 def warm_up(backend: SlotBackend, config: ServeConfig, metrics: Metrics) -> None:

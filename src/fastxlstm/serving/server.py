@@ -16,7 +16,7 @@ from .errors import APIError
 from .grammar import Grammars
 from .metrics import Metrics
 from .replicas import Replicas
-from .runtime import ServeConfig, make_scheduler
+from .runtime import ServeConfig, check_speculative_config, make_scheduler
 from .scheduler import Scheduler
 from .schemas import ChatCompletionRequest, ChatMessage, TokenizeRequest
 from .slots import SlotBackend
@@ -60,11 +60,12 @@ class ServerState:
         self.remote = isinstance(backend, WorkerSpec)
         self.scheduler: Scheduler | Replicas
         if isinstance(backend, WorkerSpec):
+            check_speculative_config(config.speculative_config, tokenizer, remote=True)  # (each worker loads it)
             self.backend = RemoteBackend(config.max_slots)
             self.scheduler = Replicas(backend, config, tokenizer.eos_token_id, self.backend)
         else:
             self.backend = backend
-            self.scheduler = make_scheduler(backend, tokenizer.eos_token_id, config, self.metrics)
+            self.scheduler = make_scheduler(backend, tokenizer.eos_token_id, config, self.metrics, tokenizer=tokenizer)
         self.created = now()
         self.names = {config.model_name, *config.aliases, *config.extra_model_names}
         self._pieces: dict[int, str] = {}

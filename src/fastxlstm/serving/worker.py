@@ -110,8 +110,9 @@ def worker_main(spec: WorkerSpec, config, eos_token_id: int | None, cmd_conn, ev
         model = spec.load()
         backend = model if spec.backend else make_backend(model, config.max_slots, config.backend)
         metrics = Metrics()
-        warm_up(backend, config, metrics)
+        # (the scheduler first: it turns speculative decoding on, whose graphs the warm-up captures too)
         scheduler = make_scheduler(backend, eos_token_id, config, metrics, max_waiting=1 << 30)  # the proxy gates
+        warm_up(backend, config, metrics)
         scheduler.start()
     except BaseException:
         evt_conn.send(("failed", traceback.format_exc()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import threading
 import time
 
@@ -13,7 +12,6 @@ import openai
 import pytest
 import torch
 
-from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine import LLM
 from fastxlstm.serving.app import build_app
 from fastxlstm.serving.chat_template import ChatTemplate
@@ -22,20 +20,15 @@ from fastxlstm.serving.testing import ServerThread
 from fastxlstm.tokenizer import Tokenizer
 
 from .helpers import greedy_reference as generate
-from .helpers import perturbed_model, serve_cli, wait_healthy
-
-TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
+from .helpers import serve_cli, wait_healthy
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_tokenizer_dir):
-    """A small random model saved with the test tokenizer, the model and tokenizer loaded from it."""
+def tiny(tiny_model_dir):
+    """The small random model saved with the test tokenizer (conftest's), the model and tokenizer loaded from it."""
     from fastxlstm.checkpoint import load
 
-    path = tmp_path_factory.mktemp("serve") / "m"
-    perturbed_model(TINY).save_pretrained(str(path))
-    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
-    return path, load(path), Tokenizer.from_dir(path)
+    return tiny_model_dir, load(tiny_model_dir), Tokenizer.from_dir(tiny_model_dir)
 
 
 def start(tiny, **overrides):

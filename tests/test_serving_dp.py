@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import threading
 
@@ -15,7 +14,6 @@ import openai
 import pytest
 
 from fastxlstm.checkpoint import load
-from fastxlstm.config import XLSTMConfig
 from fastxlstm.engine import LLM
 from fastxlstm.serving.app import build_app
 from fastxlstm.serving.replicas import Replicas
@@ -25,9 +23,8 @@ from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
-from .helpers import kill_worker, load_and_tag, perturbed_model, serve_cli, wait_healthy, wait_restarted, worker_pids
+from .helpers import kill_worker, load_and_tag, serve_cli, wait_healthy, wait_restarted, worker_pids
 
-TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
 CFG = {"model_name": "tiny", "max_slots": 4, "prefill_chunk": 16, "max_model_len": 1_000_000,
        "scheduler_process": True, "data_parallel_size": 2, "restart_backoff": 0.2}
 PROMPTS = ["The quick brown fox", "Ein Bär läuft über die Brücke", "xLSTM is a recurrent", "日本語のテキスト",
@@ -35,11 +32,8 @@ PROMPTS = ["The quick brown fox", "Ein Bär läuft über die Brücke", "xLSTM is
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_tokenizer_dir):
-    path = tmp_path_factory.mktemp("serve_dp") / "m"
-    perturbed_model(TINY).save_pretrained(str(path))
-    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
-    return path, Tokenizer.from_dir(path)
+def tiny(tiny_model_dir):
+    return tiny_model_dir, Tokenizer.from_dir(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

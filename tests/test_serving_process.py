@@ -6,7 +6,6 @@ restarts it, or (restarts used up) the server stops; ``fastxlstm serve`` exits 1
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -17,7 +16,6 @@ import openai
 import pytest
 
 from fastxlstm.checkpoint import load
-from fastxlstm.config import XLSTMConfig
 from fastxlstm.serving.app import build_app
 from fastxlstm.serving.replicas import Replicas
 from fastxlstm.serving.runtime import ServeConfig
@@ -25,19 +23,15 @@ from fastxlstm.serving.testing import ServerThread
 from fastxlstm.serving.worker import SchedulerProxy, WorkerSpec
 from fastxlstm.tokenizer import Tokenizer
 
-from .helpers import children, kill_worker, perturbed_model, serve_cli, wait_healthy, wait_restarted, worker_pids
+from .helpers import children, kill_worker, serve_cli, wait_healthy, wait_restarted, worker_pids
 from .test_serving_api import LONG, metric, stream_then_disconnect
 
-TINY = XLSTMConfig(vocab_size=320, embedding_dim=64, num_blocks=2, num_heads=2)
 BASE = {"model_name": "tiny", "max_slots": 4, "prefill_chunk": 16, "max_model_len": 1_000_000}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_tokenizer_dir):
-    path = tmp_path_factory.mktemp("serve_proc") / "m"
-    perturbed_model(TINY).save_pretrained(str(path))
-    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", path / "tokenizer.json")
-    return path, Tokenizer.from_dir(path)
+def tiny(tiny_model_dir):
+    return tiny_model_dir, Tokenizer.from_dir(tiny_model_dir)
 
 
 def start(tiny, process: bool, **overrides) -> ServerThread:

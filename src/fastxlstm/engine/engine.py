@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..model import XLSTMForCausalLM
 from ..sampling import SamplingParams
-from ..state import State
+from ..state import PackedState, State
 from .cuda_graph import capture_graph
 from .prefill_graph import PrefillGraphs
 from .runner import Runner
@@ -92,6 +92,8 @@ class Engine:
              torch.zeros(n, nh, **f32))
             for _ in range(cfg.num_blocks)
         ]
+        # each slot's row of every state tensor, [1, numel] views in FlatState order (a packed load makes none)
+        self._rows = list(zip(*(t.view(n, -1).split(1) for layer in self.states for t in layer)))
         # Per-slot sampling parameters, next inputs, stop conditions and sampled-token ring buffers.
         self.sampler = SlotSampler(n, cfg.vocab_size, dev, history, self.eos_token_id)
         self.history = history
@@ -233,6 +235,8 @@ class Engine:
             raise ValueError(f"state has {len(state)} layers, model has {cfg.num_blocks}")
         want = ((cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim), (cfg.num_heads, cfg.qk_head_dim),
                 (cfg.num_heads,))
+        if isinstance(state, PackedState) and state.fits(want, cfg.num_blocks, self.device):
+            return state  # batch 1, float32, on the device: as it is (no per-tensor work)
         out = []
         for layer in state:
             ts = []
@@ -458,4 +462,8 @@ class Engine:
     def set_slot_state(self, slot: int, state: list[State]) -> None:
         """Overwrite the slot's recurrent state (shapes as :meth:`get_slot_state` returns)."""
         self._check_allocated(slot)
-        self._store_states([slot], self._as_state(state))
+        state = self._as_state(state)
+        if isinstance(state, PackedState):  # one copy of the row's tensors (split with one op) into the slot's
+            torch._foreach_copy_(self._rows[slot], state.flat.split(state.layout.tensor_sizes, dim=1))
+        else:
+            self._store_states([slot], state)

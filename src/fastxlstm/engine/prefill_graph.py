@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..state import FlatState, State, state_tensors
+from ..state import FlatState, PackedState, State, state_tensors
 from . import kernels as K
 from .cuda_graph import capture_graph
 from .transfer import to_device
@@ -126,8 +126,8 @@ class PrefillGraphs:
     def run(self, ids: Tensor, state: list[State] | None, lengths: Sequence[int] | None
             ) -> tuple[Tensor, list[State]]:
         """:meth:`Runner.forward_tokens` of ``ids [b, S]`` by one graph replay (the caller checked
-        :meth:`bucket`). Returns fresh tensors: the hidden state ``[b, D]`` and the new state (views
-        of one fresh ``[b, numel]`` buffer)."""
+        :meth:`bucket`). Returns fresh tensors: the hidden state ``[b, D]`` and the new state (a
+        :class:`~fastxlstm.state.PackedState`: one fresh ``[b, numel]`` buffer)."""
         b, s = ids.shape
         g = self._get(self.bucket(b, s))  # type: ignore[arg-type]
         g.ids[:b, :s].copy_(ids)
@@ -136,7 +136,10 @@ class PrefillGraphs:
         g.lengths.copy_(to_device(lens, g.lengths.device))
         if state is None:
             g.start.buffer[:b].zero_()
+        elif (isinstance(state, PackedState) and state.flat.shape == g.start.buffer[:b].shape
+              and state.layout.shapes == g.start.shapes):
+            g.start.buffer[:b].copy_(state.flat)  # the same layout: one copy
         else:
             torch._foreach_copy_([t[:b] for t in state_tensors(g.start_views)], state_tensors(state))
         g.replay()
-        return g.hidden[:b].clone(), g.end.views(g.end.buffer[:b].clone())
+        return g.hidden[:b].clone(), g.end.packed(g.end.buffer[:b].clone())

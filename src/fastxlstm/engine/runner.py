@@ -205,7 +205,8 @@ class Runner:
     def forward_tokens(self, ids: Tensor, state: list[State] | None = None,
                        lengths: Sequence[int] | None = None) -> tuple[Tensor, list[State]]:
         """Prefill ``ids [b, S]`` from ``state`` (None: zeros). Returns the final normed hidden state of
-        the last position ``[b, D]`` and the new state (fresh tensors, float32). The sequence is
+        the last position ``[b, D]`` and the new state (fresh tensors, float32; a
+        :class:`~fastxlstm.state.PackedState` where a prefill graph ran). The sequence is
         processed in chunks of ``chunk_size`` tokens with the state carried across.
 
         ``lengths`` (prompts of different lengths in one forward): row ``j``'s tokens are

@@ -28,6 +28,11 @@ from ..sampling import (
 from .transfer import to_device
 
 
+def _row_views(*tensors: Tensor):
+    """Per row ``j``, the views ``t[j:j+1]`` of each of ``tensors`` (one split each)."""
+    return zip(*(t.split(1) for t in tensors))
+
+
 @dataclass
 class SlotRead:
     """What a slot sampled since the previous read: ``new_tokens``, whether it stopped, and (where its
@@ -83,6 +88,13 @@ class SlotSampler:
         self.masked = [False] * n  # rows whose sampling reads their bitmask
         self.params: list[SamplingParams | None] = [None] * n
         self._read_pos = [0] * n
+        # per slot, views of its row of the fields :meth:`configure` sets (made once: a configure makes none)
+        self._rows = list(zip(
+            _row_views(self.temperature, self.top_p, self.min_p, self.repetition, self.presence, self.frequency),
+            (r + (s,) for r, s in zip(_row_views(self.top_k, self.seed, self.counter, self.remaining),
+                                      self.stop_ids.unbind(0))),
+            _row_views(self.bias_ids, self.bias_values, self.seen, self.counts, self.pos),
+            self.allow.split(1), self.seen.unbind(0)))
 
     # ------------------------------------------------------------------------------ configuration
     def configure(self, slot: int, params: SamplingParams, history: Sequence[int] | Tensor = (),
@@ -92,36 +104,29 @@ class SlotSampler:
         params.check_vocab(self.vocab_size)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.params[slot] = params
-        # one-element fills: ``t[slot] = x`` copies a CPU scalar, which waits for all queued GPU work
-        one = slice(slot, slot + 1)
-        for name, value in (("temperature", params.temperature), ("top_p", params.top_p),
-                            ("min_p", params.min_p), ("repetition", params.repetition_penalty),
-                            ("presence", params.presence_penalty), ("frequency", params.frequency_penalty)):
-            getattr(self, name)[one].fill_(float(value))
-        self.top_k[one].fill_(int(params.top_k))
-        self.seed[one].fill_(int(seed) & ((1 << 63) - 1))
-        self.counter[one].fill_(int(counter))
-        self.remaining[one].fill_(int(params.max_new_tokens))
         stops = list(params.stop_token_ids)
         if not params.ignore_eos and self.eos_token_id is not None:
             stops.append(int(self.eos_token_id))
         stops += [-1] * (MAX_STOP_TOKEN_IDS - len(stops))
-        self.stop_ids[one] = to_device(stops, self.device)[None]
-        self.bias_ids[one].zero_()
-        self.bias_values[one].zero_()
+        # the slot's fields from one host tensor per dtype by one multi-tensor copy each, into row views made
+        # once (``t[slot] = x`` of a CPU scalar waits for all queued GPU work; a fill per field is a launch each)
+        floats, longs, zeros, allow, seen = self._rows[slot]
+        values = (params.temperature, params.top_p, params.min_p, params.repetition_penalty, params.presence_penalty,
+                  params.frequency_penalty)
+        torch._foreach_copy_(floats, to_device([float(v) for v in values], self.device, torch.float32).split(1))
+        torch._foreach_copy_(longs, to_device(
+            [int(params.top_k), int(seed) & ((1 << 63) - 1), int(counter), int(params.max_new_tokens), *stops],
+            self.device).split([1, 1, 1, 1, len(stops)]))
+        torch._foreach_zero_(zeros)  # logit bias, seen tokens, output counts, ring position
         if params.logit_bias:
             k = len(params.logit_bias)
             self.bias_ids[slot, :k] = to_device(list(params.logit_bias), self.device)
             self.bias_values[slot, :k] = to_device(list(params.logit_bias.values()), self.device, torch.float32)
-        self.seen[one] = False
-        self.counts[one].zero_()
         if len(history):
-            if not isinstance(history, Tensor):
-                history = torch.as_tensor(list(history), dtype=torch.long)
-            self.seen[slot].index_fill_(0, to_device(history, self.device), True)
-        self.pos[one].zero_()
+            seen.index_fill_(0, to_device(history if isinstance(history, Tensor) else list(history), self.device),
+                             True)
+        allow.fill_(-1)  # rows of a grammar batch that follow none read all-ones
         self._read_pos[slot] = 0
-        self.allow[one].fill_(-1)  # rows of a grammar batch that follow none read all-ones
         self.masked[slot] = False
 
     def release(self, slot: int) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..state import ModelState, clone_state
+from ..state import ModelState, PackedState, clone_state, state_nbytes
 
 BLOCK = 32  # tokens per hashed block
 TENSOR_OVERHEAD = 640  # bytes per stored tensor besides its data (tensor objects, allocator rounding; measured)
@@ -41,7 +41,10 @@ def _tensor_cost(t: Tensor) -> int:
 
 def entry_nbytes(state: ModelState, logits: Tensor | None, length: int) -> int:
     """What one entry of ``length`` tokens holding ``state`` (and ``logits``) counts against the bound."""
-    tensors = sum(_tensor_cost(t) for layer in state for t in layer)
+    if isinstance(state, PackedState):  # the same count, without making the tensors' views
+        tensors = state_nbytes(state) + TENSOR_OVERHEAD * 3 * len(state)
+    else:
+        tensors = sum(_tensor_cost(t) for layer in state for t in layer)
     return tensors + (_tensor_cost(logits) if logits is not None else 0) + 4 * length + ENTRY_OVERHEAD
 
 

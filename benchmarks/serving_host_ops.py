@@ -2,12 +2,13 @@
 ``--min-prompt``..``--max-prompt`` tokens, ``--concurrency`` at a time, ``--output-tokens`` each, greedy with
 ``logprobs: 0`` as ``serving_load.py`` sends them) through :class:`~fastxlstm.serving.core.SchedulerCore` over
 the engine backend of a tiny model with the 1.3B's 24 blocks, the GPU's prefill-graph buckets emulated
-(``PrefillGraphs(capture=False)``). It reports what the scheduler asks of the engine (iterations, prefill calls
-and their batch sizes, padded tokens, decode windows, steps and mean batch) and the aten ops run on the host
-outside what a CUDA graph replays on the GPU (a prefill bucket's forward, a decode step: one launch each), per
-decode step and per prompt by phase (on the CPU the decode step function is rebuilt for every window, 72 views
-for the 24 blocks, about 18 ops per step of a 4-step window that a GPU's cached graph does not run). No GPU
-needed; minutes on a small CPU.
+(``PrefillGraphs(capture=False)``; every bucket's buffers are built before the first request, as the server's
+warm-up captures its graphs, unless ``--cold-graphs``). It reports what the scheduler asks of the engine
+(iterations, prefill calls and their batch sizes, padded tokens, decode windows, steps and mean batch) and the
+aten ops run on the host outside what a CUDA graph replays on the GPU (a prefill bucket's forward, a decode
+step: one launch each), per decode step and per prompt by phase (on the CPU the decode step function is rebuilt
+for every window, 72 views for the 24 blocks, about 18 ops per step of a 4-step window that a GPU's cached
+graph does not run). No GPU needed; minutes on a small CPU.
 
     PYTHONPATH=src python benchmarks/serving_host_ops.py --max-num-batched-tokens 8192
 """
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--decode-steps-per-read", type=int, default=4)
     ap.add_argument("--prefill-pad-ratio", type=float, default=1.3)
+    ap.add_argument("--cold-graphs", action="store_true",
+                    help="build each prefill bucket's buffers inside the first prompt that needs it (counted there) "
+                         "instead of before the first request, as the server's warm-up captures them")
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -91,6 +95,8 @@ def main() -> None:
     engine_module.Engine._step_fn = lambda self, b, m: ops.as_one(step_fn(self, b, m))
     be = EngineSlotBackend(model, args.max_slots)
     be.engine.runner.prefill_graphs = PrefillGraphs(be.engine.runner, capture=False)
+    if not args.cold_graphs:  # what warm_prefill does before the server's first request (here: no forward)
+        be.capture_prefill_graphs(args.max_num_batched_tokens)
     calls: dict[str, list] = defaultdict(list)
     for name, size in (("prefill", lambda a: len(a[0])), ("prefill_batch", lambda a: [len(t) for t in a[0]]),
                        ("decode_window", lambda a: (len(a[0]), a[1]))):

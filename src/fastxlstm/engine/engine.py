@@ -331,11 +331,13 @@ class Engine:
                     for spec in (False, True) if self.spec is not None else (False,):
                         self._graph(self._bucket([b - 1]), mode, spec=spec)
 
-    def _select(self, slots: Sequence[int] | None, tokens: Sequence[int] | Tensor | None = None) -> list[int]:
-        """The slots a step advances: None, the running ones as they are; else exactly ``slots`` (the others
-        are made inactive), fed ``tokens`` where given."""
+    def _select(self, slots: Sequence[int] | None, tokens: Sequence[int] | Tensor | None = None
+                ) -> tuple[list[int], Tensor | None]:
+        """The slots a step advances and their indices on the device: None, the running ones as they are (no
+        indices made); else exactly ``slots`` in their order (the others are made inactive), fed ``tokens``
+        where given."""
         if slots is None:
-            return sorted(self._running)
+            return sorted(self._running), None
         running = [int(s) for s in slots]
         for s in running:
             self._check_allocated(s)
@@ -348,7 +350,7 @@ class Engine:
             if tok.shape != (len(running),):
                 raise ValueError(f"tokens must have shape {(len(running),)}, got {tuple(tok.shape)}")
             self.tokens[ridx] = tok
-        return running
+        return running, ridx
 
     @torch.no_grad()
     def decode_step(self, slots: Sequence[int] | None = None, tokens: Sequence[int] | Tensor | None = None,
@@ -359,7 +361,7 @@ class Engine:
         path that needs no host work). ``tokens``: their input tokens (None: each slot's last
         sampled token, already on the device). Slots outside ``slots`` are untouched. The step
         is one CUDA-graph replay per batch bucket; nothing waits for the GPU."""
-        running = self._select(slots, tokens)
+        running, ridx = self._select(slots, tokens)
         if not running:
             return None
         bsz = self._bucket(running)
@@ -371,7 +373,7 @@ class Engine:
             logits = self._step_fn(bsz, mode)()
         if not return_outputs:
             return None
-        ridx = self._long(running)
+        ridx = ridx if ridx is not None else self._long(running)
         out = DecodeOutput(running, self.tokens[ridx], ~self.active[ridx], logits[ridx] if return_logits else None)
         if mode.endswith("+lp"):
             out.logprobs, out.top_logprobs, out.top_ids = self.sampler.last_logprobs(ridx)
@@ -388,15 +390,9 @@ class Engine:
         holds stale values. ``steps`` is at most the ring's ``history``."""
         if not slots or not 1 <= steps <= self.history:
             raise ValueError(f"decode_steps needs slots and 1 <= steps <= {self.history}, got {len(slots)}, {steps}")
-        running = [int(s) for s in slots]
-        for s in running:
-            self._check_allocated(s)
+        running, ridx = self._select(slots)
         sampler = self.sampler
-        ridx = self._long(running)
         start = sampler.pos[ridx]  # each row's first ring position of this window (a copy)
-        self.active.zero_()
-        self.active.index_fill_(0, ridx, True)
-        self._running = set(running)
         bsz, mode = self._bucket(running), sampler.mode(running)
         if logprobs and not mode.endswith("+lp"):
             raise ValueError("logprobs asked for, but no slot in the window was configured with logprobs")
@@ -420,7 +416,7 @@ class Engine:
         One CUDA-graph replay per batch bucket; no host sync."""
         if self.spec is None:
             raise RuntimeError("speculative decoding is not configured (Engine(speculative=...))")
-        running = self._select(slots)
+        running, _ = self._select(slots)
         if not running:
             return
         bsz = self._bucket(running)
